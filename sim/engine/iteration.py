@@ -1,0 +1,321 @@
+"""One iteration of one replica: what runs on the compute stream and the copy engine, and when.
+
+An iteration's timeline is a small flow shop (DESIGN.md, "Speed"): the copy engine loads experts
+one at a time in FIFO order, the compute stream runs attention, gate and experts in order, and an
+expert starts when both its load and the stream are done. Planning and timing are split:
+
+* ``IterationPlanner.plan`` makes every decision (cache hits, evictions, prefetches, expert order)
+  and returns an ``IterationPlan`` of compute ops and loads with their dependencies. Decisions never
+  depend on timing, so the same plan can be timed two ways.
+* ``time_plan`` computes the timeline with a tight recurrence; ``sim.engine.reference`` runs the
+  same plan as SimPy processes on SimPy resources. Tests check that both agree."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sim.policies.cache import ExpertCache
+from sim.profile import HardwareProfile
+from sim.spec import ModelSpec
+
+
+@dataclass(frozen=True, slots=True)
+class BatchShape:
+    """The tokens of one iteration: prefill chunks and decode steps."""
+
+    prefill_new_tokens: np.ndarray  # per prefilling sequence: tokens computed this iteration
+    prefill_context_tokens: np.ndarray  # per prefilling sequence: tokens already in its KV cache
+    decode_context_tokens: np.ndarray  # per decoding sequence: tokens in its KV cache
+    num_emitting: int  # sequences that produce an output token at the end of this iteration
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.prefill_new_tokens.sum()) + len(self.decode_context_tokens)
+
+
+@dataclass(slots=True)
+class IterationPlan:
+    """Compute ops in stream order and loads in copy-engine order, with their dependencies.
+
+    ``op_load[i]`` is the load op i waits for (-1: none). ``load_issue_after[j]`` is the compute op
+    after whose end load j is issued (-1: the iteration start); loads are issued in FIFO order."""
+
+    op_s: list[float] = field(default_factory=list)
+    op_kind: list[str] = field(default_factory=list)
+    op_load: list[int] = field(default_factory=list)
+    load_s: list[float] = field(default_factory=list)
+    load_issue_after: list[int] = field(default_factory=list)
+    load_is_prefetch: list[bool] = field(default_factory=list)
+    hits: int = 0
+    misses: int = 0
+    prefetch_hits: int = 0
+    bypassed: int = 0  # misses loaded into a staging buffer because no slot could be freed
+    accesses: list[np.ndarray] = field(default_factory=list)  # expert keys in access order
+    start_offset_s: float = 0.0  # stream and copy engine are busy until then (e.g. a KV swap-out)
+
+    def add_op(self, seconds: float, kind: str, load: int = -1) -> int:
+        self.op_s.append(seconds)
+        self.op_kind.append(kind)
+        self.op_load.append(load)
+        return len(self.op_s) - 1
+
+    def add_load(self, seconds: float, issue_after: int, prefetch: bool) -> int:
+        self.load_s.append(seconds)
+        self.load_issue_after.append(issue_after)
+        self.load_is_prefetch.append(prefetch)
+        return len(self.load_s) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class IterationTiming:
+    """When the iteration ended and how its resources were used."""
+
+    duration_s: float
+    compute_busy_s: float
+    copy_busy_s: float
+    stall_s: float  # time the stream waited for loads
+    loads: int
+
+
+def time_plan(plan: IterationPlan) -> IterationTiming:
+    """The exact timeline of a plan: each op starts when the stream is free and its load is done."""
+    if not plan.load_s:
+        busy = float(sum(plan.op_s))
+        return IterationTiming(plan.start_offset_s + busy, busy, 0.0, 0.0, 0)
+    n_loads = len(plan.load_s)
+    load_done = [0.0] * n_loads
+    copy_free = plan.start_offset_s
+    next_load = 0
+    t = plan.start_offset_s
+    stall = 0.0
+    issue_after = plan.load_issue_after
+    load_s = plan.load_s
+
+    # Loads issued at the iteration start.
+    while next_load < n_loads and issue_after[next_load] < 0:
+        copy_free = max(copy_free, plan.start_offset_s) + load_s[next_load]
+        load_done[next_load] = copy_free
+        next_load += 1
+    for i, (seconds, load) in enumerate(zip(plan.op_s, plan.op_load)):
+        if load >= 0:
+            ready = load_done[load]
+            if ready > t:
+                stall += ready - t
+                t = ready
+        t += seconds
+        # Loads issued when op i ends queue on the copy engine in FIFO order.
+        while next_load < n_loads and issue_after[next_load] == i:
+            copy_free = max(copy_free, t) + load_s[next_load]
+            load_done[next_load] = copy_free
+            next_load += 1
+    copy_busy = float(sum(load_s))
+    end = max(t, copy_free)  # a prefetch still in flight holds the iteration open
+    return IterationTiming(end, float(sum(plan.op_s)), copy_busy, stall, n_loads)
+
+
+class IterationPlanner:
+    """Turns a batch and its routing into an iteration plan, using the profile's latencies only."""
+
+    def __init__(
+        self,
+        *,
+        model: ModelSpec,
+        profile: HardwareProfile,
+        cache: ExpertCache,
+        prefetch: str = "none",
+        prefetch_predictor: str = "oracle",
+        prefetch_max_experts: int | None = None,
+        record_accesses: bool = False,
+    ) -> None:
+        self.model = model
+        self.profile = profile
+        self.cache = cache
+        self.prefetch = prefetch
+        self.prefetch_predictor = prefetch_predictor
+        self.prefetch_max_experts = prefetch_max_experts or model.top_k
+        self.record_accesses = record_accesses
+        # Facts of the model, computed once (pydantic properties are recomputed on every access).
+        self.num_experts = model.num_experts
+        self.num_moe_layers = model.num_moe_layers
+        self.layer_is_moe = [i in set(model.moe_layer_indices) for i in range(model.num_layers)]
+        sliding = set(model.sliding_layer_indices)
+        self.layer_is_sliding = [i in sliding for i in range(model.num_layers)]
+        self.sliding_window = model.sliding_window_tokens
+        self.expert_shape = model.expert_shape
+        self.shared_shape = model.shared_expert_shape
+        self.num_shared = model.num_shared_experts
+        self.dense_shape = model.dense_ffn_shape
+        self.router_shape = model.router_shape
+        self.lm_head_shape = model.lm_head_shape
+        self.attention_shape = model.attention_shape
+        self.projection_shapes = model.attention_projection_shapes
+        self.expert_load_s = float(profile.h2d_copy_s(nbytes=model.expert_bytes, pinned=True))
+        self.expert_bytes = float(model.expert_bytes)
+        # Frequency statistics for the 'frequency' prefetch predictor: uses per (layer, expert).
+        self.use_counts = np.zeros((self.num_moe_layers, self.num_experts), dtype=np.int64)
+        self._tick = 0
+        self._pinned = np.zeros(self.num_moe_layers * self.num_experts, dtype=bool)
+
+    # ---------------------------------------------------------------- per-layer costs
+
+    def _attention_s(self, batch: BatchShape, sliding: bool) -> float:
+        tokens = batch.num_tokens
+        seconds = 0.0
+        for shape in self.projection_shapes:
+            seconds += float(self.profile.dense_gemm_s(tokens=tokens, shape=shape))
+        pre_ctx = batch.prefill_context_tokens
+        dec_ctx = batch.decode_context_tokens
+        if sliding and self.sliding_window:
+            pre_ctx = np.minimum(pre_ctx, self.sliding_window)
+            dec_ctx = np.minimum(dec_ctx, self.sliding_window)
+        if len(batch.prefill_new_tokens):
+            seconds += float(
+                np.sum(
+                    self.profile.attention_prefill_s(
+                        new_tokens=batch.prefill_new_tokens, context_tokens=pre_ctx, shape=self.attention_shape
+                    )
+                )
+            )
+        if len(dec_ctx):
+            seconds += float(self.profile.attention_decode_s(context_tokens=dec_ctx, shape=self.attention_shape))
+        return seconds
+
+    # ---------------------------------------------------------------- planning
+
+    def plan(self, batch: BatchShape, counts: np.ndarray, start_offset_s: float = 0.0) -> IterationPlan:
+        """Plan one iteration; ``counts[moe_layer, expert]`` is how many tokens chose each expert."""
+        plan = IterationPlan(start_offset_s=start_offset_s)
+        tokens = batch.num_tokens
+        attention_full_s = self._attention_s(batch, sliding=False)
+        attention_sliding_s = self._attention_s(batch, sliding=True) if self.sliding_window else attention_full_s
+        gate_s = float(self.profile.gate_s(tokens=tokens, shape=self.router_shape))
+        shared_s = (
+            self.num_shared * float(self.profile.expert_ffn_s(tokens=tokens, shape=self.shared_shape))
+            if self.shared_shape is not None
+            else 0.0
+        )
+        dense_s = float(self.profile.expert_ffn_s(tokens=tokens, shape=self.dense_shape)) if self.dense_shape else 0.0
+        expert_s = self.profile.expert_ffn_s(tokens=counts, shape=self.expert_shape)
+        used = counts > 0
+        self.use_counts += used
+
+        cache = self.cache
+        if cache.holds_everything:
+            # Fast path: nothing to load, the stream runs every op back to back.
+            n_layers = len(self.layer_is_moe)
+            n_sliding = sum(self.layer_is_sliding)
+            plan.add_op(
+                (n_layers - n_sliding) * attention_full_s
+                + n_sliding * attention_sliding_s
+                + (n_layers - self.num_moe_layers) * dense_s
+                + self.num_moe_layers * (gate_s + shared_s)
+                + float(expert_s.sum()),
+                "layers",
+            )
+            plan.hits += int(used.sum())
+        else:
+            self._plan_layers(plan, counts, used, expert_s, attention_full_s, attention_sliding_s, gate_s, shared_s, dense_s)
+        if batch.num_emitting:
+            plan.add_op(float(self.profile.dense_gemm_s(tokens=batch.num_emitting, shape=self.lm_head_shape)), "lm_head")
+        return plan
+
+    def _predict(self, moe_layer: int, counts: np.ndarray) -> np.ndarray:
+        """Experts to prefetch for a MoE layer, most used first."""
+        if self.prefetch_predictor == "oracle":
+            row = counts[moe_layer]
+            chosen = np.flatnonzero(row)
+            chosen = chosen[np.argsort(-row[chosen], kind="stable")]
+        else:
+            row = self.use_counts[moe_layer]
+            chosen = np.argsort(-row, kind="stable")
+        return chosen[: self.prefetch_max_experts]
+
+    def _plan_layers(
+        self,
+        plan: IterationPlan,
+        counts: np.ndarray,
+        used: np.ndarray,
+        expert_s: np.ndarray,
+        attention_full_s: float,
+        attention_sliding_s: float,
+        gate_s: float,
+        shared_s: float,
+        dense_s: float,
+    ) -> None:
+        cache = self.cache
+        E = self.num_experts
+        pinned = self._pinned
+        load_s = self.expert_load_s
+        # Per MoE layer, the load index of each expert prefetched for it (-1: none this iteration).
+        prefetched = np.full((self.num_moe_layers, E), -1, dtype=np.int64)
+        prefetching = self.prefetch == "next_layer"
+        moe_layer = 0
+        last_op = -1
+        for layer, is_moe in enumerate(self.layer_is_moe):
+            attention_s = attention_sliding_s if self.layer_is_sliding[layer] else attention_full_s
+            if is_moe and prefetching:
+                # While this layer computes, load what the next MoE layer is predicted to need.
+                targets = [moe_layer, moe_layer + 1] if moe_layer == 0 else [moe_layer + 1]
+                for target in targets:
+                    if target < self.num_moe_layers:
+                        self._prefetch(plan, target, counts, prefetched, last_op)
+            last_op = plan.add_op(attention_s, "attention")
+            if not is_moe:
+                last_op = plan.add_op(dense_s, "dense_ffn")
+                continue
+            gate_op = plan.add_op(gate_s + shared_s, "gate")
+            needed = np.flatnonzero(used[moe_layer])
+            keys = moe_layer * E + needed
+            self._tick += 1
+            if self.record_accesses:
+                plan.accesses.append(keys.astype(np.int32))
+            pinned[keys] = True
+            resident = cache.resident[keys]
+            times = expert_s[moe_layer, needed]
+            loads = prefetched[moe_layer, needed]
+            # Resident and already loaded: one back-to-back run on the stream, no dependency.
+            ready_now = resident & (loads < 0)
+            n_ready = int(ready_now.sum())
+            plan.hits += int(resident.sum())
+            plan.prefetch_hits += int((resident & (loads >= 0)).sum())
+            last_op = gate_op
+            if n_ready:
+                last_op = plan.add_op(float(times[ready_now].sum()), "experts")
+            # Prefetched experts in flight, in the order their loads finish.
+            in_flight = np.flatnonzero(resident & (loads >= 0))
+            for i in in_flight[np.argsort(loads[in_flight], kind="stable")]:
+                last_op = plan.add_op(float(times[i]), "expert", int(loads[i]))
+            # Misses: loaded on demand once the gate has chosen them, computed as each arrives.
+            missing = np.flatnonzero(~resident)
+            if len(missing):
+                plan.misses += len(missing)
+                placed = cache.insert_many(keys[missing], pinned)
+                # A miss with no evictable slot streams through a staging buffer without becoming
+                # resident, as offloading engines with tiny caches do.
+                plan.bypassed += int((~placed).sum())
+                for i in missing:
+                    load = plan.add_load(load_s, gate_op, prefetch=False)
+                    last_op = plan.add_op(float(times[i]), "expert", load)
+            cache.touch(keys, self._tick)
+            # This layer is done: its experts (and what was prefetched for it) may be evicted again.
+            pinned[moe_layer * E : (moe_layer + 1) * E] = False
+            moe_layer += 1
+        pinned[:] = False
+
+    def _prefetch(
+        self, plan: IterationPlan, target: int, counts: np.ndarray, prefetched: np.ndarray, issue_after: int
+    ) -> None:
+        """Queue loads for the predicted experts of MoE layer ``target`` that are not resident."""
+        E = self.num_experts
+        predicted = self._predict(target, counts)
+        keys = target * E + predicted
+        absent = keys[~self.cache.resident[keys]]
+        if not len(absent):
+            return
+        self._pinned[absent] = True  # pin first: the new arrivals must not evict each other
+        placed = self.cache.insert_many(absent, self._pinned)
+        self._pinned[absent[~placed]] = False
+        for key in absent[placed]:
+            prefetched[target, int(key) - target * E] = plan.add_load(self.expert_load_s, issue_after, prefetch=True)

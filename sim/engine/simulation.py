@@ -1,0 +1,242 @@
+"""Run one scenario: build the replicas, feed them the arrivals, collect what happened.
+
+``simulate(loaded)`` is deterministic for a scenario's seed: the arrivals and the routing each draw
+from their own stream spawned from that seed. A run can be stopped (Ctrl-C, or ``stop_at_s``); the
+result then says ``partial`` and lists the requests still in flight, so none vanish."""
+
+from __future__ import annotations
+
+from array import array
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import simpy
+
+from sim.engine.iteration import IterationPlanner
+from sim.engine.memory import MemoryBudget, max_request_tokens, plan_memory
+from sim.engine.replica import Replica, RequestState
+from sim.errors import ScenarioError
+from sim.policies.cache import make_cache
+from sim.policies.scheduler import make_scheduler
+from sim.scenario import LoadedScenario
+from sim.workload.arrivals import RequestTable, build_requests
+from sim.workload.routing import build_routing
+
+
+@dataclass
+class SimulationResult:
+    """Everything a run produced: tables, the raw samples behind the summary, and whether it finished."""
+
+    loaded: LoadedScenario
+    budget: MemoryBudget
+    requests: pd.DataFrame
+    iterations: pd.DataFrame
+    tbt_samples_s: np.ndarray
+    replicas: list[Replica]
+    partial: bool
+    simulated_s: float
+    events: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def build_request_table(loaded: LoadedScenario, rng: np.random.Generator) -> RequestTable:
+    wl = loaded.scenario.workload
+    try:
+        return build_requests(
+            wl.arrivals, rng=rng, base_dir=loaded.base_dir, max_requests=wl.max_requests,
+            max_duration_s=wl.max_duration_s, task_mix=wl.tasks,
+        )
+    except ValueError as exc:
+        raise ScenarioError(f"{loaded.source}: workload: {exc}") from None
+
+
+def simulate(
+    loaded: LoadedScenario,
+    *,
+    progress: bool = False,
+    stop_at_s: float | None = None,
+    record_accesses: bool | None = None,
+) -> SimulationResult:
+    """Simulate the scenario until every request has finished (or the run is stopped)."""
+    scenario = loaded.scenario
+    model = loaded.model
+    if model.is_encoder_decoder:
+        raise ScenarioError(
+            f"{loaded.source}: model: {model.name} is an encoder-decoder model; the serving engine "
+            f"simulates decoder-only models (the catalog still gives its sizes)"
+        )
+    profile = loaded.profile
+    links = scenario.hardware.links
+    if links.host_to_device_gbps or links.gpu_to_gpu_gbps or links.node_to_node_gbps:
+        profile = profile.with_links(
+            host_to_device_gbps=links.host_to_device_gbps,
+            gpu_to_gpu_gbps=links.gpu_to_gpu_gbps,
+            node_to_node_gbps=links.node_to_node_gbps,
+        )
+    budget = plan_memory(loaded)
+    seeds = np.random.SeedSequence(scenario.workload.seed).spawn(2)
+    arrivals_rng, routing_rng = (np.random.default_rng(s) for s in seeds)
+    table = build_request_table(loaded, arrivals_rng)
+    routing = build_routing(
+        scenario.workload.routing, num_layers=model.num_moe_layers, num_experts=model.num_experts,
+        top_k=model.top_k, rng=routing_rng, base_dir=loaded.base_dir,
+    )
+    policies = scenario.policies
+    cache_spec = policies.expert_cache
+    if record_accesses is None:
+        record_accesses = cache_spec.name != "all_resident"
+
+    env = simpy.Environment()
+    finished: list[RequestState] = []
+    tbt_samples = array("d")
+    replicas = []
+    for index in range(scenario.hardware.num_gpus):
+        cache = make_cache(
+            cache_spec.name, num_layers=model.num_moe_layers, num_experts=model.num_experts,
+            capacity_experts=budget.expert_slots, per_layer=getattr(cache_spec, "scope", "global") == "per_layer",
+        )
+        planner = IterationPlanner(
+            model=model, profile=profile, cache=cache, prefetch=policies.prefetch.name,
+            prefetch_predictor=getattr(policies.prefetch, "predictor", "oracle"),
+            prefetch_max_experts=getattr(policies.prefetch, "max_experts", None),
+            record_accesses=record_accesses,
+        )
+        replicas.append(
+            Replica(
+                index=index, env=env, budget=budget, planner=planner, routing=routing,
+                scheduler=make_scheduler(policies.scheduler.name), profile=profile,
+                max_num_seqs=policies.batching.max_num_seqs, max_batch_tokens=policies.batching.max_batch_tokens,
+                chunked_prefill=policies.batching.chunked_prefill, preemption=policies.preemption.mode,
+                queue_timeout_s=policies.batching.queue_timeout_s, on_finish=finished.append,
+                tbt_samples=tbt_samples,
+            )
+        )
+    all_requests: list[RequestState] = []
+    kv_limit_tokens = max_request_tokens(budget)
+    batch_limit = policies.batching.max_batch_tokens
+    chunked = policies.batching.chunked_prefill
+
+    def arrivals():
+        tasks = table.task
+        for i in range(len(table)):
+            at = float(table.arrival_s[i])
+            if at > env.now:
+                yield env.timeout(at - env.now)
+            req = RequestState(
+                i, at, int(table.prompt_tokens[i]), int(table.output_tokens[i]),
+                None if tasks is None else str(tasks[i]),
+            )
+            all_requests.append(req)
+            if req.prompt_tokens + req.output_tokens > kv_limit_tokens:
+                _reject(req, "exceeds_kv_capacity", env.now, finished)
+            elif not chunked and req.prompt_tokens > batch_limit:
+                _reject(req, "prompt_exceeds_batch_tokens", env.now, finished)
+            else:
+                target = min(replicas, key=lambda r: (r.outstanding, r.index))
+                target.submit(req)
+
+    env.process(arrivals())
+    partial = _run(env, table, lambda: len(finished) >= len(table), progress=progress, stop_at_s=stop_at_s)
+    requests = _requests_frame(all_requests)
+    iterations = pd.DataFrame(
+        [rec for rep in replicas for rec in rep.iterations],
+        columns=list(_ITERATION_COLUMNS),
+    )
+    return SimulationResult(
+        loaded=loaded, budget=budget, requests=requests, iterations=iterations,
+        tbt_samples_s=np.frombuffer(tbt_samples, dtype=np.float64).copy(), replicas=replicas,
+        partial=partial, simulated_s=env.now, events=_event_count(env),
+        extra={"table_skipped_rows": table.skipped_rows, "num_arrivals": len(table)},
+    )
+
+
+_ITERATION_COLUMNS = (
+    "replica", "started_at_s", "duration_s", "num_prefill_seqs", "num_decode_seqs", "num_tokens",
+    "expert_hits", "expert_misses", "prefetch_hits", "expert_loads", "stall_s", "compute_busy_s",
+    "copy_busy_s", "kv_blocks_used", "experts_resident", "preemptions",
+)
+
+
+def _reject(req: RequestState, reason: str, now: float, finished: list[RequestState]) -> None:
+    req.status = "rejected"
+    req.reason = reason
+    req.finished_at_s = now
+    finished.append(req)
+
+
+def _run(
+    env: simpy.Environment,
+    table: RequestTable,
+    all_done: Callable[[], bool],
+    *,
+    progress: bool,
+    stop_at_s: float | None,
+) -> bool:
+    """Advance the simulation in slices so a progress bar can follow and Ctrl-C stops cleanly.
+
+    Returns True when the run stopped before every request finished."""
+    horizon = float(table.arrival_s[-1]) if len(table) else 0.0
+    step = max(1.0, horizon / 200.0)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=round(horizon), unit="sim-s", desc="simulating", leave=False, dynamic_ncols=True)
+    try:
+        while not all_done():
+            if env.peek() == float("inf"):
+                raise RuntimeError("simulation ran out of events with requests unfinished")
+            until = env.now + step
+            if stop_at_s is not None:
+                if env.now >= stop_at_s:
+                    return True
+                until = min(until, stop_at_s)
+            env.run(until=until)
+            if bar is not None:
+                bar.n = min(round(env.now), bar.total) if env.now <= horizon else bar.total
+                bar.set_postfix_str(f"t={env.now:,.0f}s")
+                bar.refresh()
+        return False
+    except KeyboardInterrupt:
+        return True
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _requests_frame(requests: list[RequestState]) -> pd.DataFrame:
+    rows = []
+    for r in requests:
+        status = r.status if r.status in ("completed", "rejected", "dropped") else f"unfinished_{r.status}"
+        rows.append(
+            (
+                r.request_id, r.replica, r.task, r.arrival_s, r.prompt_tokens, r.output_tokens, r.generated,
+                status, r.reason, r.admitted_at_s, r.first_token_at_s, r.finished_at_s, r.preemptions, r.max_tbt_s,
+            )
+        )
+    frame = pd.DataFrame(
+        rows,
+        columns=[
+            "request_id", "replica", "task", "arrived_at_s", "prompt_tokens", "output_tokens", "generated_tokens",
+            "status", "reason", "admitted_at_s", "first_token_at_s", "finished_at_s", "preemptions", "max_tbt_s",
+        ],
+    )
+    frame["ttft_s"] = frame["first_token_at_s"] - frame["arrived_at_s"]
+    done = frame["status"] == "completed"
+    frame["e2e_s"] = (frame["finished_at_s"] - frame["arrived_at_s"]).where(done)
+    decode_tokens = (frame["output_tokens"] - 1).clip(lower=1)
+    frame["tpot_s"] = ((frame["finished_at_s"] - frame["first_token_at_s"]) / decode_tokens).where(
+        done & (frame["output_tokens"] > 1)
+    )
+    return frame
+
+
+def _event_count(env: simpy.Environment) -> int:
+    """Events scheduled so far (SimPy numbers them with a private counter)."""
+    counter = getattr(env, "_eid", None)
+    if counter is None:
+        return 0
+    # itertools.count's repr is 'count(N)': N is the next id, i.e. how many were handed out.
+    return int(repr(counter)[6:-1])

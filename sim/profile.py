@@ -1,0 +1,541 @@
+"""How long work takes on one kind of GPU node: the hardware profile and its lookups.
+
+A profile is one YAML file: ``name``, ``source`` (datasheet, measured or public-measurements),
+``provenance`` (free mapping: who, when, how, which documents), ``gpu``, ``links``, ``cpu`` and
+``operations``, one latency model per operation. The work an operation does (FLOPs, bytes) comes
+from ``sim.work``; the profile only turns work into seconds.
+
+Latency models (``kind``):
+
+- ``roofline``: ``fixed_s + max(flops / (peak * compute_efficiency), bytes / (bandwidth * memory_efficiency))``.
+- ``table`` (expert_ffn, dense_gemm, gate only): measured seconds on a token grid per shape,
+  interpolated log-log; outside the grid, or for a shape that was not measured, the roofline
+  of ``extrapolation`` (scaled to meet the nearest measured point); ``extrapolated_counts()``
+  says how often that happened.
+
+Lookups are ``<operation>_s(...)`` with keyword sizes; they take numpy arrays or scalars and
+return seconds (an array, or a numpy float for a scalar). No work costs 0 s exactly: an expert
+with no tokens is not run. Rates named ``*_gbps`` are GB/s (1e9 bytes/s), not gigabits.
+Every problem a user can fix raises ``ProfileError`` naming the file and the key path."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from sim.errors import ProfileError
+from sim.work import DTYPE_BYTES, AttentionShape, ExpertShape, GemmShape
+
+OPERATIONS: tuple[str, ...] = ("expert_ffn", "dense_gemm", "attention_prefill", "attention_decode", "gate")
+_SHAPE_OF_OP: dict[str, type] = {"expert_ffn": ExpertShape, "dense_gemm": GemmShape, "gate": GemmShape}
+
+
+class _Section(BaseModel):
+    """Base of every profile section: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------- latency models
+
+
+class FitError(_Section):
+    """How far a fitted model is from the measurements it came from (relative errors, |fit - meas| / meas)."""
+
+    median_rel_error: float = Field(ge=0)
+    p95_rel_error: float = Field(ge=0)
+    max_rel_error: float = Field(ge=0)
+    num_points: int = Field(ge=1)
+    note: str = ""
+
+
+class RooflineParams(_Section):
+    """A fixed cost per call plus the slower of compute and memory traffic, at a fraction of peak."""
+
+    fixed_s: float = Field(ge=0, description="Launch and overhead per call.")
+    compute_efficiency: float = Field(gt=0, le=1, description="Fraction of the GPU's peak FLOP/s reached.")
+    memory_efficiency: float = Field(gt=0, le=1, description="Fraction of the GPU's memory bandwidth reached.")
+
+    def roofline_s(
+        self, flops: np.ndarray, nbytes: np.ndarray, peak_flops_per_s: float, bytes_per_s: float
+    ) -> np.ndarray:
+        compute_s = flops / (peak_flops_per_s * self.compute_efficiency)
+        memory_s = nbytes / (bytes_per_s * self.memory_efficiency)
+        return self.fixed_s + np.maximum(compute_s, memory_s)
+
+
+class RooflineModel(RooflineParams):
+    """An operation modelled by its roofline alone (datasheet profiles, or a roofline fitted to measurements)."""
+
+    kind: Literal["roofline"]
+    fit_error: FitError | None = Field(description="null for a datasheet profile; required key.")
+
+    def seconds(
+        self, *, tokens: np.ndarray, shape: Any, flops: np.ndarray, nbytes: np.ndarray,
+        peak_flops_per_s: float, bytes_per_s: float,
+    ) -> tuple[np.ndarray, int]:
+        """Seconds per call and how many of them fell outside measured data (none: a roofline claims no grid)."""
+        return self.roofline_s(flops, nbytes, peak_flops_per_s, bytes_per_s), 0
+
+
+class TableRow(_Section):
+    """Measured seconds of one shape at increasing token counts."""
+
+    shape: dict[str, int | str] = Field(description="Every field of the op's shape, e.g. hidden, ffn, num_matrices, ...")
+    tokens: list[int] = Field(min_length=1)
+    latency_s: list[float] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _grid_is_usable(self) -> "TableRow":
+        if len(self.tokens) != len(self.latency_s):
+            raise ValueError(f"tokens has {len(self.tokens)} values but latency_s has {len(self.latency_s)}")
+        if self.tokens[0] <= 0 or any(b <= a for a, b in zip(self.tokens, self.tokens[1:])):
+            raise ValueError(f"tokens must be positive and strictly increasing; got {self.tokens}")
+        if any(s <= 0 for s in self.latency_s):
+            raise ValueError(f"latency_s must be positive; got {self.latency_s}")
+        return self
+
+
+class TableModel(_Section):
+    """Measured latencies on a token grid per shape; roofline beyond the grid and for unmeasured shapes."""
+
+    kind: Literal["table"]
+    fit_error: FitError | None = Field(description="e.g. leave-one-out error of the interpolation; required key.")
+    extrapolation: RooflineParams
+    rows: list[TableRow] = Field(min_length=1)
+    _grids: dict[frozenset, tuple[np.ndarray, np.ndarray]] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _shapes_are_distinct(self) -> "TableModel":
+        seen: set[frozenset] = set()
+        for i, row in enumerate(self.rows):
+            key = frozenset(row.shape.items())
+            if key in seen:
+                raise ValueError(f"rows[{i}] repeats the shape {row.shape}")
+            seen.add(key)
+        return self
+
+    def model_post_init(self, __context: Any) -> None:
+        for row in self.rows:
+            key = frozenset(row.shape.items())
+            self._grids[key] = (np.asarray(row.tokens, dtype=np.float64), np.asarray(row.latency_s, dtype=np.float64))
+
+    def seconds(
+        self, *, tokens: np.ndarray, shape: Any, flops: np.ndarray, nbytes: np.ndarray,
+        peak_flops_per_s: float, bytes_per_s: float,
+    ) -> tuple[np.ndarray, int]:
+        """Interpolated seconds per call, and how many calls (with tokens > 0) were outside measured data."""
+        roof = self.extrapolation.roofline_s(flops, nbytes, peak_flops_per_s, bytes_per_s)
+        grid = self._grids.get(frozenset(dataclasses.asdict(shape).items()))
+        if grid is None:
+            return roof, int(np.count_nonzero(tokens > 0))
+        grid_tokens, grid_s = grid
+        inside = np.interp(np.log(np.maximum(tokens, 1e-300)), np.log(grid_tokens), np.log(grid_s))
+
+        def edge_roof(t: float) -> float:
+            return float(self.extrapolation.roofline_s(shape.flops(t), shape.bytes_moved(t), peak_flops_per_s, bytes_per_s))
+
+        # Beyond the grid, follow the roofline's shape but meet the measured edge point (no jump at the edge).
+        lo_t, hi_t = grid_tokens[0], grid_tokens[-1]
+        below = grid_s[0] * roof / edge_roof(lo_t)
+        above = grid_s[-1] * roof / edge_roof(hi_t)
+        out = np.where(tokens < lo_t, below, np.where(tokens > hi_t, above, np.exp(inside)))
+        outside = (tokens > 0) & ((tokens < lo_t) | (tokens > hi_t))
+        return out, int(np.count_nonzero(outside))
+
+
+# A GEMM-like op is sized by tokens alone for a given shape, so it can be measured on a token grid;
+# attention has two size axes (new tokens x context) and is roofline-only until a 2-D table exists.
+TokenOpModel = Annotated[Union[RooflineModel, TableModel], Field(discriminator="kind")]
+AttentionOpModel = Annotated[Union[RooflineModel], Field(discriminator="kind")]
+_KIND_TAGS = ("roofline", "table")
+
+
+class Operations(_Section):
+    """One latency model per operation; all five are required so a lookup never finds a hole."""
+
+    expert_ffn: TokenOpModel = Field(description="One routed or shared expert FFN call (ExpertShape).")
+    dense_gemm: TokenOpModel = Field(description="A dense projection: QKV, output, LM head (GemmShape).")
+    attention_prefill: AttentionOpModel = Field(description="Attention core of one sequence's prefill chunk.")
+    attention_decode: AttentionOpModel = Field(description="Attention core of one decode step of a batch.")
+    gate: TokenOpModel = Field(description="Router GEMM + softmax + top-k (GemmShape of the router).")
+
+    @model_validator(mode="after")
+    def _table_shapes_have_every_field(self) -> "Operations":
+        for op, shape_type in _SHAPE_OF_OP.items():
+            model = getattr(self, op)
+            if not isinstance(model, TableModel):
+                continue
+            expected = sorted(f.name for f in dataclasses.fields(shape_type))
+            for i, row in enumerate(model.rows):
+                if sorted(row.shape) != expected:
+                    raise ValueError(
+                        f"{op}.rows[{i}].shape has keys {sorted(row.shape)}; expected exactly {expected}"
+                    )
+        return self
+
+
+# ---------------------------------------------------------------- hardware sections
+
+
+class Gpu(_Section):
+    name: str
+    memory_bytes: float = Field(gt=0)
+    peak_tflops: dict[str, float] = Field(description="Dense (non-sparse) peak per dtype, TFLOP/s.")
+    memory_bandwidth_gbps: float = Field(gt=0, description="HBM bandwidth, GB/s.")
+
+    @field_validator("peak_tflops")
+    @classmethod
+    def _known_dtypes(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(value) - set(DTYPE_BYTES))
+        if unknown:
+            raise ValueError(f"unknown dtype(s) {unknown}; expected some of {sorted(DTYPE_BYTES)}")
+        bad = {k: v for k, v in value.items() if not v > 0}
+        if bad:
+            raise ValueError(f"peaks must be positive; got {bad}")
+        if not value:
+            raise ValueError("give at least one dtype")
+        return value
+
+
+class HostLink(_Section):
+    """PCIe between host memory and GPU memory, one direction."""
+
+    bandwidth_gbps: float = Field(gt=0, description="Effective bandwidth of a pinned-memory copy, GB/s.")
+    latency_s: float = Field(ge=0, description="Fixed cost per copy (call, DMA setup).")
+    pageable_bandwidth_factor: float = Field(gt=0, le=1, description="Pageable bandwidth / pinned bandwidth.")
+    num_copy_engines: int = Field(ge=1, description="Copies that can be in flight at once in this direction.")
+
+
+class Link(_Section):
+    """A point-to-point link, one direction: ``latency_s + nbytes / bandwidth``."""
+
+    bandwidth_gbps: float = Field(gt=0, description="GB/s per GPU, one direction.")
+    latency_s: float = Field(ge=0)
+
+
+class Links(_Section):
+    host_to_device: HostLink
+    device_to_host: HostLink
+    gpu_to_gpu: Link = Field(description="Within a node (NVLink/NVSwitch).")
+    node_to_node: Link = Field(description="Between nodes, per GPU NIC.")
+
+
+class Cpu(_Section):
+    name: str
+    cores: int = Field(ge=1)
+    peak_gflops: float = Field(gt=0, description="FP32 vector peak of all cores, GFLOP/s.")
+    memory_bandwidth_gbps: float = Field(gt=0, description="DRAM bandwidth, GB/s.")
+
+
+# ---------------------------------------------------------------- the profile
+
+
+class HardwareProfile(_Section):
+    """One node type's hardware and the latency model of every operation on it.
+
+    Built by ``load_profile`` (which records the file for error messages) or directly from a dict.
+    Frozen, except for a per-instance count of lookups that fell outside measured tables."""
+
+    name: str
+    source: Literal["datasheet", "measured", "public-measurements"]
+    provenance: dict[str, Any] = Field(description="Who, when, how, which documents, device, software versions.")
+    gpu: Gpu
+    links: Links
+    cpu: Cpu
+    operations: Operations
+    _origin: str = PrivateAttr(default="")
+    _extrapolated: Counter = PrivateAttr(default_factory=Counter)
+
+    @model_validator(mode="after")
+    def _datasheet_has_no_fit(self) -> "HardwareProfile":
+        if self.source == "datasheet":
+            fitted = [op for op in OPERATIONS if getattr(self.operations, op).fit_error is not None]
+            if fitted:
+                raise ValueError(f"a datasheet profile fits nothing, so fit_error must be null; it is set for {fitted}")
+        return self
+
+    def model_post_init(self, __context: Any) -> None:
+        self._origin = f"profile {self.name!r}"
+
+    # ------------------------------------------------------------ compute lookups
+
+    def expert_ffn_s(self, *, tokens: np.ndarray | int, shape: ExpertShape) -> np.ndarray:
+        """Seconds for one expert FFN call per element of ``tokens``; 0 tokens -> 0 s (the expert is not run)."""
+        return self._token_op("expert_ffn", tokens, shape)
+
+    def dense_gemm_s(self, *, tokens: np.ndarray | int, shape: GemmShape) -> np.ndarray:
+        """Seconds for a dense projection over ``tokens`` tokens (shared experts use ``expert_ffn_s``)."""
+        return self._token_op("dense_gemm", tokens, shape)
+
+    def gate_s(self, *, tokens: np.ndarray | int, shape: GemmShape) -> np.ndarray:
+        """Seconds to route ``tokens`` tokens: the router GEMM's roofline plus fixed_s for softmax and top-k."""
+        return self._token_op("gate", tokens, shape)
+
+    def attention_prefill_s(
+        self, *, new_tokens: np.ndarray | int, context_tokens: np.ndarray | int, shape: AttentionShape
+    ) -> np.ndarray:
+        """Seconds of the attention core for each sequence (broadcast), each as its own kernel call."""
+        new = _sizes("new_tokens", new_tokens)
+        ctx = _sizes("context_tokens", context_tokens)
+        model = self.operations.attention_prefill
+        peak = self._peak_flops_per_s("attention_prefill", shape.act_dtype)
+        s = model.roofline_s(shape.prefill_flops(new, ctx), shape.prefill_bytes(new, ctx), peak, self._hbm_bytes_per_s)
+        return _out(np.where(new > 0, s, 0.0))
+
+    def attention_decode_s(self, *, context_tokens: np.ndarray | int, shape: AttentionShape) -> float:
+        """Seconds of one decode step for a whole batch: one kernel call, so one fixed_s and the summed work."""
+        ctx = np.atleast_1d(_sizes("context_tokens", context_tokens))
+        if ctx.size == 0:
+            return 0.0
+        model = self.operations.attention_decode
+        peak = self._peak_flops_per_s("attention_decode", shape.act_dtype)
+        flops = float(np.sum(shape.decode_flops(ctx)))
+        nbytes = float(np.sum(shape.decode_bytes(ctx)))
+        return float(model.roofline_s(flops, nbytes, peak, self._hbm_bytes_per_s))
+
+    # ------------------------------------------------------------ copy lookups
+
+    def h2d_copy_s(self, *, nbytes: np.ndarray | float, pinned: bool = True) -> np.ndarray:
+        """Seconds to copy host -> GPU; pageable memory is slower by the profile's factor. 0 bytes -> 0 s."""
+        return _host_copy_s(self.links.host_to_device, nbytes, pinned)
+
+    def d2h_copy_s(self, *, nbytes: np.ndarray | float, pinned: bool = True) -> np.ndarray:
+        """Seconds to copy GPU -> host. 0 bytes -> 0 s."""
+        return _host_copy_s(self.links.device_to_host, nbytes, pinned)
+
+    def gpu_to_gpu_s(self, *, nbytes: np.ndarray | float) -> np.ndarray:
+        """Seconds to send ``nbytes`` to another GPU of the same node. 0 bytes -> 0 s."""
+        return _link_s(self.links.gpu_to_gpu, nbytes)
+
+    def node_to_node_s(self, *, nbytes: np.ndarray | float) -> np.ndarray:
+        """Seconds for one GPU to send ``nbytes`` to a GPU on another node over its NIC. 0 bytes -> 0 s."""
+        return _link_s(self.links.node_to_node, nbytes)
+
+    # ------------------------------------------------------------ reporting
+
+    def extrapolated_counts(self) -> dict[str, int]:
+        """Calls per operation answered outside measured tables since this profile was loaded."""
+        return dict(self._extrapolated)
+
+    def describe(self) -> dict[str, Any]:
+        """One row for a CLI listing."""
+        bf16 = self.gpu.peak_tflops.get("bf16")
+        return {
+            "name": self.name,
+            "source": self.source,
+            "gpu": self.gpu.name,
+            "memory_gib": round(self.gpu.memory_bytes / 2**30, 1),
+            "peak_bf16_tflops": bf16,
+            "hbm_gbps": self.gpu.memory_bandwidth_gbps,
+            "h2d_gbps": self.links.host_to_device.bandwidth_gbps,
+        }
+
+    def with_links(
+        self,
+        *,
+        host_to_device_gbps: float | None = None,
+        gpu_to_gpu_gbps: float | None = None,
+        node_to_node_gbps: float | None = None,
+    ) -> "HardwareProfile":
+        """A copy with some link bandwidths replaced (a scenario's what-if); None keeps the profile's."""
+        links = self.links
+        if host_to_device_gbps is not None:
+            links = links.model_copy(update={"host_to_device": links.host_to_device.model_copy(
+                update={"bandwidth_gbps": float(host_to_device_gbps)})})
+        if gpu_to_gpu_gbps is not None:
+            links = links.model_copy(update={"gpu_to_gpu": links.gpu_to_gpu.model_copy(
+                update={"bandwidth_gbps": float(gpu_to_gpu_gbps)})})
+        if node_to_node_gbps is not None:
+            links = links.model_copy(update={"node_to_node": links.node_to_node.model_copy(
+                update={"bandwidth_gbps": float(node_to_node_gbps)})})
+        data = self.model_dump()
+        data["links"] = links.model_dump()
+        copy = HardwareProfile.model_validate(data)
+        copy._origin = self._origin
+        return copy
+
+    # ------------------------------------------------------------ internals
+
+    @property
+    def _hbm_bytes_per_s(self) -> float:
+        return self.gpu.memory_bandwidth_gbps * 1e9
+
+    def _peak_flops_per_s(self, op: str, dtype: str) -> float:
+        peak = self.gpu.peak_tflops.get(dtype)
+        if peak is None:
+            raise ProfileError(
+                f"{self._origin}: operations.{op} has no peak for dtype {dtype!r}; "
+                f"has: {', '.join(sorted(self.gpu.peak_tflops))}"
+            )
+        return peak * 1e12
+
+    def _token_op(self, op: str, tokens: np.ndarray | int, shape: ExpertShape | GemmShape) -> np.ndarray:
+        t = _sizes("tokens", tokens)
+        peak = self._peak_flops_per_s(op, _compute_dtype(op, shape, self._origin))
+        model = getattr(self.operations, op)
+        s, num_outside = model.seconds(
+            tokens=t, shape=shape, flops=shape.flops(t), nbytes=shape.bytes_moved(t),
+            peak_flops_per_s=peak, bytes_per_s=self._hbm_bytes_per_s,
+        )
+        if num_outside:
+            self._extrapolated[op] += num_outside
+        return _out(np.where(t > 0, s, 0.0))
+
+
+def _compute_dtype(op: str, shape: ExpertShape | GemmShape, origin: str) -> str:
+    """The dtype the multiply runs in: the wider of weights and activations.
+
+    Weight-only quantisation (int4/fp8 weights, bf16 activations) dequantises and multiplies in bf16;
+    fp8 weights with fp8 activations run on fp8 tensor cores."""
+    for dtype in (shape.weight_dtype, shape.act_dtype):
+        if dtype not in DTYPE_BYTES:
+            raise ProfileError(f"{origin}: operations.{op}: unknown dtype {dtype!r}; expected one of {sorted(DTYPE_BYTES)}")
+    if DTYPE_BYTES[shape.weight_dtype] > DTYPE_BYTES[shape.act_dtype]:
+        return shape.weight_dtype
+    return shape.act_dtype
+
+
+def _sizes(name: str, value: np.ndarray | float) -> np.ndarray:
+    arr = np.asarray(value, dtype=np.float64)
+    if np.any(arr < 0) or np.any(np.isnan(arr)):
+        raise ValueError(f"{name} must be >= 0; got {value!r}")
+    return arr
+
+
+def _out(arr: np.ndarray) -> np.ndarray:
+    """A numpy float (a subclass of float) for scalar input, the array otherwise."""
+    return arr[()] if arr.ndim == 0 else arr
+
+
+def _host_copy_s(link: HostLink, nbytes: np.ndarray | float, pinned: bool) -> np.ndarray:
+    b = _sizes("nbytes", nbytes)
+    bandwidth = link.bandwidth_gbps * 1e9 * (1.0 if pinned else link.pageable_bandwidth_factor)
+    return _out(np.where(b > 0, link.latency_s + b / bandwidth, 0.0))
+
+
+def _link_s(link: Link, nbytes: np.ndarray | float) -> np.ndarray:
+    b = _sizes("nbytes", nbytes)
+    return _out(np.where(b > 0, link.latency_s + b / (link.bandwidth_gbps * 1e9), 0.0))
+
+
+# ---------------------------------------------------------------- loading
+
+
+def shipped_profiles() -> list[str]:
+    """Names of the profiles inside the package (file stems of sim/data/profiles/*.yaml)."""
+    folder = resources.files("sim.data.profiles")
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_profile(name_or_path: str | Path) -> HardwareProfile:
+    """A shipped profile by name (case-insensitive), or a YAML file by path; ProfileError on any problem."""
+    ref = str(name_or_path)
+    shipped = shipped_profiles()
+    is_path = isinstance(name_or_path, Path) or ref.endswith((".yaml", ".yml")) or "/" in ref or "\\" in ref
+    if not is_path:
+        if ref.lower() not in shipped:
+            raise ProfileError(f"unknown profile {ref!r}; shipped profiles: {', '.join(shipped)}")
+        origin = f"{ref.lower()}.yaml"
+        text = resources.files("sim.data.profiles").joinpath(origin).read_text(encoding="utf-8")
+    else:
+        origin = ref
+        try:
+            text = Path(ref).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ProfileError(
+                f"{ref}: cannot read profile ({exc.strerror or exc}); shipped profiles: {', '.join(shipped)}"
+            ) from None
+    return parse_profile(text, origin=origin)
+
+
+def parse_profile(text: str, *, origin: str) -> HardwareProfile:
+    """Validate profile YAML text; ``origin`` (a file name) starts every error message."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ProfileError(f"{origin}: invalid YAML{where}: {problem}") from None
+    if not isinstance(data, dict):
+        raise ProfileError(f"{origin}: expected a mapping with keys {', '.join(HardwareProfile.model_fields)}; "
+                           f"got {type(data).__name__}")
+    try:
+        profile = HardwareProfile.model_validate(data)
+    except ValidationError as exc:
+        raise ProfileError(f"{origin}: {_describe_error(exc)}") from None
+    profile._origin = origin
+    return profile
+
+
+def _describe_error(exc: ValidationError) -> str:
+    """One line for the most useful error: an unknown key first, since a typo also causes 'missing'."""
+    err = min(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    loc = err["loc"]
+    where = _key_path(loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        expected = _expected_keys(loc[:-1])
+        choices = f"; expected one of: {', '.join(expected)}" if expected else ""
+        return f"{where}: unknown key{choices}"
+    if err["type"] == "missing":
+        return f"{where}: missing required key"
+    if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        expected = err.get("ctx", {}).get("expected_tags") or ", ".join(repr(k) for k in _KIND_TAGS)
+        got = err["input"].get("kind") if isinstance(err["input"], dict) else None
+        what = f"unknown kind {got!r}" if got is not None else "missing key 'kind'"
+        return f"{where}.kind: {what}; expected one of: {expected}"
+    got = err.get("input")
+    shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{where}: {msg}{shown}"
+
+
+def _key_path(loc: tuple[Any, ...]) -> str:
+    """``operations.expert_ffn.rows[0].tokens``: list indexes in brackets, union tags dropped."""
+    out = ""
+    prev: Any = None
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in _KIND_TAGS and prev in OPERATIONS:
+            pass  # pydantic inserts the discriminator value; it is not a key the user wrote
+        else:
+            out += f".{part}" if out else str(part)
+        prev = part
+    return out
+
+
+def _expected_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys allowed at ``loc`` (a model's field names), walking the schema from HardwareProfile."""
+    models: list[type[BaseModel]] = [HardwareProfile]
+    prev: Any = None
+    for part in loc:
+        if isinstance(part, int):
+            prev = part
+            continue
+        if part in _KIND_TAGS and prev in OPERATIONS:
+            models = [m for m in models if m.model_fields.get("kind") and part in get_args(m.model_fields["kind"].annotation)]
+        else:
+            field = next((m.model_fields[part] for m in models if part in m.model_fields), None)
+            if field is None:
+                return []  # inside a free mapping (provenance, shape): any key goes
+            models = _models_in(field.annotation)
+        prev = part
+    if len(models) != 1:
+        return []
+    return list(models[0].model_fields)
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in get_args(annotation) for m in _models_in(arg)]
+
