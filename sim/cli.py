@@ -73,13 +73,18 @@ def cmd_profiles(args: argparse.Namespace) -> int:
 
 
 def cmd_scenario_check(args: argparse.Namespace) -> int:
+    from sim.errors import ScenarioError
     from sim.scenario import expand_sweep, find_scenario, load_scenario, read_yaml, resolve
 
     for name in args.files:
         loaded = load_scenario(name)
         points = expand_sweep(read_yaml(find_scenario(name)), str(name))
-        for _, point in points[1:] if len(points) > 1 else []:
-            resolve(point, str(name), loaded.base_dir)
+        for values, point in points[1:] if len(points) > 1 else []:
+            try:
+                resolve(point, str(name), loaded.base_dir)
+            except ScenarioError as exc:
+                label = ", ".join(f"{k}={v}" for k, v in values.items())
+                raise ScenarioError(f"{exc} [sweep point {label}]") from None
         extra = f", {len(points)} sweep points" if len(points) > 1 else ""
         print(f"{name}: ok ({loaded.model.name} on {loaded.scenario.hardware.num_gpus}x {loaded.profile.name}{extra})")
     return 0
@@ -88,10 +93,13 @@ def cmd_scenario_check(args: argparse.Namespace) -> int:
 def cmd_scenario_show(args: argparse.Namespace) -> int:
     import yaml
 
-    from sim.scenario import load_scenario, resolved_dict
+    from sim.scenario import load_scenario, resolved_dict, resolved_facts
 
     loaded = load_scenario(args.file)
     print(yaml.safe_dump(resolved_dict(loaded), sort_keys=False), end="")
+    print("# resolved:")
+    for key, value in resolved_facts(loaded).items():
+        print(f"#   {key}: {value}")
     return 0
 
 
@@ -182,6 +190,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print_summary(summary)
     if args.out:
         folder = write_run_folder(result, summary, Path(args.out), fmt=args.format)
+        sys.stdout.flush()
         print(f"run folder: {folder}" + (" (partial)" if result.partial else ""), file=sys.stderr)
     return 130 if result.partial and args.stop_at is None else 0
 

@@ -15,7 +15,7 @@ import yaml
 
 from sim.engine.simulation import SimulationResult
 from sim.metrics import resources_frame
-from sim.scenario import resolved_dict
+from sim.scenario import resolved_dict, resolved_facts
 
 
 def _write_table(frame: pd.DataFrame, path_stem: Path, fmt: str) -> str:
@@ -40,7 +40,11 @@ def write_run_folder(result: SimulationResult, summary: dict[str, Any], out_dir:
     )
     profile = result.loaded.profile
     (tmp / "profile.provenance.yaml").write_text(
-        yaml.safe_dump({"name": profile.name, "source": profile.source, "provenance": profile.provenance}, sort_keys=False),
+        yaml.safe_dump(
+            {"name": profile.name, "source": profile.source, "provenance": profile.provenance,
+             "resolved": resolved_facts(result.loaded)},
+            sort_keys=False,
+        ),
         encoding="utf-8",
     )
     files = {

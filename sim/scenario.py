@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sim.errors import CatalogError, MoesimError, ProfileError, ScenarioError
 from sim.policies.specs import (
@@ -31,6 +31,7 @@ from sim.policies.specs import (
     FcfsSchedulerSpec,
 )
 from sim.spec import ModelSpec, get_model, with_dtypes
+from sim.work import DTYPE_BYTES
 from sim.workload.arrivals import ArrivalSpec
 from sim.workload.routing import RoutingSpec, UniformRouting
 
@@ -51,6 +52,13 @@ class ModelChoice(Spec):
     spec: ModelSpec | None = Field(None, description="An inline model spec with the same fields as the catalog.")
     weight_dtype: str | None = Field(None, description="Override the weight dtype (bf16, fp16, fp8, int4, mxfp4).")
     kv_dtype: str | None = Field(None, description="Override the KV-cache dtype.")
+
+    @field_validator("weight_dtype", "kv_dtype")
+    @classmethod
+    def _known_dtype(cls, value: str | None) -> str | None:
+        if value is not None and value not in DTYPE_BYTES:
+            raise ValueError(f"unknown dtype {value!r}; expected one of {sorted(DTYPE_BYTES)}")
+        return value
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> "ModelChoice":
@@ -182,11 +190,11 @@ class LoadedScenario:
 # ---------------------------------------------------------------- loading and errors
 
 
-def _key_path(loc: tuple[Any, ...], data: Any) -> str:
+def _key_path(loc: tuple[Any, ...], data: Any, missing: bool = False) -> str:
     """Turn a pydantic error location into the user's key path, dropping union tags it never wrote.
 
     Walk the user's own data along the location: a key present in the data is part of the path,
-    the last element is kept even when absent (a missing key), anything else is a union tag."""
+    the last element of a ``missing`` error is kept though absent, anything else is a union tag."""
     parts: list[str] = []
     node = data
     last = len(loc) - 1
@@ -197,13 +205,27 @@ def _key_path(loc: tuple[Any, ...], data: Any) -> str:
         elif isinstance(node, list) and isinstance(item, int) and 0 <= item < len(node):
             parts.append(f"[{item}]")
             node = node[item]
-        elif i == last and isinstance(item, str):
+        elif i == last and missing and isinstance(item, str):
             parts.append(item)
     return ".".join(parts).replace(".[", "[") or "<top level>"
 
 
+def _wrong_branch(err: dict[str, Any], data: Any) -> bool:
+    """A type error from a union member the user's value is not (``model: {...}`` against ``str``)."""
+    if not str(err["type"]).endswith("_type") or not err["loc"]:
+        return False
+    node = data
+    for item in err["loc"][:-1]:
+        if isinstance(node, dict) and item in node:
+            node = node[item]
+        elif isinstance(node, list) and isinstance(item, int) and 0 <= item < len(node):
+            node = node[item]
+    last = err["loc"][-1]
+    return not (isinstance(node, dict) and last in node) and not (isinstance(node, list) and isinstance(last, int))
+
+
 def _describe_error(err: dict[str, Any]) -> str:
-    msg = err["msg"]
+    msg = str(err["msg"]).removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         return "unknown key (check the spelling; `moesim scenario schema` lists the valid keys)"
     if err["type"] == "missing":
@@ -211,15 +233,20 @@ def _describe_error(err: dict[str, Any]) -> str:
     if err["type"] == "union_tag_invalid":
         ctx = err.get("ctx", {})
         return f"unknown {ctx.get('discriminator', 'kind')} {ctx.get('tag')!r}; expected one of {ctx.get('expected_tags')}"
+    if err["type"] == "union_tag_not_found":
+        return f"needs the key {err.get('ctx', {}).get('discriminator', 'name')} to say which kind"
+    value = err.get("input")
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return f"{msg} (got {value!r})"
     return msg
 
 
 def format_validation_error(source: str, exc: ValidationError, data: Any) -> str:
     """One line: ``file: key.path: what was expected``; a typo wins over the 'missing' it also causes."""
-    errors = exc.errors()
+    errors = [e for e in exc.errors() if not _wrong_branch(e, data)] or exc.errors()
     rank = {"extra_forbidden": 0, "union_tag_invalid": 1}
     first = min(errors, key=lambda e: (rank.get(e["type"], 2), e["type"] == "missing", len(e["loc"])))
-    path = _key_path(tuple(first["loc"]), data)
+    path = _key_path(tuple(first["loc"]), data, missing=first["type"] == "missing")
     more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
     return f"{source}: {path}: {_describe_error(first)}{more}"
 
@@ -246,6 +273,8 @@ def parse_scenario(data: Any, source: str) -> Scenario:
     """Validate raw YAML data into a Scenario."""
     if not isinstance(data, dict):
         raise ScenarioError(f"{source}: expected a mapping with keys model, hardware, workload, ...")
+    if "name" not in data:  # a scenario without a name is known by its file
+        data = {"name": Path(source).stem, **data}
     try:
         return Scenario.model_validate(data)
     except ValidationError as exc:
@@ -415,16 +444,24 @@ def expand_sweep(data: dict[str, Any], source: str) -> list[tuple[dict[str, Any]
 
 
 def resolved_dict(loaded: LoadedScenario) -> dict[str, Any]:
-    """The scenario with every default filled in, the model expanded to its full spec."""
+    """The scenario with every default filled in and the model expanded to its full spec.
+
+    It is itself a valid scenario: it can be checked and simulated again."""
     out = loaded.scenario.model_dump(mode="json")
     out["model"] = {"spec": loaded.model.model_dump(mode="json")}
-    out["hardware"]["resolved"] = {
+    return out
+
+
+def resolved_facts(loaded: LoadedScenario) -> dict[str, Any]:
+    """What resolving decided beyond the file: the profile found and the memory split it implies."""
+    return {
         "profile_name": loaded.profile.name,
         "profile_source": loaded.profile.source,
         "gpu_memory_bytes": gpu_memory_bytes(loaded),
         "expert_memory_bytes": expert_memory_bytes(loaded),
+        "expert_slots": int(expert_memory_bytes(loaded) // loaded.model.expert_bytes),
+        "total_experts": loaded.model.num_moe_layers * loaded.model.num_experts,
     }
-    return out
 
 
 def json_schema() -> dict[str, Any]:

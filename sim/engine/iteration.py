@@ -156,15 +156,15 @@ class IterationPlanner:
         # Frequency statistics for the 'frequency' prefetch predictor: uses per (layer, expert).
         self.use_counts = np.zeros((self.num_moe_layers, self.num_experts), dtype=np.int64)
         self._tick = 0
+        self._token_cost_memo: dict[int, tuple[float, float, float, float]] = {}
+        self._lm_head_memo: dict[int, float] = {}
         self._pinned = np.zeros(self.num_moe_layers * self.num_experts, dtype=bool)
 
     # ---------------------------------------------------------------- per-layer costs
 
-    def _attention_s(self, batch: BatchShape, sliding: bool) -> float:
-        tokens = batch.num_tokens
+    def _attention_core_s(self, batch: BatchShape, sliding: bool) -> float:
+        """softmax(QK^T)V of every sequence in the batch, in one layer."""
         seconds = 0.0
-        for shape in self.projection_shapes:
-            seconds += float(self.profile.dense_gemm_s(tokens=tokens, shape=shape))
         pre_ctx = batch.prefill_context_tokens
         dec_ctx = batch.decode_context_tokens
         if sliding and self.sliding_window:
@@ -184,19 +184,33 @@ class IterationPlanner:
 
     # ---------------------------------------------------------------- planning
 
+    def _token_costs(self, tokens: int) -> tuple[float, float, float, float]:
+        """Projections, gate, shared experts and dense FFN for ``tokens`` tokens; memoised, since
+        decode iterations repeat the same token counts and the profile lookups are pure."""
+        costs = self._token_cost_memo.get(tokens)
+        if costs is None:
+            profile = self.profile
+            projections_s = sum(float(profile.dense_gemm_s(tokens=tokens, shape=s)) for s in self.projection_shapes)
+            gate_s = float(profile.gate_s(tokens=tokens, shape=self.router_shape))
+            shared_s = (
+                self.num_shared * float(profile.expert_ffn_s(tokens=tokens, shape=self.shared_shape))
+                if self.shared_shape is not None
+                else 0.0
+            )
+            dense_s = float(profile.expert_ffn_s(tokens=tokens, shape=self.dense_shape)) if self.dense_shape else 0.0
+            costs = (projections_s, gate_s, shared_s, dense_s)
+            self._token_cost_memo[tokens] = costs
+        return costs
+
     def plan(self, batch: BatchShape, counts: np.ndarray, start_offset_s: float = 0.0) -> IterationPlan:
         """Plan one iteration; ``counts[moe_layer, expert]`` is how many tokens chose each expert."""
         plan = IterationPlan(start_offset_s=start_offset_s)
         tokens = batch.num_tokens
-        attention_full_s = self._attention_s(batch, sliding=False)
-        attention_sliding_s = self._attention_s(batch, sliding=True) if self.sliding_window else attention_full_s
-        gate_s = float(self.profile.gate_s(tokens=tokens, shape=self.router_shape))
-        shared_s = (
-            self.num_shared * float(self.profile.expert_ffn_s(tokens=tokens, shape=self.shared_shape))
-            if self.shared_shape is not None
-            else 0.0
+        projections_s, gate_s, shared_s, dense_s = self._token_costs(tokens)
+        attention_full_s = projections_s + self._attention_core_s(batch, sliding=False)
+        attention_sliding_s = (
+            projections_s + self._attention_core_s(batch, sliding=True) if self.sliding_window else attention_full_s
         )
-        dense_s = float(self.profile.expert_ffn_s(tokens=tokens, shape=self.dense_shape)) if self.dense_shape else 0.0
         expert_s = self.profile.expert_ffn_s(tokens=counts, shape=self.expert_shape)
         used = counts > 0
         self.use_counts += used
@@ -218,7 +232,11 @@ class IterationPlanner:
         else:
             self._plan_layers(plan, counts, used, expert_s, attention_full_s, attention_sliding_s, gate_s, shared_s, dense_s)
         if batch.num_emitting:
-            plan.add_op(float(self.profile.dense_gemm_s(tokens=batch.num_emitting, shape=self.lm_head_shape)), "lm_head")
+            lm_head_s = self._lm_head_memo.get(batch.num_emitting)
+            if lm_head_s is None:
+                lm_head_s = float(self.profile.dense_gemm_s(tokens=batch.num_emitting, shape=self.lm_head_shape))
+                self._lm_head_memo[batch.num_emitting] = lm_head_s
+            plan.add_op(lm_head_s, "lm_head")
         return plan
 
     def _predict(self, moe_layer: int, counts: np.ndarray) -> np.ndarray:
@@ -244,78 +262,111 @@ class IterationPlanner:
         shared_s: float,
         dense_s: float,
     ) -> None:
+        # Hot loop (one pass per MoE layer per iteration): per-layer data is moved to Python lists
+        # once, because numpy's per-call cost dominates on arrays of a handful of experts.
         cache = self.cache
+        resident = cache.resident
         E = self.num_experts
         pinned = self._pinned
         load_s = self.expert_load_s
-        # Per MoE layer, the load index of each expert prefetched for it (-1: none this iteration).
-        prefetched = np.full((self.num_moe_layers, E), -1, dtype=np.int64)
+        layer_ids, expert_ids = np.nonzero(used)
+        needed_all = expert_ids.tolist()
+        times_all = expert_s[layer_ids, expert_ids].tolist()
+        bounds = np.concatenate(([0], np.cumsum(used.sum(axis=1)))).tolist()
+        op_s, op_kind, op_load = plan.op_s, plan.op_kind, plan.op_load
+        loads_s, issue_after, is_prefetch = plan.load_s, plan.load_issue_after, plan.load_is_prefetch
+        # Load index of each expert key prefetched in this iteration.
+        prefetched: dict[int, int] = {}
         prefetching = self.prefetch == "next_layer"
+        record = self.record_accesses
+        accessed: list[int] = []
         moe_layer = 0
-        last_op = -1
         for layer, is_moe in enumerate(self.layer_is_moe):
             attention_s = attention_sliding_s if self.layer_is_sliding[layer] else attention_full_s
-            if is_moe and prefetching:
-                # While this layer computes, load what the next MoE layer is predicted to need.
-                targets = [moe_layer, moe_layer + 1] if moe_layer == 0 else [moe_layer + 1]
-                for target in targets:
-                    if target < self.num_moe_layers:
-                        self._prefetch(plan, target, counts, prefetched, last_op)
-            last_op = plan.add_op(attention_s, "attention")
             if not is_moe:
-                last_op = plan.add_op(dense_s, "dense_ffn")
+                op_s.extend((attention_s, dense_s))
+                op_kind.extend(("attention", "dense_ffn"))
+                op_load.extend((-1, -1))
                 continue
-            gate_op = plan.add_op(gate_s + shared_s, "gate")
-            needed = np.flatnonzero(used[moe_layer])
-            keys = moe_layer * E + needed
+            if prefetching and moe_layer == 0:
+                # The first MoE layer has no predecessor to hide its loads behind: start at once.
+                self._prefetch(plan, 0, counts, prefetched, len(op_s) - 1)
+            op_s.extend((attention_s, gate_s + shared_s))
+            op_kind.extend(("attention", "gate"))
+            op_load.extend((-1, -1))
+            gate_op = len(op_s) - 1
+            lo, hi = bounds[moe_layer], bounds[moe_layer + 1]
+            base = moe_layer * E
+            keys = [base + e for e in needed_all[lo:hi]]
+            times = times_all[lo:hi]
             self._tick += 1
-            if self.record_accesses:
-                plan.accesses.append(keys.astype(np.int32))
-            pinned[keys] = True
-            resident = cache.resident[keys]
-            times = expert_s[moe_layer, needed]
-            loads = prefetched[moe_layer, needed]
+            if record:
+                accessed.extend(keys)
+            is_resident = resident[keys].tolist()
+            ready_s = 0.0
+            waits: list[tuple[int, float]] = []  # (load index, seconds) of prefetched experts in flight
+            miss_keys: list[int] = []
+            miss_times: list[float] = []
+            for key, here, seconds in zip(keys, is_resident, times):
+                if here:
+                    load = prefetched.get(key, -1)
+                    if load < 0:
+                        ready_s += seconds
+                    else:
+                        waits.append((load, seconds))
+                else:
+                    miss_keys.append(key)
+                    miss_times.append(seconds)
+            plan.hits += len(keys) - len(miss_keys)
+            plan.prefetch_hits += len(waits)
             # Resident and already loaded: one back-to-back run on the stream, no dependency.
-            ready_now = resident & (loads < 0)
-            n_ready = int(ready_now.sum())
-            plan.hits += int(resident.sum())
-            plan.prefetch_hits += int((resident & (loads >= 0)).sum())
-            last_op = gate_op
-            if n_ready:
-                last_op = plan.add_op(float(times[ready_now].sum()), "experts")
-            # Prefetched experts in flight, in the order their loads finish.
-            in_flight = np.flatnonzero(resident & (loads >= 0))
-            for i in in_flight[np.argsort(loads[in_flight], kind="stable")]:
-                last_op = plan.add_op(float(times[i]), "expert", int(loads[i]))
-            # Misses: loaded on demand once the gate has chosen them, computed as each arrives.
-            missing = np.flatnonzero(~resident)
-            if len(missing):
-                plan.misses += len(missing)
-                placed = cache.insert_many(keys[missing], pinned)
+            if ready_s:
+                op_s.append(ready_s)
+                op_kind.append("experts")
+                op_load.append(-1)
+            # Prefetched experts in flight, in the order their loads finish (FIFO copy engine).
+            for load, seconds in sorted(waits):
+                op_s.append(seconds)
+                op_kind.append("expert")
+                op_load.append(load)
+            pinned[keys] = True  # the gate has chosen them: nothing may evict them in this layer
+            if miss_keys:
+                # Misses: loaded on demand once the gate has chosen them, computed as each arrives.
+                m = len(miss_keys)
+                plan.misses += m
+                placed = cache.insert_many(np.asarray(miss_keys, dtype=np.int64), pinned)
                 # A miss with no evictable slot streams through a staging buffer without becoming
                 # resident, as offloading engines with tiny caches do.
-                plan.bypassed += int((~placed).sum())
-                for i in missing:
-                    load = plan.add_load(load_s, gate_op, prefetch=False)
-                    last_op = plan.add_op(float(times[i]), "expert", load)
-            cache.touch(keys, self._tick)
+                plan.bypassed += m - placed
+                first = len(loads_s)
+                loads_s.extend([load_s] * m)
+                issue_after.extend([gate_op] * m)
+                is_prefetch.extend([False] * m)
+                op_s.extend(miss_times)
+                op_kind.extend(["expert"] * m)
+                op_load.extend(range(first, first + m))
+            if prefetching and moe_layer + 1 < self.num_moe_layers:
+                # Once the gate has run, load what the next MoE layer is predicted to need, behind
+                # this layer's own misses on the copy engine, while this layer's experts compute.
+                self._prefetch(plan, moe_layer + 1, counts, prefetched, gate_op)
+            cache.touch(np.asarray(keys, dtype=np.int64), self._tick)
             # This layer is done: its experts (and what was prefetched for it) may be evicted again.
-            pinned[moe_layer * E : (moe_layer + 1) * E] = False
+            pinned[base : base + E] = False
             moe_layer += 1
-        pinned[:] = False
+        if record and accessed:
+            plan.accesses.append(np.asarray(accessed, dtype=np.int32))
 
     def _prefetch(
-        self, plan: IterationPlan, target: int, counts: np.ndarray, prefetched: np.ndarray, issue_after: int
+        self, plan: IterationPlan, target: int, counts: np.ndarray, prefetched: dict[int, int], issue_after: int
     ) -> None:
         """Queue loads for the predicted experts of MoE layer ``target`` that are not resident."""
-        E = self.num_experts
-        predicted = self._predict(target, counts)
-        keys = target * E + predicted
+        keys = target * self.num_experts + self._predict(target, counts)
+        # Pin the whole predicted set first: a prefetch must not evict another expert it predicts.
+        self._pinned[keys] = True
         absent = keys[~self.cache.resident[keys]]
         if not len(absent):
             return
-        self._pinned[absent] = True  # pin first: the new arrivals must not evict each other
         placed = self.cache.insert_many(absent, self._pinned)
-        self._pinned[absent[~placed]] = False
-        for key in absent[placed]:
-            prefetched[target, int(key) - target * E] = plan.add_load(self.expert_load_s, issue_after, prefetch=True)
+        self._pinned[absent[placed:]] = False
+        for key in absent[:placed].tolist():
+            prefetched[key] = plan.add_load(self.expert_load_s, issue_after, prefetch=True)

@@ -191,19 +191,24 @@ class Replica:
         swap_out = 0.0
         swap_in = 0.0
         # 1. Running decodes, each needing one token and maybe one more KV block.
+        preempted: set[int] = set()
+        scheduled: set[int] = set()
         for req in list(self.running):
-            if req not in self.running or req.in_prefill:
+            if req.request_id in preempted or req.context < req.prefill_target:
                 continue
             if budget < 1 or len(batch) >= self.max_num_seqs:
                 break
             while not self._grow(req, 1):
-                candidates = [r for r in self.running if all(r is not b for b, _ in batch)]
+                # Out of KV blocks: preempt a request not yet in this batch (possibly this one).
+                candidates = [r for r in self.running if r.request_id not in scheduled]
                 victim = candidates[self.scheduler.choose_victim(candidates)]
                 swap_out += self._preempt(victim)
+                preempted.add(victim.request_id)
                 if victim is req:
                     break
-            if req in self.running:
+            if req.request_id not in preempted:
                 batch.append((req, 1))
+                scheduled.add(req.request_id)
                 budget -= 1
         # 2. Running prefills (chunked), then 3. admissions in the scheduler's order.
         for req in [r for r in self.running if r.in_prefill]:

@@ -44,15 +44,15 @@ class LfuPolicy:
 
     def __init__(self, num_keys: int) -> None:
         self._count = np.zeros(num_keys, dtype=np.int64)
-        self._last = np.zeros(num_keys, dtype=np.int64)
+        self._score = np.zeros(num_keys, dtype=np.int64)
 
     def on_access(self, keys: np.ndarray, tick: int) -> None:
         self._count[keys] += 1
-        self._last[keys] = tick
+        # Ticks stay far below 2**32 in any run, so count dominates and recency breaks ties.
+        self._score[keys] = (self._count[keys] << 32) + tick
 
     def scores(self) -> np.ndarray:
-        # Ticks stay far below 2**32 in any run, so count dominates and recency breaks ties.
-        return self._count * (1 << 32) + self._last
+        return self._score
 
 
 class ExpertCache:
@@ -103,15 +103,15 @@ class ExpertCache:
         """Record uses of resident experts (the policy's recency/frequency)."""
         self.policy.on_access(keys, tick)
 
-    def insert_many(self, keys: np.ndarray, pinned: np.ndarray) -> np.ndarray:
+    def insert_many(self, keys: np.ndarray, pinned: np.ndarray) -> int:
         """Make ``keys`` (non-resident, all of one layer) resident, evicting unpinned experts as needed.
 
         The victims are the lowest-scored unpinned residents, exactly those a one-by-one insertion
-        would pick (new keys are pinned, so they never compete). Returns a mask of the keys that got
-        a slot; the others found every candidate slot pinned and change nothing."""
+        would pick (new keys are pinned, so they never compete). Returns how many of ``keys``, from
+        the front, got a slot; the rest found every candidate slot pinned and change nothing."""
         m = len(keys)
         if m == 0:
-            return np.zeros(0, dtype=bool)
+            return 0
         layer = int(keys[0]) // self.num_experts
         if self.per_layer:
             free = self.layer_capacity - int(self._layer_count[layer])
@@ -121,16 +121,16 @@ class ExpertCache:
         if need > 0:
             victims = self._choose_victims(layer, pinned, need)
             self.resident[victims] = False
-            np.subtract.at(self._layer_count, victims // self.num_experts, 1)
             self.num_resident -= len(victims)
             self.evictions += len(victims)
             free += len(victims)
-        placed = np.zeros(m, dtype=bool)
-        placed[: max(0, min(m, free))] = True
-        got = keys[placed]
-        self.resident[got] = True
-        self._layer_count[layer] += len(got)
-        self.num_resident += len(got)
+            if self.per_layer:
+                self._layer_count[layer] -= len(victims)  # per-layer victims come from this layer
+        placed = max(0, min(m, free))
+        self.resident[keys[:placed]] = True
+        if self.per_layer:  # only a per-layer cache needs its layers' occupancy
+            self._layer_count[layer] += placed
+        self.num_resident += placed
         return placed
 
     def _choose_victims(self, layer: int, pinned: np.ndarray, count: int) -> np.ndarray:
@@ -139,14 +139,13 @@ class ExpertCache:
             lo, hi = layer * self.num_experts, (layer + 1) * self.num_experts
         else:
             lo, hi = 0, len(self.resident)
-        candidates = np.flatnonzero(self.resident[lo:hi] & ~pinned[lo:hi]) + lo
+        candidates = np.flatnonzero(self.resident[lo:hi] > pinned[lo:hi])  # resident and not pinned
+        if lo:
+            candidates += lo
         if len(candidates) <= count:
             return candidates
         scores = self.policy.scores()[candidates]
-        chosen = candidates[np.argpartition(scores, count - 1)[:count]]
-        if not np.all(self.resident[chosen] & ~pinned[chosen]):  # checked where the decision lands
-            raise PolicyError(f"{type(self.policy).__name__} chose experts that are not evictable")
-        return chosen
+        return candidates[np.argpartition(scores, count - 1)[:count]]
 
 
 def make_cache(
@@ -159,9 +158,15 @@ def make_cache(
             num_layers=num_layers, num_experts=num_experts, capacity_experts=total, per_layer=False,
             policy=LruPolicy(total),
         )
-    policy: EvictionPolicy = LruPolicy(total) if name == "lru" else LfuPolicy(total)
     if name not in ("lru", "lfu"):
         raise PolicyError(f"unknown expert cache {name!r}; expected all_resident, lru or lfu")
+    if per_layer and capacity_experts < num_layers:
+        raise PolicyError(
+            f"policies.expert_cache: a per_layer cache needs at least one slot per MoE layer "
+            f"({num_layers}), but the expert memory holds {capacity_experts} experts; use scope: global "
+            f"or give hardware.expert_memory more room"
+        )
+    policy: EvictionPolicy = LruPolicy(total) if name == "lru" else LfuPolicy(total)
     return ExpertCache(
         num_layers=num_layers, num_experts=num_experts, capacity_experts=capacity_experts,
         per_layer=per_layer, policy=policy,
