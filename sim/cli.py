@@ -133,7 +133,8 @@ def _fmt_s(value: float | None) -> str:
     return f"{value * 1e3:,.1f} ms" if value < 1 else f"{value:,.2f} s"
 
 
-def print_summary(summary: dict[str, Any], out: Any = sys.stdout) -> None:
+def print_summary(summary: dict[str, Any], out: Any = None) -> None:
+    out = out or sys.stdout  # looked up at call time, so redirected output is honoured
     r = summary["requests"]
     t = summary["throughput"]
     lat = summary["latency"]

@@ -18,7 +18,7 @@ import simpy
 from sim.engine.iteration import IterationPlanner
 from sim.engine.memory import MemoryBudget, max_request_tokens, plan_memory
 from sim.engine.replica import Replica, RequestState
-from sim.errors import ScenarioError
+from sim.errors import CapacityError, ScenarioError
 from sim.policies.cache import make_cache
 from sim.policies.scheduler import make_scheduler
 from sim.scenario import LoadedScenario
@@ -116,6 +116,14 @@ def simulate(
         )
     all_requests: list[RequestState] = []
     kv_limit_tokens = max_request_tokens(budget)
+    if len(table):
+        smallest = int((table.prompt_tokens + table.output_tokens).min())
+        if smallest > kv_limit_tokens:
+            raise CapacityError(
+                f"{loaded.source}: hardware: the KV cache holds {kv_limit_tokens:,} tokens "
+                f"({budget.kv_bytes / 1e9:.2f} GB), fewer than the smallest request of the workload "
+                f"({smallest:,} tokens): no request could be served; give the KV cache more memory"
+            )
     batch_limit = policies.batching.max_batch_tokens
     chunked = policies.batching.chunked_prefill
 
