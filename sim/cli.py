@@ -62,7 +62,7 @@ def cmd_profiles(args: argparse.Namespace) -> int:
     for name in shipped_profiles():
         d = load_profile(name).describe()
         rows.append(
-            [d["name"], d["source"], str(d["gpu"]), f"{d['memory_gib']:.0f}", f"{d['peak_bf16_tflops']:.0f}",
+            [d["name"], d["source"], str(d["gpu"]), f"{d['memory_gib']:.0f}", f"{d['peak_bf16_tflops']:.3g}",
              f"{d['hbm_gbps']:.0f}", f"{d['h2d_gbps']:.1f}"]
         )
     print(_table(["profile", "source", "gpu", "GiB", "bf16 TFLOPS", "HBM GB/s", "H2D GB/s"], rows))
@@ -241,7 +241,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--stop-at", type=float, metavar="SECONDS", help="stop at this simulated time (a partial run)")
     p.set_defaults(func=cmd_simulate)
+    _register_calibrate(sub)
     return parser
+
+
+def _register_calibrate(sub: Any) -> None:
+    """``calibrate`` and ``profile show|compare`` live in calibrate/ (torch, imported only when run).
+
+    calibrate.cli itself imports neither torch nor anything heavy, so building the parser stays fast;
+    ``import sim.cli`` imports nothing from calibrate."""
+    try:
+        from calibrate.cli import register
+    except ImportError:  # an install without the calibrator
+        return
+    register(sub)
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:

@@ -53,6 +53,7 @@ class FitError(_Section):
     p95_rel_error: float = Field(ge=0)
     max_rel_error: float = Field(ge=0)
     num_points: int = Field(ge=1)
+    mean_rel_error: float | None = Field(default=None, ge=0, description="MAPE; optional (older profiles lack it).")
     note: str = ""
 
 

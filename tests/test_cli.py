@@ -156,7 +156,8 @@ def test_profiles_lists_the_four_shipped_profiles(capsys):
     code, out, err = run(capsys, "profiles")
     assert (code, err) == (0, "")
     names = [line.split()[0] for line in out.splitlines()[2:]]
-    assert names == ["a100-40gb", "a100-80gb", "h100-80gb", "h200"] == shipped_profiles()
+    assert names == shipped_profiles()
+    assert {"a100-40gb", "a100-80gb", "h100-80gb", "h200"} <= set(names)
 
 
 def test_profiles_show_prints_the_profile_as_json(capsys):
@@ -170,7 +171,7 @@ def test_profiles_show_prints_the_profile_as_json(capsys):
 def test_profiles_show_unknown(capsys):
     code, out, err = run(capsys, "profiles", "show", "h300")
     assert (code, out) == (2, "")
-    assert err == "moesim: error: unknown profile 'h300'; shipped profiles: a100-40gb, a100-80gb, h100-80gb, h200\n"
+    assert err == f"moesim: error: unknown profile 'h300'; shipped profiles: {', '.join(shipped_profiles())}\n"
 
 
 # ---------------------------------------------------------------- scenario check
@@ -217,7 +218,7 @@ def test_scenario_check_a_sweep_point_that_does_not_resolve_names_the_point(caps
     assert (code, out) == (2, "")
     assert err == (
         f"moesim: error: {path}: hardware.profile: unknown profile 'h300'; shipped profiles: "
-        "a100-40gb, a100-80gb, h100-80gb, h200 [sweep point hardware.profile=h300]\n"
+        f"{', '.join(shipped_profiles())} [sweep point hardware.profile=h300]\n"
     )
 
 

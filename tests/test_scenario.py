@@ -279,7 +279,7 @@ def test_unknown_profile_lists_the_shipped_ones(write_scenario, tiny):
     assert error_of(path) == f"{path}: hardware.profile: unknown profile 'h100'; shipped profiles: " + ", ".join(
         shipped_profiles()
     )
-    assert shipped_profiles() == ["a100-40gb", "a100-80gb", "h100-80gb", "h200"]
+    assert {"a100-40gb", "a100-80gb", "h100-80gb", "h200"} <= set(shipped_profiles())
 
 
 def test_all_mixtral_experts_do_not_fit_an_h100(write_scenario, tiny):

@@ -1,0 +1,287 @@
+"""``moesim calibrate`` and ``moesim profile show|compare``: registered into sim's parser, torch imported on use.
+
+``calibrate`` measures (calibrate.measure), writes every point as it goes to ``<out stem>.points.csv``,
+resumes from that file when rerun, fits (calibrate.fit) and writes the profile YAML. Errors a user can fix
+are ``MoesimError``s: sim's ``main`` prints them as one line and exits 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from calibrate.errors import CalibrationError
+
+QUICK_MODELS = ("olmoe-1b-7b", "qwen3-30b-a3b")
+FULL_MODELS = ("olmoe-1b-7b", "qwen3-30b-a3b", "qwen1.5-moe-a2.7b", "deepseek-v2-lite", "switch-base-8",
+               "gpt-oss-20b", "phi-3.5-moe")
+DTYPES = ("bf16", "fp32", "fp16")
+
+
+def register(sub: Any) -> None:
+    """Add ``calibrate`` and ``profile`` to moesim's subcommands."""
+    p = sub.add_parser("calibrate", help="measure kernels and copies on this machine and write a hardware profile",
+                       description="Measure expert FFN, dense GEMM, gate, attention (SDPA) and host copies, "
+                                   "fit latency models and write a profile YAML plus its points CSV.")
+    p.add_argument("--device", default="cpu", metavar="cpu|cuda", help="where to measure (default: cpu)")
+    p.add_argument("--model", action="extend", nargs="+", default=None, metavar="NAME",
+                   help=f"catalog models whose shapes to measure (default quick: {', '.join(QUICK_MODELS)}; "
+                        f"full: {', '.join(FULL_MODELS)})")
+    p.add_argument("--quick", action="store_true", help="a small grid, < 2 minutes on a 2-core CPU")
+    p.add_argument("--out", required=True, metavar="PROFILE", help="profile YAML to write; points go to "
+                   "<stem>.points.csv next to it")
+    p.add_argument("--threads", type=int, default=1, metavar="N",
+                   help="torch CPU threads (default 1: on a shared 2-core box 2 threads wait on the scheduler)")
+    p.add_argument("--dtype", action="extend", nargs="+", default=None, metavar="DTYPE",
+                   help="GEMM dtypes (default bf16; fp32 and fp16 also possible)")
+    p.add_argument("--name", help="profile name (default: the --out file stem)")
+    p.add_argument("--fresh", action="store_true", help="discard an existing points file instead of resuming")
+    p.add_argument("--fit-only", action="store_true", help="measure nothing; refit the existing points file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--note", help="free text for the profile's provenance (e.g. what else ran on the machine)")
+    p.set_defaults(func=cmd_calibrate)
+
+    pr = sub.add_parser("profile", help="show a hardware profile's fits, or compare two profiles")
+    prs = pr.add_subparsers(dest="profile_command", metavar="ACTION")
+    q = prs.add_parser("show", help="hardware, links and each operation's model and fit error")
+    q.add_argument("profile", metavar="PROFILE", help="shipped name or YAML path")
+    q.set_defaults(func=cmd_profile_show)
+    q = prs.add_parser("compare", help="relative difference of B's lookups from A's at A's and B's measured sizes")
+    q.add_argument("a", metavar="A")
+    q.add_argument("b", metavar="B")
+    q.set_defaults(func=cmd_profile_compare)
+    pr.set_defaults(func=lambda a: (pr.print_help(sys.stderr), 2)[1])
+
+
+def points_path_for(out: Path) -> Path:
+    return out.with_name(out.name.removesuffix(".yaml").removesuffix(".yml") + ".points.csv")
+
+
+def _env_path_for(out: Path) -> Path:
+    return out.with_name(out.name.removesuffix(".yaml").removesuffix(".yml") + ".env.json")
+
+
+def _check_args(args: argparse.Namespace) -> tuple[list[Any], list[str]]:
+    """Models and dtypes, or a CalibrationError/CatalogError naming the bad value (before torch is imported)."""
+    from sim.spec import get_model
+
+    if args.device not in ("cpu", "cuda"):
+        raise CalibrationError(f"--device {args.device!r}: expected cpu or cuda")
+    if args.threads < 1:
+        raise CalibrationError(f"--threads {args.threads}: must be >= 1")
+    dtypes = args.dtype or ["bf16"]
+    bad = [d for d in dtypes if d not in DTYPES]
+    if bad:
+        raise CalibrationError(f"--dtype {bad[0]!r}: expected one of {', '.join(DTYPES)}")
+    names = args.model or list(QUICK_MODELS if args.quick else FULL_MODELS)
+    return [get_model(n) for n in names], list(dict.fromkeys(dtypes))
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    models, dtypes = _check_args(args)
+    out = Path(args.out)
+    if out.suffix not in (".yaml", ".yml"):
+        raise CalibrationError(f"--out {args.out}: a profile is a .yaml file")
+    points_path = points_path_for(out)
+    import torch
+
+    from calibrate.environment import collect_environment, load_average
+    from calibrate.measure import build_plan, read_points, run_tasks
+    from calibrate.timing import Budget
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise CalibrationError(f"--device cuda: no CUDA device is available (torch {torch.__version__}); "
+                               f"use --device cpu")
+    torch.set_num_threads(args.threads)
+    env = collect_environment(args.device, args.threads)
+    device_name = env.get("gpu_name") if args.device == "cuda" else env["cpu_model"]
+    env_path = _env_path_for(out)
+    started = time.perf_counter()
+    if not args.fit_only:
+        tasks = build_plan(models, quick=args.quick, device=args.device, threads=args.threads, dtypes=dtypes)
+        budget = Budget(max_repeats=15, time_s=0.3) if args.quick else Budget(max_repeats=30, time_s=1.0)
+        runs = _read_runs(env_path) if points_path.exists() and not args.fresh else []
+        runs.append(env)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        env_path.write_text(json.dumps({"runs": runs}, indent=1), encoding="utf-8")
+        try:
+            result = run_tasks(tasks, points_path, device=args.device, device_name=str(device_name), budget=budget,
+                               progress=not args.no_progress, fresh=args.fresh)
+        except KeyboardInterrupt:
+            kept = len(read_points(points_path))
+            print(f"moesim: interrupted: {kept} points kept in {points_path}; run the same command again to resume",
+                  file=sys.stderr)
+            return 130
+        resumed = f", {result.skipped} resumed from {points_path}" if result.skipped else ""
+        print(f"measured {result.measured} points in {time.perf_counter() - started:.0f} s{resumed} "
+              f"(load average now {load_average()[0]:.2f})", file=sys.stderr)
+    points = read_points(points_path)
+    if not points:
+        raise CalibrationError(f"{points_path}: no measured points to fit")
+    runs = _read_runs(env_path) or [env]
+    environment = dict(runs[0])
+    environment["load_average_at_end"] = list(load_average())
+    if len(runs) > 1:
+        environment["resumed_runs"] = [r.get("started_at") for r in runs[1:]]
+    write_profile(points, environment, out=out, name=args.name or out.stem, threads=args.threads,
+                  points_path=points_path, extra_provenance={"note": args.note} if args.note else None)
+    return 0
+
+
+def _read_runs(env_path: Path) -> list[dict[str, Any]]:
+    try:
+        return list(json.loads(env_path.read_text(encoding="utf-8")).get("runs", []))
+    except (OSError, ValueError):
+        return []
+
+
+def write_profile(points: list[dict[str, str]], environment: dict[str, Any], *, out: Path, name: str,
+                  threads: int, points_path: Path, quiet: bool = False,
+                  extra_provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Fit, validate with sim's own loader, and write ``out`` atomically; print one line per op."""
+    import yaml
+
+    from calibrate.fit import build_profile, op_mape
+    from sim.profile import parse_profile
+
+    profile, summary = build_profile(points, environment, name=name, threads=threads, points_file=points_path.name,
+                                     extra_provenance=extra_provenance)
+    header = (f"# {name}: MEASURED by `moesim calibrate` ({environment.get('device')}); every point is in "
+              f"{points_path.name}.\n# Units: seconds, bytes; *_gbps = GB/s. See provenance for the environment, "
+              f"load average and fit errors.\n")
+    text = header + yaml.safe_dump(profile, sort_keys=False, width=120)
+    parse_profile(text, origin=str(out))  # what we write must load
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, out)
+    if not quiet:
+        noisy = [r for r in points if r.get("cv") and float(r["cv"]) > 0.1]
+        if noisy:
+            print(f"warning: {len(noisy)} of {len(points)} points vary by more than 10% between repeats (CV > 0.1): "
+                  f"the machine was loaded (see load_avg_1m in {points_path.name}); rerun with --fresh when idle",
+                  file=sys.stderr)
+        for op, mape in op_mape(summary).items():
+            print(f"{op:18s} MAPE {mape:6.1%}", file=sys.stderr)
+        print(f"wrote {out} ({len(points)} points in {points_path})", file=sys.stderr)
+    return profile
+
+
+# ---------------------------------------------------------------- profile show / compare
+
+
+def _fmt_fit(fe: Any) -> str:
+    if fe is None:
+        return "no fit (datasheet)"
+    mape = "" if fe.mean_rel_error is None else f"MAPE {fe.mean_rel_error:.1%}, "
+    return f"{mape}median {fe.median_rel_error:.1%}, p95 {fe.p95_rel_error:.1%}, max {fe.max_rel_error:.1%} over {fe.num_points}"
+
+
+def cmd_profile_show(args: argparse.Namespace) -> int:
+    from sim.profile import OPERATIONS, load_profile
+
+    p = load_profile(args.profile)
+    prov = p.provenance
+    print(f"profile {p.name} [source: {p.source}]")
+    if prov.get("summary"):
+        print(f"  {' '.join(str(prov['summary']).split())}")
+    env = prov.get("environment") or {}
+    if env:
+        print(f"  measured on {env.get('cpu_model', '?')} with torch {env.get('torch', '?')}, {env.get('threads', '?')} "
+              f"thread(s), load average at start {env.get('load_average_at_start')}")
+    g = p.gpu
+    peaks = ", ".join(f"{k} {v:g}" for k, v in g.peak_tflops.items())
+    print(f"gpu   {g.name}: {g.memory_bytes / 2**30:.1f} GiB, peak TFLOP/s {peaks}, memory {g.memory_bandwidth_gbps:g} GB/s")
+    h = p.links.host_to_device
+    print(f"h2d   {h.bandwidth_gbps:g} GB/s + {h.latency_s * 1e6:.1f} us (pageable x{h.pageable_bandwidth_factor:g})"
+          + (" - host memory copy, not PCIe" if "host_to_device" in prov else ""))
+    print(f"cpu   {p.cpu.name}: {p.cpu.cores} cores, {p.cpu.peak_gflops:g} GFLOP/s, {p.cpu.memory_bandwidth_gbps:g} GB/s")
+    for op in OPERATIONS:
+        m = getattr(p.operations, op)
+        if m.kind == "table":
+            lo = min(r.tokens[0] for r in m.rows)
+            hi = max(r.tokens[-1] for r in m.rows)
+            e = m.extrapolation
+            print(f"{op:18s} table: {len(m.rows)} shapes, tokens {lo}..{hi}; extrapolation fixed {e.fixed_s * 1e6:.1f} us, "
+                  f"compute eff {e.compute_efficiency:.3g}, memory eff {e.memory_efficiency:.3g}; {_fmt_fit(m.fit_error)}")
+        else:
+            print(f"{op:18s} roofline: fixed {m.fixed_s * 1e6:.1f} us, compute eff {m.compute_efficiency:.3g}, "
+                  f"memory eff {m.memory_efficiency:.3g}; {_fmt_fit(m.fit_error)}")
+    for key in ("points_file", "licence", "collectives"):
+        if key in prov:
+            print(f"{key}: {prov[key]}")
+    return 0
+
+
+def _probes(p: Any) -> dict[str, list[tuple[Any, Any]]]:
+    """(size, shape) probes for each op of a profile: its measured table grids, else a fixed set."""
+    from sim.profile import TableModel
+    from sim.work import AttentionShape, ExpertShape, GemmShape
+
+    out: dict[str, list[tuple[Any, Any]]] = {}
+    for op in ("expert_ffn", "dense_gemm", "gate"):
+        m = getattr(p.operations, op)
+        probes = []
+        if isinstance(m, TableModel):
+            for r in m.rows:
+                shape = (ExpertShape if op == "expert_ffn" else GemmShape)(**r.shape)
+                probes += [(t, shape) for t in r.tokens]
+        out[op] = probes
+    attn = AttentionShape(num_heads=16, qk_head_dim=128, v_head_dim=128, kv_bytes_per_token=8192)
+    out["attention_decode"] = [((b, c), attn) for b in (1, 4, 16) for c in (256, 1024, 4096)]
+    out["attention_prefill"] = [(n, attn) for n in (32, 128, 512, 1024)]
+    out["host_to_device"] = [(mb * 2**20, None) for mb in (1, 4, 16, 64, 256)]
+    return out
+
+
+def _lookup(p: Any, op: str, size: Any, shape: Any) -> float:
+    if op == "expert_ffn":
+        return float(p.expert_ffn_s(tokens=size, shape=shape))
+    if op == "dense_gemm":
+        return float(p.dense_gemm_s(tokens=size, shape=shape))
+    if op == "gate":
+        return float(p.gate_s(tokens=size, shape=shape))
+    if op == "attention_decode":
+        b, c = size
+        return float(p.attention_decode_s(context_tokens=[c] * b, shape=shape))
+    if op == "attention_prefill":
+        return float(p.attention_prefill_s(new_tokens=size, context_tokens=0, shape=shape))
+    return float(p.h2d_copy_s(nbytes=size))
+
+
+def compare_profiles(a: Any, b: Any) -> dict[str, dict[str, float]]:
+    """Per op: relative difference (B / A - 1) of the two profiles' lookups at both profiles' probe sizes."""
+    import numpy as np
+
+    pa, pb = _probes(a), _probes(b)
+    out = {}
+    for op in pa:
+        seen, diffs = set(), []
+        for size, shape in pa[op] + pb[op]:
+            key = (repr(size), repr(shape))
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                diffs.append(_lookup(b, op, size, shape) / _lookup(a, op, size, shape) - 1.0)
+            except Exception:  # a dtype one profile lacks: not comparable at this probe
+                continue
+        if diffs:
+            d = np.abs(np.asarray(diffs))
+            out[op] = {"num_probes": len(diffs), "median_abs_diff": float(np.median(d)),
+                       "max_abs_diff": float(np.max(d)), "mean_diff": float(np.mean(diffs))}
+    return out
+
+
+def cmd_profile_compare(args: argparse.Namespace) -> int:
+    from sim.profile import load_profile
+
+    a, b = load_profile(args.a), load_profile(args.b)
+    print(f"B = {b.name} [{b.source}] vs A = {a.name} [{a.source}]: relative difference B/A - 1 at measured sizes")
+    print(f"{'operation':18s} {'probes':>6s} {'median |diff|':>14s} {'max |diff|':>11s} {'mean diff':>10s}")
+    for op, s in compare_profiles(a, b).items():
+        print(f"{op:18s} {s['num_probes']:6d} {s['median_abs_diff']:14.1%} {s['max_abs_diff']:11.1%} {s['mean_diff']:+10.1%}")
+    return 0

@@ -1,0 +1,392 @@
+"""Measuring kernels and copies with torch: the plan of points, the timed calls, the points file.
+
+A calibration is a list of ``Task`` (one op at one size, dtype and thread count). Each task is timed
+(``calibrate.timing``) and appended at once as one row of the points CSV, so an interrupted run keeps
+everything it measured and a rerun skips the rows already there (resume).
+
+Ops measured (``op`` column):
+
+- ``expert_ffn``: one gated expert ``(silu(x @ W_gate) * (x @ W_up)) @ W_down`` (``relu(x @ W_up) @ W_down``
+  for 2-matrix experts), tokens x hidden activations, weights rotated over enough copies to exceed the
+  last-level cache (an expert cache streams cold weights).
+- ``dense_gemm``: ``x @ W`` for the attention projections (cold rotating weights).
+- ``gate``: router GEMM + softmax + top-k + renormalise (router weights stay hot: they are small).
+- ``host_copy`` (CPU): ``dst.copy_(src)`` into a preallocated host buffer from a cold source: the memory copy
+  the CPU runtime does to fill its expert cache. It is NOT a PCIe transfer. ``h2d_copy`` on CUDA, pinned
+  and pageable.
+- ``attention_decode``: ``scaled_dot_product_attention`` of one query token per sequence over ``context`` cached
+  tokens, ``batch`` sequences in one call (GQA via ``enable_gqa``); on the CPU this is the CPU attention.
+- ``attention_prefill``: causal SDPA over a prompt of ``tokens`` tokens (one sequence).
+- ``peak_gemm`` (hot square GEMM) and ``mem_read`` (sum over a large buffer): the attainable compute and
+  memory rates that the profile's roofline uses as its "peak" for a CPU.
+
+Only ``torch.cuda.is_available()`` switches on the CUDA paths; they are written but untested on a CPU box."""
+
+from __future__ import annotations
+
+import csv
+import math
+import zlib
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from calibrate.environment import load_average
+from calibrate.errors import CalibrationError
+from calibrate.timing import Budget, Summary, sample, summarize
+from sim.spec import ModelSpec
+
+PARAM_COLUMNS: tuple[str, ...] = (
+    "hidden", "ffn", "num_matrices", "in_features", "out_features", "top_k", "tokens", "batch", "context",
+    "num_heads", "num_kv_heads", "head_dim", "nbytes", "pinned",
+)
+RESULT_COLUMNS: tuple[str, ...] = (
+    "median_s", "p10_s", "p90_s", "cv", "num_samples", "num_dropped", "load_avg_1m", "measured_at",
+)
+POINT_COLUMNS: tuple[str, ...] = ("op", "dtype", "threads", "device_name", *PARAM_COLUMNS, *RESULT_COLUMNS)
+
+TORCH_DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+COLD_BYTES = 128 * 2**20  # 4x this machine's 32 MiB L3 (and > an H100's 50 MB L2): rotating copies stay cold
+
+QUICK_TOKENS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256, 512)
+FULL_TOKENS = (*range(1, 17), 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
+QUICK_GEMM_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+QUICK_DECODE = {"batch": (1, 4, 16), "context": (256, 1024, 4096)}
+FULL_DECODE = {"batch": (1, 2, 4, 8, 16, 32), "context": (128, 512, 2048, 8192)}
+MAX_DECODE_KV_TOKENS = 65536  # batch x context: keeps the KV tensors of one point below ~1 GB
+QUICK_PREFILL = (32, 128, 512, 1024)
+FULL_PREFILL = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+QUICK_COPY_MB = (1, 4, 16, 64, 256)
+FULL_COPY_MB = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """One point to measure: an op at one size. ``params`` holds the shape and size columns that apply."""
+
+    op: str
+    dtype: str
+    threads: int
+    params: tuple[tuple[str, int], ...] = field(default=())
+
+    @classmethod
+    def of(cls, op: str, dtype: str, threads: int, **params: int) -> "Task":
+        unknown = set(params) - set(PARAM_COLUMNS)
+        if unknown:
+            raise ValueError(f"unknown task parameter(s) {sorted(unknown)}")
+        return cls(op, dtype, threads, tuple(sorted((k, int(v)) for k, v in params.items())))
+
+    @property
+    def p(self) -> dict[str, int]:
+        return dict(self.params)
+
+    def key(self) -> tuple:
+        return (self.op, self.dtype, self.threads, self.params)
+
+    def setup_key(self) -> tuple:
+        """Tasks that share buffers (same op, dtype and shape; only the size column differs)."""
+        size_cols = {"tokens", "batch", "context", "nbytes"}
+        return (self.op, self.dtype, tuple(kv for kv in self.params if kv[0] not in size_cols))
+
+
+def row_key(row: dict[str, str]) -> tuple:
+    params = tuple(sorted((k, int(row[k])) for k in PARAM_COLUMNS if row.get(k, "") != ""))
+    return (row["op"], row["dtype"], int(row["threads"]), params)
+
+
+# ---------------------------------------------------------------- the plan
+
+
+def _dedup(tasks: Iterable[Task]) -> list[Task]:
+    seen: set[tuple] = set()
+    out = []
+    for t in tasks:
+        if t.key() not in seen:
+            seen.add(t.key())
+            out.append(t)
+    return out
+
+
+def build_plan(
+    models: Sequence[ModelSpec], *, quick: bool, device: str, threads: int, dtypes: Sequence[str] = ("bf16",),
+) -> list[Task]:
+    """Every point a calibration measures, grouped by shape so buffers are built once per shape."""
+    tokens = QUICK_TOKENS if quick else FULL_TOKENS
+    gemm_tokens = QUICK_GEMM_TOKENS if quick else FULL_TOKENS
+    tasks: list[Task] = []
+    for dtype in dtypes:
+        tasks.append(Task.of("peak_gemm", dtype, threads, hidden=2048))
+    tasks.append(Task.of("mem_read", "fp32", threads, nbytes=512 * 2**20))
+    for mb in QUICK_COPY_MB if quick else FULL_COPY_MB:
+        if device == "cuda":
+            for pinned in (1, 0):
+                tasks.append(Task.of("h2d_copy", "bf16", threads, nbytes=mb * 2**20, pinned=pinned))
+        else:
+            tasks.append(Task.of("host_copy", "bf16", threads, nbytes=mb * 2**20))
+    for dtype in dtypes:
+        for spec in models:
+            experts = [spec.expert_shape] + ([spec.shared_expert_shape] if spec.shared_expert_shape else [])
+            for shape in experts:
+                for t in tokens:
+                    tasks.append(Task.of("expert_ffn", dtype, threads, hidden=shape.hidden, ffn=shape.ffn,
+                                         num_matrices=shape.num_matrices, tokens=t))
+            router = spec.router_shape
+            for t in gemm_tokens:
+                tasks.append(Task.of("gate", dtype, threads, in_features=router.in_features,
+                                     out_features=router.out_features, top_k=spec.top_k, tokens=t))
+            projections = spec.attention_projection_shapes if not quick else spec.attention_projection_shapes[:1]
+            for g in projections:
+                for t in gemm_tokens:
+                    tasks.append(Task.of("dense_gemm", dtype, threads, in_features=g.in_features,
+                                         out_features=g.out_features, tokens=t))
+    # Attention: bf16 only (what serving runs); MLA is not an SDPA call, so MHA/GQA models only.
+    attention_models = [s for s in models if s.attention_type in ("mha", "gqa")]
+    decode = QUICK_DECODE if quick else FULL_DECODE
+    thread_counts = sorted({threads, 1}) if (not quick and device == "cpu") else [threads]
+    for spec in attention_models:
+        heads = dict(num_heads=spec.num_attention_heads, num_kv_heads=spec.num_kv_heads or spec.num_attention_heads,
+                     head_dim=spec.head_dim)
+        for n in thread_counts:
+            for b in decode["batch"]:
+                for c in decode["context"]:
+                    if b * c <= MAX_DECODE_KV_TOKENS:
+                        tasks.append(Task.of("attention_decode", "bf16", n, batch=b, context=c, **heads))
+        for t in QUICK_PREFILL if quick else FULL_PREFILL:
+            tasks.append(Task.of("attention_prefill", "bf16", threads, tokens=t, **heads))
+    return _dedup(tasks)
+
+
+# ---------------------------------------------------------------- the timed calls
+
+
+class _Buffers:
+    """Tensors for the tasks of one setup key; rebuilt when the key changes (one shape's buffers alive at a time)."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.key: tuple | None = None
+        self.items: dict[str, Any] = {}
+
+    def for_task(self, task: Task) -> dict[str, Any]:
+        if task.setup_key() != self.key:
+            self.items = {}  # free the previous shape's tensors before allocating
+            self.key = task.setup_key()
+        return self.items
+
+
+def _generator(task: Task, device: str):
+    import torch
+
+    g = torch.Generator(device=device)
+    g.manual_seed(zlib.crc32(repr(task.setup_key()).encode()))  # deterministic per shape
+    return g
+
+
+def _rand(shape: tuple[int, ...], dtype: str, device: str, gen, scale: float = 0.05):
+    import torch
+
+    t = torch.randn(shape, generator=gen, device=device, dtype=getattr(torch, TORCH_DTYPES[dtype]))
+    return t.mul_(scale)
+
+
+def _num_copies(nbytes: float) -> int:
+    return int(min(64, max(2, math.ceil(COLD_BYTES / max(nbytes, 1)))))
+
+
+def _make_call(task: Task, bufs: dict[str, Any], device: str) -> Callable[[int], object]:
+    """The function the timer calls with a repeat index (to rotate buffers)."""
+    import torch
+    import torch.nn.functional as F
+
+    p = task.p
+    gen = _generator(task, device)
+    bpe = 4 if task.dtype == "fp32" else 2
+    if task.op == "expert_ffn":
+        h, f, m = p["hidden"], p["ffn"], p["num_matrices"]
+        if "w" not in bufs:
+            n = _num_copies(h * f * m * bpe)
+            bufs["w"] = [tuple(_rand((h, f) if j < m - 1 else (f, h), task.dtype, device, gen) for j in range(m))
+                         for _ in range(n)]
+        w = bufs["w"]
+        x = _rand((p["tokens"], h), task.dtype, device, gen, scale=1.0)
+        if m == 3:
+            def call(i: int) -> object:
+                wg, wu, wd = w[i % len(w)]
+                return (F.silu(x @ wg) * (x @ wu)) @ wd
+        else:
+            def call(i: int) -> object:
+                wu, wd = w[i % len(w)]
+                return F.relu(x @ wu) @ wd
+        return call
+    if task.op == "dense_gemm":
+        if "w" not in bufs:
+            n = _num_copies(p["in_features"] * p["out_features"] * bpe)
+            bufs["w"] = [_rand((p["in_features"], p["out_features"]), task.dtype, device, gen) for _ in range(n)]
+        w = bufs["w"]
+        x = _rand((p["tokens"], p["in_features"]), task.dtype, device, gen, scale=1.0)
+        return lambda i: x @ w[i % len(w)]
+    if task.op == "gate":
+        if "w" not in bufs:
+            bufs["w"] = _rand((p["in_features"], p["out_features"]), task.dtype, device, gen)
+        w, k = bufs["w"], p["top_k"]
+        x = _rand((p["tokens"], p["in_features"]), task.dtype, device, gen, scale=1.0)
+
+        def call(i: int) -> object:
+            probs = torch.softmax((x @ w).float(), dim=-1)
+            top, idx = torch.topk(probs, k, dim=-1)
+            return top / top.sum(dim=-1, keepdim=True), idx
+        return call
+    if task.op in ("host_copy", "h2d_copy"):
+        nbytes = p["nbytes"]
+        numel = nbytes // 2
+        if task.op == "host_copy":
+            n = _num_copies(nbytes)
+            # Source and destination both rotate: an expert cache copies a cold expert into a cold slot.
+            src = [torch.empty(numel, dtype=torch.bfloat16).fill_(j) for j in range(n)]
+            dst = [torch.zeros(numel, dtype=torch.bfloat16) for _ in range(n)]
+            return lambda i: dst[(i + 1) % n].copy_(src[i % n])
+        pinned = bool(p.get("pinned", 1))  # pragma: no cover - needs a GPU
+        src = [torch.empty(numel, dtype=torch.bfloat16, pin_memory=pinned).fill_(j) for j in range(2)]
+        dst = torch.empty(numel, dtype=torch.bfloat16, device="cuda")
+        return lambda i: dst.copy_(src[i % 2], non_blocking=pinned)
+    if task.op == "attention_decode":
+        b, c, hq, hkv, d = p["batch"], p["context"], p["num_heads"], p["num_kv_heads"], p["head_dim"]
+        kv_bytes = 2 * b * c * hkv * d * 2
+        n = _num_copies(kv_bytes) if kv_bytes < COLD_BYTES else 1  # a large KV cache is cold by itself
+        q = _rand((b, hq, 1, d), "bf16", device, gen, scale=1.0)
+        kv = [(_rand((b, hkv, c, d), "bf16", device, gen, 1.0), _rand((b, hkv, c, d), "bf16", device, gen, 1.0))
+              for _ in range(n)]
+        gqa = hq != hkv
+
+        def call(i: int) -> object:
+            k, v = kv[i % len(kv)]
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+        return call
+    if task.op == "attention_prefill":
+        t, hq, hkv, d = p["tokens"], p["num_heads"], p["num_kv_heads"], p["head_dim"]
+        q = _rand((1, hq, t, d), "bf16", device, gen, 1.0)
+        k = _rand((1, hkv, t, d), "bf16", device, gen, 1.0)
+        v = _rand((1, hkv, t, d), "bf16", device, gen, 1.0)
+        gqa = hq != hkv
+        return lambda i: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if task.op == "peak_gemm":
+        n = p["hidden"]
+        a = _rand((n, n), task.dtype, device, gen, 1.0)
+        bm = _rand((n, n), task.dtype, device, gen, 1.0)
+        return lambda i: a @ bm
+    if task.op == "mem_read":
+        buf = torch.ones(p["nbytes"] // 4, dtype=torch.float32, device=device)
+        return lambda i: buf.sum()
+    raise ValueError(f"unknown op {task.op!r}")
+
+
+def measure_group(tasks: Sequence[Task], bufs: _Buffers, device: str, budget: Budget) -> list[Summary]:
+    """Time tasks that share buffers (one shape, several sizes) in ``budget.rounds`` interleaved rounds.
+
+    On a shared machine a burst of foreign load lasts long enough to cover every sample of one point;
+    taking each point's samples in several rounds spread over the group spreads a burst over many
+    points' minority of samples, which the median then ignores."""
+    import torch
+
+    rounds = max(1, budget.rounds)
+    per_round_min = max(1, math.ceil(budget.min_repeats / rounds))
+    per_round_max = max(1, math.ceil(budget.max_repeats / rounds))
+    samples: list[list[float]] = [[] for _ in tasks]
+    with torch.inference_mode():
+        calls = []
+        for task in tasks:
+            calls.append(_make_call(task, bufs.for_task(task), device))
+        for r in range(rounds):
+            for j, (task, call) in enumerate(zip(tasks, calls)):
+                if device == "cpu" and torch.get_num_threads() != task.threads:
+                    torch.set_num_threads(task.threads)
+                samples[j] += sample(call, warmup=budget.warmup if r == 0 else 0, min_repeats=per_round_min,
+                                     max_repeats=per_round_max, time_s=budget.time_s / rounds,
+                                     start=len(samples[j]) + r, cuda=device == "cuda")
+    return [summarize(s) for s in samples]
+
+
+# ---------------------------------------------------------------- the points file
+
+
+def read_points(path: Path) -> list[dict[str, str]]:
+    """Rows of a points CSV (all values as strings); [] when the file does not exist."""
+    if not path.exists():
+        return []
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        if reader.fieldnames is None or list(reader.fieldnames) != list(POINT_COLUMNS):
+            raise CalibrationError(f"{path}: not a moesim points file (columns {reader.fieldnames}); "
+                                   f"remove it, use --fresh, or choose another --out")
+        return [row for row in reader if row.get("median_s")]
+
+
+@dataclass
+class RunResult:
+    measured: int = 0  # new points this run
+    skipped: int = 0  # already in the points file (resumed)
+    rows: list[dict[str, str]] = field(default_factory=list)
+
+
+def run_tasks(
+    tasks: Sequence[Task],
+    points_path: Path,
+    *,
+    device: str,
+    device_name: str,
+    budget: Budget,
+    progress: bool = True,
+    fresh: bool = False,
+    after_point: Callable[[int], None] | None = None,
+) -> RunResult:
+    """Measure every task not already in ``points_path``, appending (and flushing) one row per point.
+
+    ``after_point(n)`` runs after the n-th new point is written (tests use it to interrupt a run)."""
+    from tqdm import tqdm
+
+    if fresh and points_path.exists():
+        points_path.unlink()
+    existing = read_points(points_path)
+    others = sorted({r["device_name"] for r in existing} - {device_name})
+    if others:
+        raise CalibrationError(f"{points_path}: points were measured on {others[0]!r}, not {device_name!r}; "
+                               f"use --fresh to start over or choose another --out")
+    done = {row_key(r) for r in existing}
+    todo = [t for t in tasks if t.key() not in done]
+    result = RunResult(skipped=len(tasks) - len(todo), rows=list(existing))
+    points_path.parent.mkdir(parents=True, exist_ok=True)
+    new_file = not points_path.exists()
+    bufs = _Buffers(device)
+    with points_path.open("a", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=POINT_COLUMNS)
+        if new_file:
+            writer.writeheader()
+            fh.flush()
+        bar = tqdm(total=len(todo), desc="calibrate", unit="pt", disable=not progress, dynamic_ncols=True)
+        groups: dict[tuple, list[Task]] = {}
+        for task in todo:
+            groups.setdefault((task.threads, task.setup_key()), []).append(task)
+        for group in groups.values():
+            first = group[0]
+            bar.set_postfix_str(f"{first.op} {' '.join(f'{k}={v}' for k, v in first.params)}"[:60])
+            for task, s in zip(group, measure_group(group, bufs, device, budget)):
+                row = {c: "" for c in POINT_COLUMNS}
+                row.update({"op": task.op, "dtype": task.dtype, "threads": str(task.threads),
+                            "device_name": device_name})
+                row.update({k: str(v) for k, v in task.params})
+                row.update({
+                    "median_s": repr(s.median_s), "p10_s": repr(s.p10_s), "p90_s": repr(s.p90_s),
+                    "cv": f"{s.cv:.4f}", "num_samples": str(s.num_samples), "num_dropped": str(s.num_dropped),
+                    "load_avg_1m": f"{load_average()[0]:.2f}",
+                    "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                })
+                writer.writerow(row)
+                fh.flush()
+                result.rows.append(row)
+                result.measured += 1
+                bar.update(1)
+                if after_point is not None:
+                    after_point(result.measured)
+        bar.close()
+    return result

@@ -1,0 +1,268 @@
+"""The calibrator: timing statistics, fits on synthetic data, a tiny real calibration, resume, CLI errors.
+
+The tiny calibration measures one small shape per op at a few sizes with two repeats (a few seconds on
+2 cores); nothing here asserts a timing threshold, only that what is measured is what the profile returns."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from calibrate.cli import compare_profiles, points_path_for, write_profile
+from calibrate.errors import CalibrationError
+from calibrate.fit import fit_link, fit_roofline, leave_one_out_errors
+from calibrate.measure import Task, build_plan, read_points, run_tasks
+from calibrate.timing import Budget, summarize
+from sim.cli import main
+from sim.profile import load_profile
+from sim.spec import get_model
+from sim.work import AttentionShape, ExpertShape, GemmShape
+
+torch = pytest.importorskip("torch")
+
+TINY_BUDGET = Budget(warmup=1, min_repeats=2, max_repeats=2, time_s=0.0, rounds=2)
+HEADS = dict(num_heads=2, num_kv_heads=1, head_dim=16)  # GQA, 2 query heads per KV head
+
+
+def tiny_tasks(threads: int = 1) -> list[Task]:
+    t = []
+    t.append(Task.of("peak_gemm", "fp32", threads, hidden=128))
+    t.append(Task.of("mem_read", "fp32", threads, nbytes=4 * 2**20))
+    t += [Task.of("host_copy", "bf16", threads, nbytes=mb * 2**20) for mb in (1, 2, 4)]
+    t += [Task.of("expert_ffn", "fp32", threads, hidden=64, ffn=128, num_matrices=3, tokens=n) for n in (1, 2, 4, 8)]
+    t += [Task.of("dense_gemm", "fp32", threads, in_features=64, out_features=128, tokens=n) for n in (1, 2, 4, 8)]
+    t += [Task.of("gate", "fp32", threads, in_features=64, out_features=8, top_k=2, tokens=n) for n in (1, 2, 4, 8)]
+    t += [Task.of("attention_decode", "bf16", threads, batch=b, context=c, **HEADS) for b in (1, 2) for c in (16, 64)]
+    t += [Task.of("attention_prefill", "bf16", threads, tokens=n, **HEADS) for n in (8, 16, 32)]
+    return t
+
+
+ENV = {"device": "cpu", "cpu_model": "test cpu", "cpu_count": 2, "threads": 1, "host_memory_bytes": 1e9,
+       "torch": "test", "load_average_at_start": [0.0, 0.0, 0.0]}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[Path, list[dict[str, str]]]:
+    """A tiny calibration's profile path and its points."""
+    out = tmp_path_factory.mktemp("cal") / "tiny.yaml"
+    points_path = points_path_for(out)
+    result = run_tasks(tiny_tasks(), points_path, device="cpu", device_name="test cpu", budget=TINY_BUDGET,
+                       progress=False)
+    write_profile(result.rows, ENV, out=out, name="tiny", threads=1, points_path=points_path, quiet=True)
+    return out, read_points(points_path)
+
+
+# ---------------------------------------------------------------- timing statistics
+
+
+def test_summary_drops_a_preempted_sample_and_keeps_the_median():
+    s = summarize([1.0, 1.01, 0.99, 1.0, 1.02, 0.98, 1.0, 5.0])
+    assert (s.num_samples, s.num_dropped) == (7, 1)
+    assert s.median_s == pytest.approx(1.0)
+    assert s.cv < 0.02
+
+
+def test_identical_samples_keep_everything():
+    s = summarize([2.0, 2.0, 2.0])
+    assert (s.median_s, s.num_samples, s.num_dropped, s.cv) == (2.0, 3, 0, 0.0)
+
+
+# ---------------------------------------------------------------- fits on synthetic data
+
+
+def test_roofline_fit_recovers_its_parameters():
+    """Points from fixed 20 us + max(flops / (1 TFLOP/s x 0.6), bytes / (100 GB/s x 0.8)), both regimes sampled."""
+    shape = ExpertShape(hidden=1024, ffn=2048, num_matrices=3, weight_dtype="bf16")
+    tokens = np.array([1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048], dtype=float)
+    flops, nbytes = shape.flops(tokens), shape.bytes_moved(tokens)
+    t = 20e-6 + np.maximum(flops / 0.6e12, nbytes / 80e9)
+    params, err = fit_roofline(flops, nbytes, t, 1e12, 100e9)
+    assert params["fixed_s"] == pytest.approx(20e-6, rel=0.05)
+    assert params["compute_efficiency"] == pytest.approx(0.6, rel=0.02)
+    assert params["memory_efficiency"] == pytest.approx(0.8, rel=0.02)
+    assert np.max(np.abs(err)) < 0.01
+
+
+def test_link_fit_recovers_latency_and_bandwidth():
+    nbytes = np.array([1, 4, 16, 64, 256], dtype=float) * 2**20
+    t = 5e-6 + nbytes / 12e9
+    params, err = fit_link(nbytes, t)
+    assert params["latency_s"] == pytest.approx(5e-6, rel=1e-3)
+    assert params["bandwidth_gbps"] == pytest.approx(12.0, rel=1e-6)
+    assert np.max(np.abs(err)) < 1e-9
+
+
+def test_leave_one_out_of_a_power_law_table_is_exact_inside_the_grid():
+    """Log-log interpolation reproduces t = a x tokens^0.5 exactly at interior points."""
+    row = {"shape": {"in_features": 8, "out_features": 8, "weight_dtype": "fp32", "act_dtype": "fp32"},
+           "tokens": [1, 2, 4, 8, 16], "latency_s": [1e-3 * n**0.5 for n in (1, 2, 4, 8, 16)]}
+    err = leave_one_out_errors("dense_gemm", [row], {"fixed_s": 0.0, "compute_efficiency": 1.0,
+                                                     "memory_efficiency": 1.0}, 1e12, 1e11)
+    assert len(err) == 5
+    assert np.allclose(err[1:-1], 0.0, atol=1e-9)
+
+
+# ---------------------------------------------------------------- a tiny real calibration
+
+
+def test_tiny_calibration_writes_a_profile_that_loads(tiny):
+    out, points = tiny
+    profile = load_profile(out)
+    assert profile.source == "measured"
+    assert profile.gpu.name.startswith("CPU (no GPU): test cpu")
+    assert "NOT a PCIe transfer" in profile.provenance["host_to_device"]
+    assert profile.provenance["points_file"] == "tiny.points.csv"
+    assert {r["op"] for r in points} >= {"expert_ffn", "dense_gemm", "gate", "host_copy", "attention_decode",
+                                         "attention_prefill", "peak_gemm", "mem_read"}
+    assert all(float(r["median_s"]) > 0 for r in points)
+
+
+def test_table_lookups_return_the_measured_medians(tiny):
+    out, points = tiny
+    profile = load_profile(out)
+    for r in points:
+        if r["op"] == "expert_ffn":
+            shape = ExpertShape(hidden=64, ffn=128, num_matrices=3, weight_dtype="fp32", act_dtype="fp32")
+            got = profile.expert_ffn_s(tokens=int(r["tokens"]), shape=shape)
+        elif r["op"] in ("dense_gemm", "gate"):
+            shape = GemmShape(int(r["in_features"]), int(r["out_features"]), "fp32", "fp32")
+            got = getattr(profile, f"{r['op']}_s")(tokens=int(r["tokens"]), shape=shape)
+        else:
+            continue
+        assert got == pytest.approx(float(r["median_s"]), rel=1e-9)
+    assert profile.extrapolated_counts() == {}
+
+
+def test_roofline_and_link_lookups_are_within_their_fit_error(tiny):
+    out, points = tiny
+    profile = load_profile(out)
+    shape = AttentionShape(num_heads=2, qk_head_dim=16, v_head_dim=16, kv_bytes_per_token=2 * 1 * 16 * 2.0)
+    copy_fit = profile.provenance["fits"]["host_copy"]["link"]
+    for r in points:
+        measured = float(r["median_s"])
+        if r["op"] == "attention_decode":
+            got = profile.attention_decode_s(context_tokens=[int(r["context"])] * int(r["batch"]), shape=shape)
+            bound = profile.operations.attention_decode.fit_error.max_rel_error
+        elif r["op"] == "attention_prefill":
+            got = profile.attention_prefill_s(new_tokens=int(r["tokens"]), context_tokens=0, shape=shape)
+            bound = profile.operations.attention_prefill.fit_error.max_rel_error
+        elif r["op"] == "host_copy":
+            got = profile.h2d_copy_s(nbytes=int(r["nbytes"]))
+            bound = copy_fit["max_rel_error"]
+        else:
+            continue
+        assert abs(got / measured - 1.0) <= bound * 1.001 + 1e-4  # the stored max error is rounded to 5 digits
+
+
+def test_comparing_a_profile_with_itself_finds_no_difference(tiny):
+    out, _ = tiny
+    p = load_profile(out)
+    diffs = compare_profiles(p, p)
+    assert set(diffs) >= {"expert_ffn", "attention_decode", "host_to_device"}
+    assert all(d["max_abs_diff"] == 0.0 for d in diffs.values())
+
+
+def test_profile_show_and_compare_commands(tiny, capsys):
+    out, _ = tiny
+    assert main(["profile", "show", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert shown.startswith("profile tiny [source: measured]")
+    assert "host memory copy, not PCIe" in shown
+    assert "expert_ffn         table: 1 shapes, tokens 1..8" in shown
+    assert main(["profile", "compare", "h100-80gb", str(out)]) == 0
+    assert "attention_decode" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- interrupt and resume
+
+
+def test_an_interrupted_calibration_keeps_its_points_and_resumes(tmp_path):
+    points_path = tmp_path / "p.points.csv"
+    tasks = tiny_tasks()[:6]
+
+    def stop_after_two(n: int) -> None:
+        if n == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_tasks(tasks, points_path, device="cpu", device_name="test cpu", budget=TINY_BUDGET, progress=False,
+                  after_point=stop_after_two)
+    first = read_points(points_path)
+    assert len(first) == 2
+    result = run_tasks(tasks, points_path, device="cpu", device_name="test cpu", budget=TINY_BUDGET, progress=False)
+    assert (result.skipped, result.measured) == (2, 4)
+    rows = read_points(points_path)
+    assert rows[:2] == first  # the earlier points are kept as measured, not remeasured
+    assert len(rows) == 6
+
+
+def test_resuming_points_from_another_device_is_refused(tmp_path):
+    points_path = tmp_path / "p.points.csv"
+    run_tasks(tiny_tasks()[:1], points_path, device="cpu", device_name="cpu A", budget=TINY_BUDGET, progress=False)
+    with pytest.raises(CalibrationError, match="measured on 'cpu A', not 'cpu B'; use --fresh"):
+        run_tasks(tiny_tasks()[:2], points_path, device="cpu", device_name="cpu B", budget=TINY_BUDGET,
+                  progress=False)
+
+
+# ---------------------------------------------------------------- the plan and the CLI
+
+
+def test_quick_plan_covers_every_op_and_labels_the_cpu_copy_honestly():
+    tasks = build_plan([get_model("olmoe-1b-7b")], quick=True, device="cpu", threads=1)
+    ops = {t.op for t in tasks}
+    assert ops == {"peak_gemm", "mem_read", "host_copy", "expert_ffn", "gate", "dense_gemm", "attention_decode",
+                   "attention_prefill"}
+    assert len({t.key() for t in tasks}) == len(tasks)
+
+
+def test_mla_models_get_no_sdpa_attention_points():
+    tasks = build_plan([get_model("deepseek-v2-lite")], quick=True, device="cpu", threads=1)
+    assert not any(t.op.startswith("attention") for t in tasks)
+    assert any(t.op == "expert_ffn" and t.p["ffn"] == 1408 for t in tasks)
+
+
+def test_unknown_model_is_one_line_and_exit_2(capsys, tmp_path):
+    code = main(["calibrate", "--out", str(tmp_path / "x.yaml"), "--model", "nosuch"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("moesim: error: unknown model 'nosuch'") and err.count("\n") == 1
+
+
+def test_cuda_without_a_gpu_is_one_line_and_exit_2(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code = main(["calibrate", "--out", str(tmp_path / "x.yaml"), "--device", "cuda", "--quick"])
+    assert code == 2
+    assert capsys.readouterr().err == (
+        f"moesim: error: --device cuda: no CUDA device is available (torch {torch.__version__}); use --device cpu\n")
+    assert not (tmp_path / "x.points.csv").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "tpu"], "moesim: error: --device 'tpu': expected cpu or cuda\n"),
+    (["--dtype", "fp64"], "moesim: error: --dtype 'fp64': expected one of bf16, fp32, fp16\n"),
+    (["--threads", "0"], "moesim: error: --threads 0: must be >= 1\n"),
+])
+def test_bad_arguments_are_one_line_and_exit_2(capsys, tmp_path, argv, message):
+    assert main(["calibrate", "--out", str(tmp_path / "x.yaml"), *argv]) == 2
+    assert capsys.readouterr().err == message
+
+
+def test_fit_only_without_points_is_one_line(capsys, tmp_path):
+    assert main(["calibrate", "--out", str(tmp_path / "x.yaml"), "--fit-only", "--quick"]) == 2
+    assert capsys.readouterr().err == f"moesim: error: {tmp_path / 'x.points.csv'}: no measured points to fit\n"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_tiny_cuda_calibration_writes_a_profile_that_loads(tmp_path):  # pragma: no cover - needs a GPU
+    tasks = [Task.of(t.op if t.op != "host_copy" else "h2d_copy", t.dtype, t.threads, **t.p) for t in tiny_tasks()]
+    tasks = [Task.of(t.op, t.dtype, t.threads, **{**t.p, "pinned": 1}) if t.op == "h2d_copy" else t for t in tasks]
+    out = tmp_path / "gpu.yaml"
+    result = run_tasks(tasks, points_path_for(out), device="cuda", device_name="gpu", budget=TINY_BUDGET,
+                       progress=False)
+    env = {**ENV, "device": "cuda", "gpu_name": "test gpu", "gpu_memory_bytes": 1e10}
+    write_profile(result.rows, env, out=out, name="gpu", threads=1, points_path=points_path_for(out), quiet=True)
+    assert load_profile(out).gpu.name == "test gpu"
