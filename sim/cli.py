@@ -189,11 +189,40 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2, default=float))
     else:
         print_summary(summary)
-    if args.out:
-        folder = write_run_folder(result, summary, Path(args.out), fmt=args.format)
+    out_dir = args.out or (Path("runs") / loaded.scenario.name if args.report else None)
+    if out_dir:
+        folder = write_run_folder(result, summary, Path(out_dir), fmt=args.format)
         sys.stdout.flush()
         print(f"run folder: {folder}" + (" (partial)" if result.partial else ""), file=sys.stderr)
+        if args.report:
+            from sim.report.render import render_run_report
+
+            report = render_run_report(folder, Path(args.report) if args.report is not True else None)
+            print(f"report: {report}", file=sys.stderr)
     return 130 if result.partial and args.stop_at is None else 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from sim.scenario import find_scenario
+    from sim.sweep import run_sweep
+
+    out = Path(args.out) if args.out else Path("runs") / f"sweep-{find_scenario(args.scenario).stem}"
+    table = run_sweep(args.scenario, out, jobs=args.jobs, progress=not args.no_progress and sys.stderr.isatty())
+    shown = table.drop(columns=["key"])
+    if "infeasible" in shown:  # the full reason is in sweep.csv; keep the terminal table narrow
+        shown["infeasible"] = shown["infeasible"].map(lambda r: r if not isinstance(r, str) or len(r) < 48 else r[:45] + "...")
+    print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-"))
+    sys.stdout.flush()
+    print(f"sweep table: {out / 'sweep.csv'}; run folders: {out / 'points'}", file=sys.stderr)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from sim.report.render import render_run_report
+
+    path = render_run_report(Path(args.run_dir), Path(args.out) if args.out else None)
+    print(f"report: {path}")
+    return 0
 
 
 # ---------------------------------------------------------------- parser
@@ -240,7 +269,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--stop-at", type=float, metavar="SECONDS", help="stop at this simulated time (a partial run)")
+    p.add_argument(
+        "--report", nargs="?", const=True, metavar="HTML",
+        help="also write a self-contained HTML report (default: RUN_DIR/report.html; run folder default runs/NAME)",
+    )
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("sweep", help="run every point of a scenario's sweep grid (cached, resumable, parallel)")
+    p.add_argument("scenario", help="scenario YAML (with a sweep: block) or shipped name")
+    p.add_argument("--out", metavar="DIR", help="results folder (default: runs/sweep-NAME)")
+    p.add_argument("--jobs", type=int, metavar="N", help="worker processes (default: all cores; 1 runs in-process)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="render a run folder into one self-contained HTML report")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by `moesim simulate --out`")
+    p.add_argument("-o", "--out", metavar="HTML", help="output file (default: RUN_DIR/report.html)")
+    p.set_defaults(func=cmd_report)
     _register_calibrate(sub)
     return parser
 

@@ -153,6 +153,8 @@ def _memory(result: SimulationResult) -> dict[str, Any]:
         "non_expert_weights_bytes": b.non_expert_bytes,
         "expert_slots": b.expert_slots,
         "expert_slots_bytes": b.expert_bytes,
+        "expert_slot_bytes": b.expert_slot_bytes,
+        "kv_block_bytes": b.kv_block_bytes,
         "experts_resident_peak_bytes": float(experts.max()),
         "experts_resident_mean_bytes": _time_weighted(experts, dur),
         "kv_capacity_bytes": b.kv_bytes,
