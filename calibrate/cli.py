@@ -54,7 +54,61 @@ def register(sub: Any) -> None:
     q.add_argument("a", metavar="A")
     q.add_argument("b", metavar="B")
     q.set_defaults(func=cmd_profile_compare)
+    _register_profile_import(prs)
     pr.set_defaults(func=lambda a: (pr.print_help(sys.stderr), 2)[1])
+    register_validate(sub)
+
+
+def register_validate(sub: Any) -> None:
+    """``moesim validate``: the real CPU runtime against the simulator (calibrate.validate)."""
+    v = sub.add_parser("validate", help="run a scenario on the real CPU runtime and compare the simulator with it",
+                       description="Calibrate this CPU for the scenario's model shapes (or take --profile), serve "
+                                   "the scenario for real with the small PyTorch MoE runtime, simulate the same "
+                                   "arrivals with the recorded routing, and compare per-request latency, throughput "
+                                   "and cache hits. Exits 1 when an error bound is exceeded.")
+    v.add_argument("scenario", metavar="SCENARIO", help="scenario YAML (e.g. scenarios/validate-all-resident.yaml)")
+    v.add_argument("--profile", help="use this profile instead of calibrating (a YAML path or shipped name)")
+    v.add_argument("--quick", action="store_true", help="the CI check: looser latency bounds (20%%/40%%/20%%)")
+    v.add_argument("--out", metavar="DIR", help="folder for the tables and report (default reports/validate-NAME)")
+    v.add_argument("--max-requests", type=int, metavar="N", help="serve only the first N requests")
+    v.add_argument("--no-progress", action="store_true", help="no calibration progress bar")
+    v.set_defaults(func=_cmd_validate)
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from calibrate.validate import cmd_validate
+
+    return cmd_validate(args)
+
+
+def _register_profile_import(prs: Any) -> None:
+    """``moesim profile import aiconfigurator --gpu h100|h200|a100 --out P.yaml`` (calibrate.importers)."""
+    from calibrate.importers.aiconfigurator import DEFAULT_DATA_DIR, GPUS
+
+    q = prs.add_parser("import", help="build a profile from public GPU measurements")
+    src = q.add_subparsers(dest="import_source", metavar="SOURCE", required=True)
+    a = src.add_parser("aiconfigurator", help="NVIDIA AIConfigurator's kernel database (Apache-2.0)",
+                       description="Turn AIConfigurator's fused-MoE, GEMM and attention tables into a profile "
+                                   "(per-expert tables, fitted attention rooflines; links from the datasheet).")
+    a.add_argument("--gpu", required=True, choices=sorted(GPUS), help="which GPU's tables to import")
+    a.add_argument("--out", required=True, metavar="PROFILE", help="profile YAML to write")
+    a.add_argument("--data", default=str(DEFAULT_DATA_DIR), metavar="DIR",
+                   help="the aiconfigurator folder of shared/data/gpu_profiling (default: %(default)s)")
+    a.set_defaults(func=cmd_profile_import_aiconfigurator)
+
+
+def cmd_profile_import_aiconfigurator(args: argparse.Namespace) -> int:
+    from calibrate.importers.aiconfigurator import write_profile
+
+    out = Path(args.out)
+    if out.suffix not in (".yaml", ".yml"):
+        raise CalibrationError(f"--out {args.out}: a profile is a .yaml file")
+    profile = write_profile(args.gpu, out, args.data)
+    for op, m in profile["operations"].items():
+        what = f"table, {len(m['rows'])} shapes" if m["kind"] == "table" else "roofline"
+        print(f"{op:18s} {what:18s} MAPE {m['fit_error']['mean_rel_error']:6.1%}", file=sys.stderr)
+    print(f"wrote {out} ({out.stat().st_size // 1024} KiB)", file=sys.stderr)
+    return 0
 
 
 def points_path_for(out: Path) -> Path:

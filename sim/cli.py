@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from sim import __version__
+from sim import __version__, trace_cli
 from sim.errors import MoesimError
 
 
@@ -217,6 +217,31 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from sim.plan import run_plan
+    from sim.scenario import find_scenario
+
+    table, results = run_plan(args.scenario, jobs=args.jobs, progress=not args.no_progress and sys.stderr.isatty())
+    out = Path(args.out) if args.out else Path("runs") / f"plan-{find_scenario(args.scenario).stem}"
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "plan.csv", index=False)
+    shown = table.drop(columns=["reason", "probes"])
+    print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-"))
+    ok = table[table["status"] == "meets target"]
+    if len(ok):
+        best = ok.iloc[0]
+        axes = ", ".join(f"{k}={best[k]}" for k in results[0].values)
+        print(f"\nrecommended: candidate {best['candidate']} ({axes}): sustains {best['max_rate_per_s']:.3g} req/s, "
+              f"headroom {best['headroom']:.2f}x, ${best['usd_per_hour']:.2f}/h, bound by {best['binding']}")
+    else:
+        print("\nno candidate meets the target rate within the SLO; the closest are listed above")
+    for _, row in table[table["status"] != "meets target"].iterrows():
+        print(f"candidate {row['candidate']}: {row['status']}: {row['reason']}")
+    sys.stdout.flush()
+    print(f"plan table: {out / 'plan.csv'}", file=sys.stderr)
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from sim.report.render import render_run_report
 
@@ -282,10 +307,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sweep)
 
+    p = sub.add_parser("plan", help="the cheapest candidate configuration that meets the SLO at a target rate")
+    p.add_argument("scenario", help="scenario YAML with a plan: block, or shipped name")
+    p.add_argument("--out", metavar="DIR", help="results folder (default: runs/plan-NAME)")
+    p.add_argument("--jobs", type=int, metavar="N", help="worker processes (default: all cores; 1 runs in-process)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_plan)
+
     p = sub.add_parser("report", help="render a run folder into one self-contained HTML report")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by `moesim simulate --out`")
     p.add_argument("-o", "--out", metavar="HTML", help="output file (default: RUN_DIR/report.html)")
     p.set_defaults(func=cmd_report)
+    trace_cli.register(sub)
     _register_calibrate(sub)
     return parser
 

@@ -14,7 +14,7 @@ import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -160,6 +160,29 @@ class SweepSpec(Spec):
     )
 
 
+class RateSearchSpec(Spec):
+    """Bisection on the arrival rate (as a multiple of the workload's own rate)."""
+
+    low_scale: float = Field(0.05, gt=0, description="Lowest rate multiple probed; an SLO missed here prunes.")
+    high_scale: float = Field(4.0, gt=0, description="Highest rate multiple probed.")
+    iterations: int = Field(6, ge=1, le=20, description="Bisection steps (in log space) between the two.")
+
+
+class PlanSpec(Spec):
+    """Capacity planning: which candidate configuration is cheapest while meeting the SLO at a target rate."""
+
+    candidates: dict[str, list[Any]] = Field(
+        default_factory=dict, description="Key path -> values; every combination is a candidate."
+    )
+    target_rate_per_s: float | None = Field(
+        None, gt=0, description="Requests/s to sustain; default: the workload's own mean rate."
+    )
+    objective: Literal["cost", "gpus"] = Field("cost", description="Rank by GPU cost per hour, or by GPU count.")
+    prices: str | None = Field(None, description="Price table YAML (profile -> usd_per_gpu_hour); default shipped.")
+    rate_search: RateSearchSpec = Field(default_factory=RateSearchSpec)
+    max_requests_per_probe: int = Field(300, gt=0, description="Requests simulated per rate probe.")
+
+
 # ---------------------------------------------------------------- the scenario
 
 
@@ -174,6 +197,7 @@ class Scenario(Spec):
     policies: PoliciesSpec = Field(default_factory=PoliciesSpec)
     slo: SloSpec = Field(default_factory=SloSpec)
     sweep: SweepSpec = Field(default_factory=SweepSpec)
+    plan: PlanSpec = Field(default_factory=PlanSpec)
 
 
 @dataclass(frozen=True)
@@ -405,17 +429,18 @@ def find_scenario(path: str | Path) -> Path:
 # ---------------------------------------------------------------- sweeps
 
 
-def _set_path(data: dict[str, Any], key_path: str, value: Any, source: str) -> None:
+def set_key_path(data: dict[str, Any], key_path: str, value: Any, source: str, section: str = "sweep.axes") -> None:
+    """Set ``a.b.c`` in nested scenario data, creating the mappings on the way."""
     node: Any = data
     keys = key_path.split(".")
     for key in keys[:-1]:
         if not isinstance(node, dict):
-            raise ScenarioError(f"{source}: sweep.axes.{key_path}: '{key}' is not a mapping")
+            raise ScenarioError(f"{source}: {section}.{key_path}: '{key}' is not a mapping")
         node = node.setdefault(key, {})
         if isinstance(node, str) and key == "model":  # model: NAME -> {name: NAME}
-            raise ScenarioError(f"{source}: sweep.axes.{key_path}: write 'model' as a mapping to sweep inside it")
+            raise ScenarioError(f"{source}: {section}.{key_path}: write 'model' as a mapping to vary inside it")
     if not isinstance(node, dict):
-        raise ScenarioError(f"{source}: sweep.axes.{key_path}: parent is not a mapping")
+        raise ScenarioError(f"{source}: {section}.{key_path}: parent is not a mapping")
     node[keys[-1]] = value
 
 
@@ -434,7 +459,7 @@ def expand_sweep(data: dict[str, Any], source: str) -> list[tuple[dict[str, Any]
         point_data = copy.deepcopy(data)
         point_data.pop("sweep", None)
         for key_path, value in point.items():
-            _set_path(point_data, key_path, value, source)
+            set_key_path(point_data, key_path, value, source)
         label = ", ".join(f"{k}={v}" for k, v in point.items())
         try:
             points.append((point, Scenario.model_validate(point_data)))

@@ -421,7 +421,7 @@ def test_sweep_inside_a_model_given_by_name_asks_for_a_mapping(tiny):
     tiny["sweep"] = {"axes": {"model.weight_dtype": ["bf16", "fp8"]}}
     with pytest.raises(ScenarioError) as info:
         expand_sweep(tiny, "grid.yaml")
-    assert str(info.value) == "grid.yaml: sweep.axes.model.weight_dtype: write 'model' as a mapping to sweep inside it"
+    assert str(info.value) == "grid.yaml: sweep.axes.model.weight_dtype: write 'model' as a mapping to vary inside it"
 
 
 def test_sweep_over_whole_models(tiny):

@@ -248,7 +248,10 @@ class Replica:
         remaining = req.prefill_target - req.context
         if remaining <= budget:
             return remaining
-        return budget if self.chunked_prefill else 0
+        # Without chunked prefill a prompt must fit the budget whole (longer ones are rejected at
+        # arrival), but a request recomputed after preemption (prompt + its output so far) may not:
+        # it is recomputed in chunks rather than left blocking the queue forever.
+        return budget if (self.chunked_prefill or req.generated) else 0
 
     # ---------------------------------------------------------------- the serving loop
 

@@ -1,0 +1,110 @@
+"""A scaled-down Mixtral-like MoE transformer with seeded weights, run with plain torch ops.
+
+The architecture comes from a ``ModelSpec`` (GQA attention, SwiGLU routed experts, softmax top-k router,
+RMSNorm, untied LM head); only decoder-only GQA/MHA models with every layer MoE are supported. Weights are
+drawn from a seeded ``torch.Generator`` (routing is then the random router's own top-k; learned routing
+is future work). Rotary embeddings are left out: they do not change what runs or how long it takes
+beyond a few elementwise ops, and the validation compares timing, not text.
+
+Routed experts are not held here: each expert is one flat bf16 tensor ``[gate | up | down]`` in the
+host pool (``host_experts[key]``, key = layer * num_experts + expert) that ``expert_store`` copies into
+device-side slots. The ops match what ``calibrate.measure`` times (SDPA for attention, ``x @ W`` GEMMs,
+softmax + top-k + renormalise for the gate, ``(silu(x@Wg) * (x@Wu)) @ Wd`` per expert)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from calibrate.errors import CalibrationError
+from sim.spec import ModelSpec
+
+DTYPE = torch.bfloat16
+
+
+@dataclass(frozen=True, slots=True)
+class Dims:
+    hidden: int
+    ffn: int
+    num_layers: int
+    num_experts: int
+    top_k: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab: int
+
+    @property
+    def expert_numel(self) -> int:
+        return 3 * self.hidden * self.ffn
+
+
+def dims_of(spec: ModelSpec) -> Dims:
+    if spec.attention_type not in ("mha", "gqa") or spec.ffn_activation != "swiglu":
+        raise CalibrationError(f"model {spec.name}: the runtime runs gqa/mha attention with swiglu experts only")
+    if spec.num_moe_layers != spec.num_layers or spec.num_shared_experts or spec.is_encoder_decoder:
+        raise CalibrationError(f"model {spec.name}: the runtime needs every decoder layer MoE, no shared experts")
+    if spec.sliding_window_tokens:
+        raise CalibrationError(f"model {spec.name}: sliding-window attention is not supported by the runtime")
+    assert spec.head_dim is not None
+    return Dims(
+        hidden=spec.hidden_size, ffn=spec.expert_ffn_size, num_layers=spec.num_layers, num_experts=spec.num_experts,
+        top_k=spec.top_k, num_heads=spec.num_attention_heads, num_kv_heads=spec.num_kv_heads or spec.num_attention_heads,
+        head_dim=spec.head_dim, vocab=spec.vocab_size,
+    )
+
+
+class TinyMoE:
+    """Weights of the model; the serving loop (``server``) calls its per-layer pieces."""
+
+    def __init__(self, spec: ModelSpec, seed: int) -> None:
+        d = self.dims = dims_of(spec)
+        self.spec = spec
+        g = torch.Generator().manual_seed(seed)
+
+        def w(rows: int, cols: int, scale: float | None = None) -> torch.Tensor:
+            s = scale if scale is not None else 1.0 / math.sqrt(rows)
+            return (torch.randn(rows, cols, generator=g) * s).to(DTYPE)
+
+        q_out, kv_out = d.num_heads * d.head_dim, d.num_kv_heads * d.head_dim
+        self.embed = (torch.randn(d.vocab, d.hidden, generator=g)).to(DTYPE)
+        self.layers = []
+        for _ in range(d.num_layers):
+            self.layers.append({
+                "wq": w(d.hidden, q_out), "wk": w(d.hidden, kv_out), "wv": w(d.hidden, kv_out),
+                "wo": w(q_out, d.hidden),
+                # A larger router scale gives peaked (less uniform) routing, as trained routers have.
+                "router": w(d.hidden, d.num_experts, 4.0 / math.sqrt(d.hidden)),
+                "norm1": torch.ones(d.hidden, dtype=DTYPE), "norm2": torch.ones(d.hidden, dtype=DTYPE),
+            })
+        self.final_norm = torch.ones(d.hidden, dtype=DTYPE)
+        self.lm_head = w(d.hidden, d.vocab)
+        # The host pool: one contiguous [gate | up | down] tensor per expert (what one copy moves).
+        n = d.num_layers * d.num_experts
+        self.host_experts = torch.empty(n, d.expert_numel, dtype=DTYPE)
+        for key in range(n):
+            self.host_experts[key] = torch.randn(d.expert_numel, generator=g).mul_(1.0 / math.sqrt(d.hidden)).to(DTYPE)
+
+    # ---------------------------------------------------------------- pieces of one layer
+
+    @staticmethod
+    def rms_norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(DTYPE) * weight
+
+    def route(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k expert ids [T, k] and renormalised weights [T, k] (the op ``gate`` measures)."""
+        probs = torch.softmax((h @ self.layers[layer]["router"]).float(), dim=-1)
+        top, idx = torch.topk(probs, self.dims.top_k, dim=-1)
+        return idx, (top / top.sum(dim=-1, keepdim=True)).to(DTYPE)
+
+    def expert_views(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h, f = self.dims.hidden, self.dims.ffn
+        return flat[: h * f].view(h, f), flat[h * f : 2 * h * f].view(h, f), flat[2 * h * f :].view(f, h)
+
+    @staticmethod
+    def expert_ffn(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor) -> torch.Tensor:
+        return (F.silu(x @ wg) * (x @ wu)) @ wd

@@ -1,0 +1,322 @@
+"""Serving a scenario's requests for real: continuous batching over real model iterations.
+
+Batches are formed by the simulator's own ``sim.engine.replica.Replica`` (its ``_form_batch``,
+``_grow``, ``_preempt`` and ``_drop_timed_out``, with the same scheduler object), driven by a
+wall clock instead of a SimPy environment, so the runtime follows exactly the simulator's rules:
+decodes first, then chunked prefills, then admissions in the scheduler's order, KV blocks and
+preemption. The serving loop:
+
+    arrivals due by now are submitted -> a batch is formed -> one real iteration runs
+    (per layer: attention -> gate -> cache decisions and loads -> experts; then the LM head)
+    -> every sequence of the batch advances (tokens stamped with the wall clock)
+
+Requests arrive at their ``arrival_s`` (real time from the start of serving, ``time_scale`` x).
+Not supported yet: swap preemption and next-layer prefetch (``CalibrationError``)."""
+
+from __future__ import annotations
+
+import time
+from array import array
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from calibrate.errors import CalibrationError
+from calibrate.runtime.expert_store import ExpertStore
+from calibrate.runtime.model import TinyMoE
+from calibrate.runtime.recorder import RequestRecord, RunRecorder, RuntimeIteration
+from sim.engine.memory import max_request_tokens, plan_memory
+from sim.engine.replica import Replica, RequestState
+from sim.policies.cache import make_cache
+from sim.policies.scheduler import make_scheduler
+from sim.scenario import LoadedScenario
+from sim.workload.arrivals import RequestTable
+
+
+class WallClock:
+    """Stands in for the SimPy environment inside ``Replica``: the batching code only reads ``now``."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    @property
+    def now(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def process(self, generator: Any) -> None:
+        generator.close()  # the runtime drives the replica itself; its SimPy loop never runs
+
+    def sleep_until(self, at_s: float) -> None:
+        while True:
+            left = at_s - self.now
+            if left <= 0:
+                return
+            time.sleep(left - 0.0005 if left > 0.002 else 0)  # sleep most of it, then spin to be on time
+
+
+class Runtime:
+    """One replica of the real model serving a request table."""
+
+    def __init__(self, loaded: LoadedScenario, *, seed: int = 0, threads: int = 1) -> None:
+        policies = loaded.scenario.policies
+        if policies.prefetch.name != "none":
+            raise CalibrationError(f"{loaded.source}: policies.prefetch: {policies.prefetch.name!r} is not in the "
+                                   f"runtime yet; use prefetch: {{name: none}}")
+        if policies.preemption.mode != "recompute":
+            raise CalibrationError(f"{loaded.source}: policies.preemption: the runtime supports recompute only")
+        if loaded.scenario.hardware.num_gpus != 1:
+            raise CalibrationError(f"{loaded.source}: hardware.num_gpus: the runtime serves one replica")
+        self.loaded = loaded
+        self.seed = seed
+        self.threads = threads
+        self.budget = plan_memory(loaded)
+        spec = loaded.model
+        self.model = TinyMoE(spec, seed)
+        d = self.dims = self.model.dims
+        cache_spec = policies.expert_cache
+        cache = make_cache(
+            cache_spec.name, num_layers=d.num_layers, num_experts=d.num_experts,
+            capacity_experts=self.budget.expert_slots, per_layer=getattr(cache_spec, "scope", "global") == "per_layer",
+        )
+        self.store = ExpertStore(self.model.host_experts, cache, num_experts=d.num_experts)
+
+    # ---------------------------------------------------------------- serving
+
+    def serve(self, table: RequestTable, *, time_scale: float = 1.0) -> RunRecorder:
+        """Serve every request of ``table``; arrival i is submitted at ``table.arrival_s[i] * time_scale``."""
+        policies = self.loaded.scenario.policies
+        d = self.dims
+        rec = RunRecorder(num_layers=d.num_layers, top_k=d.top_k)
+        kv_limit = max_request_tokens(self.budget)
+        too_long = (table.prompt_tokens + table.output_tokens) > kv_limit
+        if np.any(too_long) or (not policies.batching.chunked_prefill
+                                and np.any(table.prompt_tokens > policies.batching.max_batch_tokens)):
+            raise CalibrationError(f"{self.loaded.source}: a request would be rejected; the runtime serves "
+                                   f"workloads whose requests all fit")
+        previous_threads = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            with torch.inference_mode():
+                self._warm_up()
+                return self._serve(table, time_scale, rec)
+        finally:
+            torch.set_num_threads(previous_threads)
+
+    def _serve(self, table: RequestTable, time_scale: float, rec: RunRecorder) -> RunRecorder:
+        policies = self.loaded.scenario.policies
+        clock = WallClock()
+        self.token_times: dict[int, list[float]] = {}
+        self.tokens: dict[int, list[int]] = {}
+        self.kv: dict[int, torch.Tensor] = {}
+        n_total = len(table)
+        self.max_len = int((table.prompt_tokens + table.output_tokens).max()) if n_total else 1
+        finished: list[RequestState] = []
+
+        def on_finish(req: RequestState) -> None:
+            finished.append(req)
+            self.kv.pop(req.request_id, None)
+            rec.requests.append(RequestRecord(
+                request_id=req.request_id, arrived_at_s=req.arrival_s, prompt_tokens=req.prompt_tokens,
+                output_tokens=req.output_tokens, generated_tokens=req.generated, status=req.status,
+                admitted_at_s=req.admitted_at_s, first_token_at_s=req.first_token_at_s,
+                finished_at_s=req.finished_at_s, preemptions=req.preemptions,
+                token_times_s=tuple(self.token_times.get(req.request_id, ())),
+            ))
+
+        replica = Replica(
+            index=0, env=clock, budget=self.budget, planner=None, routing=None,  # type: ignore[arg-type]
+            scheduler=make_scheduler(policies.scheduler.name), profile=None,  # type: ignore[arg-type]
+            max_num_seqs=policies.batching.max_num_seqs, max_batch_tokens=policies.batching.max_batch_tokens,
+            chunked_prefill=policies.batching.chunked_prefill, preemption=policies.preemption.mode,
+            queue_timeout_s=policies.batching.queue_timeout_s, on_finish=on_finish, tbt_samples=array("d"),
+        )
+        arrivals = table.arrival_s * time_scale
+        nxt = 0
+        while len(finished) < n_total:
+            now = clock.now
+            while nxt < n_total and arrivals[nxt] <= now:
+                req = RequestState(nxt, float(arrivals[nxt]), int(table.prompt_tokens[nxt]),
+                                   int(table.output_tokens[nxt]), None)
+                rng = np.random.default_rng([self.seed, nxt])
+                self.tokens[nxt] = rng.integers(0, self.dims.vocab, req.prompt_tokens).tolist()
+                self.token_times[nxt] = []
+                replica.submit(req)
+                nxt += 1
+            replica._drop_timed_out(now)
+            if not replica.running and not replica.waiting:
+                clock.sleep_until(float(arrivals[nxt]))
+                continue
+            batch, swap_out, swap_in = replica._form_batch()
+            assert not swap_out and not swap_in, "recompute preemption never swaps"
+            if not batch:
+                if not replica.running:
+                    raise RuntimeError("replica idle with waiting requests that cannot be admitted")
+                replica._preempt(replica.running[replica.scheduler.choose_victim(replica.running)])
+                continue
+            started = clock.now
+            it = self._iteration(batch, rec, clock)
+            now = clock.now
+            rec.iterations.append(RuntimeIteration(started_at_s=started, duration_s=now - started, **it))
+            self._advance(replica, batch, now)
+        self.store.close()
+        return rec
+
+    def _advance(self, replica: Replica, batch: list[tuple[RequestState, int]], now: float) -> None:
+        """Advance each sequence of a finished iteration.
+
+        The same steps as the end of ``Replica._run_iteration`` (after its timeout); duplicated because
+        that method is a SimPy generator. A refactor there (an ``_advance(batch, now)`` method) would
+        let both share it."""
+        for req, n in batch:
+            was_prefill = req.in_prefill
+            req.context += n
+            if was_prefill and req.context < req.prefill_target:
+                continue
+            req.generated += 1
+            self.token_times[req.request_id].append(now)
+            if req.generated == 1:
+                req.first_token_at_s = now
+            else:
+                gap = now - req.last_token_at_s
+                replica.tbt_samples.append(gap)
+                req.max_tbt_s = max(req.max_tbt_s, gap)
+            req.last_token_at_s = now
+            if was_prefill:
+                req.prefill_target = req.context
+            if req.generated >= req.output_tokens:
+                replica.running.remove(req)
+                replica._release(req)
+                replica._finish(req, "completed", "", now)
+
+    # ---------------------------------------------------------------- one iteration
+
+    def _kv_of(self, req: RequestState) -> torch.Tensor:
+        kv = self.kv.get(req.request_id)
+        if kv is None:
+            d = self.dims
+            # Every request gets the longest request's room, so decode batches can slice a common length.
+            kv = torch.empty(d.num_layers, 2, d.num_kv_heads, self.max_len, d.head_dim, dtype=torch.bfloat16)
+            self.kv[req.request_id] = kv
+        return kv
+
+    def _iteration(self, batch: list[tuple[RequestState, int]], rec: RunRecorder, clock: WallClock) -> dict[str, Any]:
+        perf = time.perf_counter
+        t_start = perf()
+        m, d, store = self.model, self.dims, self.store
+        hq, hkv, hd = d.num_heads, d.num_kv_heads, d.head_dim
+        gqa = hq != hkv
+        # Segments in batch order: (request, first position, tokens, row offset, emits a token?).
+        segs = []
+        ids: list[int] = []
+        for req, n in batch:
+            pos = req.context
+            emitting = (not req.in_prefill) or pos + n >= req.prefill_target
+            segs.append((req, pos, n, len(ids), emitting, req.in_prefill, self._kv_of(req)))
+            ids.extend(self.tokens[req.request_id][pos : pos + n])
+        T = len(ids)
+        decodes = [s for s in segs if not s[5]]
+        prefills = [s for s in segs if s[5]]
+        dec_rows = torch.tensor([s[3] for s in decodes], dtype=torch.long)
+        dec_pos = [s[1] for s in decodes]
+        dec_len = max(dec_pos) + 1 if decodes else 0
+        dec_mask = None
+        if decodes and min(dec_pos) != max(dec_pos):
+            dec_mask = (torch.arange(dec_len)[None, :] <= torch.tensor(dec_pos)[:, None]).view(len(decodes), 1, 1, dec_len)
+        routing = np.empty((T, d.num_layers, d.top_k), dtype=np.int16)
+        x = m.embed[torch.tensor(ids, dtype=torch.long)]
+        attention_s = gate_s = expert_s = wait_s = copy_s = 0.0
+        hits = misses = bypassed = 0
+        for layer, w in enumerate(m.layers):
+            t0 = perf()
+            h = m.rms_norm(x, w["norm1"])
+            q, k, v = h @ w["wq"], h @ w["wk"], h @ w["wv"]
+            for req, pos, n, row, _, _, kv in segs:
+                kv[layer, 0, :, pos : pos + n] = k[row : row + n].view(n, hkv, hd).transpose(0, 1)
+                kv[layer, 1, :, pos : pos + n] = v[row : row + n].view(n, hkv, hd).transpose(0, 1)
+            outs = []
+            if decodes:
+                qd = q[dec_rows].view(len(decodes), hq, 1, hd)
+                kd = torch.stack([s[6][layer, 0, :, :dec_len] for s in decodes])
+                vd = torch.stack([s[6][layer, 1, :, :dec_len] for s in decodes])
+                o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=dec_mask, enable_gqa=gqa)
+                outs.append(o.reshape(len(decodes), hq * hd))
+            for req, pos, n, row, _, _, kv in prefills:
+                qp = q[row : row + n].view(n, hq, hd).transpose(0, 1).unsqueeze(0)
+                kp = kv[layer, 0, :, : pos + n].unsqueeze(0)
+                vp = kv[layer, 1, :, : pos + n].unsqueeze(0)
+                if pos == 0:
+                    o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=gqa)
+                else:
+                    mask = torch.arange(pos + n)[None, :] <= (pos + torch.arange(n))[:, None]
+                    o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, enable_gqa=gqa)
+                outs.append(o.squeeze(0).transpose(0, 1).reshape(n, hq * hd))
+            # Decodes come first in a batch (Replica._form_batch), so rows are already in token order.
+            attn = outs[0] if len(outs) == 1 else torch.cat(outs)
+            x = x + attn @ w["wo"]
+            t1 = perf()
+            h2 = m.rms_norm(x, w["norm2"])
+            idx, weights = m.route(layer, h2)
+            idx_np = idx.numpy()
+            routing[:, layer, :] = idx_np
+            experts = np.unique(idx_np).tolist()
+            access = store.access(layer, experts)
+            hits += len(access.hits)
+            misses += len(access.misses)
+            bypassed += access.bypassed
+            t2 = perf()
+            gate_s += t2 - t1
+            attention_s += t1 - t0
+            y = torch.zeros_like(h2)
+            base = layer * d.num_experts
+            for e in access.hits:
+                expert_s += self._run_expert(h2, y, idx_np, weights, e, store.weights(base + e))
+            for e, job in access.misses:
+                tw = perf()
+                job.done.wait()
+                wait_s += perf() - tw
+                copy_s += job.finished_at_s - job.started_at_s
+                expert_s += self._run_expert(h2, y, idx_np, weights, e, job.dst)
+            x = x + y
+        t_lm = perf()
+        emit = [s for s in segs if s[4]]
+        if emit:
+            rows = torch.tensor([s[3] + s[2] - 1 for s in emit], dtype=torch.long)
+            logits = m.rms_norm(x[rows], m.final_norm) @ m.lm_head
+            next_ids = torch.argmax(logits, dim=-1).tolist()
+            for s, tok in zip(emit, next_ids):
+                self.tokens[s[0].request_id].append(int(tok))
+        lm_head_s = time.perf_counter() - t_lm
+        for req, pos, n, row, _, _, _ in segs:
+            rec.record_routing(req.request_id, pos, routing[row : row + n])
+        rec.batches.append(tuple((s[0].request_id, s[1], s[2], s[5], s[4]) for s in segs))
+        total = time.perf_counter() - t_start
+        return dict(
+            num_prefill_seqs=len(prefills), num_decode_seqs=len(decodes), num_tokens=T, expert_hits=hits,
+            expert_misses=misses, bypassed=bypassed, attention_s=attention_s, gate_s=gate_s,
+            expert_compute_s=expert_s, load_wait_s=wait_s, copy_busy_s=copy_s, lm_head_s=lm_head_s,
+            other_s=max(0.0, total - attention_s - gate_s - expert_s - wait_s - lm_head_s),
+        )
+
+    def _run_expert(self, h: torch.Tensor, y: torch.Tensor, idx_np: np.ndarray, weights: torch.Tensor, e: int,
+                    flat: torch.Tensor) -> float:
+        t0 = time.perf_counter()
+        rows, slot = np.nonzero(idx_np == e)
+        rows_t = torch.from_numpy(rows)
+        wg, wu, wd = self.model.expert_views(flat)
+        out = self.model.expert_ffn(h[rows_t], wg, wu, wd)
+        y.index_add_(0, rows_t, out * weights[rows_t, torch.from_numpy(slot)].unsqueeze(1))
+        return time.perf_counter() - t0
+
+    def _warm_up(self) -> None:
+        """Run each kind of kernel once at a few sizes so first-call costs stay out of the run."""
+        m, d = self.model, self.dims
+        for t in (1, 4, 16, 64):
+            h = torch.randn(t, d.hidden).to(torch.bfloat16)
+            w = m.layers[0]
+            _ = h @ w["wq"], h @ w["wk"], m.route(0, h), m.rms_norm(h, w["norm1"]) @ m.lm_head
+            _ = m.expert_ffn(h, *m.expert_views(m.host_experts[0]))
+            q = torch.randn(1, d.num_heads, t, d.head_dim).to(torch.bfloat16)
+            kv = torch.randn(1, d.num_kv_heads, t, d.head_dim).to(torch.bfloat16)
+            F.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=d.num_heads != d.num_kv_heads)

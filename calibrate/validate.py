@@ -1,0 +1,376 @@
+"""``moesim validate``: run a scenario for real on the CPU runtime and compare the simulator against it.
+
+Steps, back to back (NOTES-CPU-MEASUREMENT: calibrate and run together on a noisy machine):
+
+1. calibrate this machine for the scenario's exact model shapes (``calibrate.measure`` / ``calibrate.fit``),
+   or take ``--profile``;
+2. serve the scenario's requests with ``calibrate.runtime`` (real GEMMs, real copies, real batching);
+3. write the runtime's request table as a CSV trace and its observed routing as a Parquet routing trace,
+   and simulate the same scenario with those arrivals, that routing and the profile;
+4. compare per request (e2e, TTFT, TPOT: absolute percentage error, median and P95), throughput, cache
+   hits and misses, and the per-iteration time breakdown; write CSVs, ``summary.json`` and ``report.html``.
+
+The exit code is 1 when a bound is exceeded. Bounds (issue #8): median |e2e error| <= 5%, P95 <= 15%,
+throughput error <= 5%, identical hit and miss counts. ``--quick`` (CI) uses looser latency bounds,
+fixed before any measurement: 20%, 40%, 20%; hit counts must still be identical."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from calibrate.errors import CalibrationError
+
+
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    median_e2e_ape: float
+    p95_e2e_ape: float
+    throughput_error: float
+
+
+FULL_BOUNDS = Bounds(median_e2e_ape=0.05, p95_e2e_ape=0.15, throughput_error=0.05)
+QUICK_BOUNDS = Bounds(median_e2e_ape=0.20, p95_e2e_ape=0.40, throughput_error=0.20)
+
+
+@dataclass
+class ValidationResult:
+    scenario: str
+    profile: str
+    metrics: dict[str, Any]
+    failures: list[str]
+    folder: Path
+    comparison: pd.DataFrame
+    runtime_iterations: pd.DataFrame
+    sim_iterations: pd.DataFrame
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+# ---------------------------------------------------------------- calibration for the runtime's shapes
+
+
+def calibration_tasks(spec: Any, *, threads: int = 1) -> list[Any]:
+    """The quick plan for ``spec`` plus what the quick plan skips but the runtime runs: every attention
+    projection shape, the LM head and a copy of exactly one expert."""
+    from calibrate.measure import QUICK_GEMM_TOKENS, Task, _dedup, build_plan
+
+    tasks = build_plan([spec], quick=True, device="cpu", threads=threads, dtypes=["bf16"])
+    for g in (*spec.attention_projection_shapes, spec.lm_head_shape):
+        for t in QUICK_GEMM_TOKENS:
+            tasks.append(Task.of("dense_gemm", "bf16", threads, in_features=g.in_features,
+                                 out_features=g.out_features, tokens=t))
+    tasks.append(Task.of("host_copy", "bf16", threads, nbytes=int(spec.expert_bytes)))
+    return _dedup(tasks)
+
+
+def calibrate_for(spec: Any, out: Path, *, threads: int = 1, budget: Any = None, progress: bool = False) -> Path:
+    """Measure ``spec``'s shapes on this CPU and write the profile ``out`` (points next to it)."""
+    import torch
+
+    from calibrate.cli import points_path_for, write_profile
+    from calibrate.environment import collect_environment, load_average
+    from calibrate.measure import read_points, run_tasks
+    from calibrate.timing import Budget
+
+    torch.set_num_threads(threads)
+    env = json.loads(json.dumps(collect_environment("cpu", threads), default=str))  # plain types, as the CLI stores it
+    points_path = points_path_for(out)
+    run_tasks(calibration_tasks(spec, threads=threads), points_path, device="cpu", device_name=str(env["cpu_model"]),
+              budget=budget or Budget(max_repeats=15, time_s=0.3), progress=progress, fresh=True)
+    env["load_average_at_end"] = list(load_average())
+    write_profile(read_points(points_path), env, out=out, name=out.stem, threads=threads, points_path=points_path,
+                  quiet=True, extra_provenance={"note": f"moesim validate: shapes of {spec.name}"})
+    return out
+
+
+# ---------------------------------------------------------------- the simulator's replay of a run
+
+
+def replay_scenario(loaded: Any, table: Any, recorder: Any, profile_path: Path, folder: Path) -> Any:
+    """The scenario with the run's arrivals (CSV trace), the runtime's routing (Parquet) and ``profile_path``."""
+    from sim.scenario import parse_scenario, resolve
+    from sim.workload.routing_trace import RoutingTrace, RoutingTraceMeta, TraceSequence, write_routing_trace
+
+    model = loaded.model
+    folder.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({
+        "arrival_s": np.asarray(table.arrival_s), "prompt_tokens": np.asarray(table.prompt_tokens),
+        "output_tokens": np.asarray(table.output_tokens),
+    }).to_csv(folder / "arrivals.csv", index=False)
+    sequences = []
+    for i in range(len(table)):
+        experts = recorder.routing_of(i)
+        sequences.append(TraceSequence(request_id=i, experts=experts, positions=np.arange(len(experts), dtype=np.int32)))
+    meta = RoutingTraceMeta(model=model.name, num_layers=model.num_moe_layers, num_experts=model.num_experts,
+                            top_k=model.top_k)
+    write_routing_trace(folder / "routing.parquet", RoutingTrace(meta, sequences))
+    data = loaded.scenario.model_dump(mode="json")
+    data["hardware"]["profile"] = str(profile_path.resolve())
+    data["workload"]["arrivals"] = {
+        "kind": "trace", "path": "arrivals.csv", "format": "csv", "time_unit": "s", "time_origin": "trace",
+        "columns": {"arrival": "arrival_s", "prompt_tokens": "prompt_tokens", "output_tokens": "output_tokens"},
+    }
+    data["workload"]["routing"] = {"kind": "replay", "path": "routing.parquet"}
+    data["workload"]["max_requests"] = None
+    data["workload"]["max_duration_s"] = None
+    data["sweep"] = {"axes": {}}
+    source = str(folder / "replay-scenario.yaml")
+    return resolve(parse_scenario(data, source), source, folder)
+
+
+# ---------------------------------------------------------------- comparison
+
+
+def _ape(sim: pd.Series, real: pd.Series) -> pd.Series:
+    return ((sim - real) / real).abs()
+
+
+def compare(real_req: pd.DataFrame, sim_req: pd.DataFrame, real_it: pd.DataFrame, sim_it: pd.DataFrame
+            ) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Per-request errors and run-level agreement; the merged per-request table."""
+    cols = ["request_id", "arrived_at_s", "prompt_tokens", "output_tokens", "ttft_s", "e2e_s", "tpot_s", "finished_at_s"]
+    merged = real_req[cols].merge(sim_req[cols[:1] + cols[4:]], on="request_id", suffixes=("_real", "_sim"))
+    metrics: dict[str, Any] = {"num_requests": int(len(merged))}
+    for m in ("e2e", "ttft", "tpot"):
+        ape = _ape(merged[f"{m}_s_sim"], merged[f"{m}_s_real"]).dropna()
+        merged[f"{m}_ape"] = _ape(merged[f"{m}_s_sim"], merged[f"{m}_s_real"])
+        metrics[f"{m}_ape_median"] = float(ape.median()) if len(ape) else float("nan")
+        metrics[f"{m}_ape_p95"] = float(ape.quantile(0.95)) if len(ape) else float("nan")
+        metrics[f"{m}_bias_median"] = float(((merged[f"{m}_s_sim"] - merged[f"{m}_s_real"]) / merged[f"{m}_s_real"]).median())
+
+    def throughput(frame: pd.DataFrame, finished: str) -> float:
+        span = float(frame[finished].max() - frame["arrived_at_s"].min())
+        return float(frame["output_tokens"].sum()) / span
+
+    real_tp = throughput(merged, "finished_at_s_real")
+    sim_tp = throughput(merged, "finished_at_s_sim")
+    metrics.update(throughput_real_tok_s=real_tp, throughput_sim_tok_s=sim_tp,
+                   throughput_error=abs(sim_tp - real_tp) / real_tp)
+    metrics.update(
+        hits_real=int(real_it["expert_hits"].sum()), hits_sim=int(sim_it["expert_hits"].sum()),
+        misses_real=int(real_it["expert_misses"].sum()), misses_sim=int(sim_it["expert_misses"].sum()),
+        iterations_real=int(len(real_it)), iterations_sim=int(len(sim_it)),
+        mean_iteration_real_s=float(real_it["duration_s"].mean()), mean_iteration_sim_s=float(sim_it["duration_s"].mean()),
+    )
+    breakdown = {c: float(real_it[c].sum()) for c in ("attention_s", "gate_s", "expert_compute_s", "load_wait_s",
+                                                     "copy_busy_s", "lm_head_s", "other_s", "duration_s")}
+    breakdown_sim = {c: float(sim_it[c].sum()) for c in ("compute_busy_s", "stall_s", "copy_busy_s", "duration_s")}
+    metrics["breakdown_real_s"] = breakdown
+    metrics["breakdown_sim_s"] = breakdown_sim
+    return metrics, merged
+
+
+def replay_batches(replay: Any, recorder: Any) -> pd.DataFrame:
+    """The simulator's planner fed exactly the runtime's batches and routing, iteration by iteration:
+    its cache decisions (hits, misses) and its predicted duration of each real iteration.
+
+    This separates the cost model from queueing feedback: in the closed loop a different iteration time
+    changes how requests are batched, and so the routing each iteration sees and the hit counts."""
+    from sim.engine.iteration import BatchShape, IterationPlanner, time_plan
+    from sim.policies.cache import make_cache
+    from sim.workload.routing import RecordedSequence, ReplayedRouting
+
+    model, policies = replay.model, replay.scenario.policies
+    from sim.engine.memory import plan_memory
+
+    budget = plan_memory(replay)
+    cache_spec = policies.expert_cache
+    cache = make_cache(cache_spec.name, num_layers=model.num_moe_layers, num_experts=model.num_experts,
+                       capacity_experts=budget.expert_slots,
+                       per_layer=getattr(cache_spec, "scope", "global") == "per_layer")
+    planner = IterationPlanner(model=model, profile=replay.profile, cache=cache, prefetch=policies.prefetch.name)
+    ids = sorted(recorder.routing)
+    sequences = [RecordedSequence(str(i), recorder.routing_of(i)) for i in range(max(ids) + 1)]
+    routing = ReplayedRouting(sequences, model.num_experts)
+    rows = []
+    for batch in recorder.batches:
+        pre = [(pos, n) for _, pos, n, is_prefill, _ in batch if is_prefill]
+        shape = BatchShape(
+            prefill_new_tokens=np.asarray([n for _, n in pre], dtype=np.int64),
+            prefill_context_tokens=np.asarray([p for p, _ in pre], dtype=np.int64),
+            decode_context_tokens=np.asarray([pos for _, pos, _, is_prefill, _ in batch if not is_prefill], dtype=np.int64),
+            num_emitting=sum(1 for *_, emits in batch if emits),
+        )
+        plan = planner.plan(shape, routing.counts([(r, pos, n) for r, pos, n, _, _ in batch]))
+        timing = time_plan(plan)
+        rows.append((timing.duration_s, timing.compute_busy_s, timing.stall_s, plan.hits, plan.misses))
+    return pd.DataFrame(rows, columns=["predicted_s", "predicted_compute_s", "predicted_stall_s", "hits", "misses"])
+
+
+def same_batch_metrics(real_it: pd.DataFrame, planned: pd.DataFrame) -> dict[str, Any]:
+    ape = ((planned["predicted_s"] - real_it["duration_s"]) / real_it["duration_s"]).abs()
+    bias = (planned["predicted_s"].sum() - real_it["duration_s"].sum()) / real_it["duration_s"].sum()
+    return {
+        "same_batch_iteration_ape_median": float(ape.median()), "same_batch_iteration_ape_p95": float(ape.quantile(0.95)),
+        "same_batch_total_time_bias": float(bias),
+        "same_batch_hits_real": int(real_it["expert_hits"].sum()), "same_batch_hits_sim": int(planned["hits"].sum()),
+        "same_batch_misses_real": int(real_it["expert_misses"].sum()),
+        "same_batch_misses_sim": int(planned["misses"].sum()),
+        "same_batch_iterations_with_other_decisions": int(
+            ((planned["hits"].to_numpy() != real_it["expert_hits"].to_numpy())
+             | (planned["misses"].to_numpy() != real_it["expert_misses"].to_numpy())).sum()),
+    }
+
+
+def check_bounds(metrics: dict[str, Any], bounds: Bounds) -> list[str]:
+    failures = []
+    for key, bound in (("e2e_ape_median", bounds.median_e2e_ape), ("e2e_ape_p95", bounds.p95_e2e_ape),
+                       ("throughput_error", bounds.throughput_error)):
+        value = metrics[key]
+        if not (value <= bound):
+            failures.append(f"{key} {value:.1%} > {bound:.0%}")
+    # Hit counts are compared on the runtime's own batches: in the closed loop they agree only when the
+    # timing does (other iteration times -> other batches -> other routing per iteration).
+    for kind in ("hits", "misses"):
+        real, sim = metrics[f"same_batch_{kind}_real"], metrics[f"same_batch_{kind}_sim"]
+        if real != sim:
+            failures.append(f"{kind} on the runtime's batches: runtime {real} != simulator {sim}")
+    return failures
+
+
+# ---------------------------------------------------------------- the whole validation
+
+
+def validate(scenario: str | Path, *, profile: str | Path | None = None, quick: bool = False,
+             out: Path | None = None, calibration_budget: Any = None, max_requests: int | None = None,
+             progress: bool = False, log: Any = None) -> ValidationResult:
+    """Calibrate (unless ``profile``), run the runtime, simulate the replay, compare. See the module docstring."""
+    from calibrate.runtime.server import Runtime
+    from sim.engine.simulation import build_request_table, simulate
+    from sim.scenario import load_scenario
+
+    say = log or (lambda msg: print(msg, file=sys.stderr))
+    loaded = load_scenario(scenario)
+    name = loaded.scenario.name
+    folder = Path(out) if out else Path("reports") / f"validate-{name}"
+    folder.mkdir(parents=True, exist_ok=True)
+    if profile is None:
+        t = time.perf_counter()
+        profile_path = calibrate_for(loaded.model, folder / "profile.yaml", budget=calibration_budget, progress=progress)
+        say(f"calibrated {loaded.model.name}'s shapes in {time.perf_counter() - t:.0f} s -> {profile_path}")
+    else:
+        from sim.profile import load_profile
+
+        p = Path(profile)
+        profile_path = p if p.exists() else None  # a shipped name: resolve gives its path below
+        if profile_path is None:
+            load_profile(str(profile))  # raises ProfileError naming the choices
+            from sim.profile import shipped_profiles  # noqa: F401
+
+            import sim.data.profiles as shipped
+
+            profile_path = Path(shipped.__file__).parent / f"{profile}.yaml"
+    seeds = np.random.SeedSequence(loaded.scenario.workload.seed).spawn(2)
+    table = build_request_table(loaded, np.random.default_rng(seeds[0]))
+    if max_requests is not None:
+        from sim.workload.arrivals import RequestTable
+
+        table = RequestTable(arrival_s=table.arrival_s[:max_requests], prompt_tokens=table.prompt_tokens[:max_requests],
+                             output_tokens=table.output_tokens[:max_requests])
+    t = time.perf_counter()
+    runtime = Runtime(loaded, seed=loaded.scenario.workload.seed)
+    recorder = runtime.serve(table)
+    say(f"runtime served {len(table)} requests in {time.perf_counter() - t:.1f} s "
+        f"({len(recorder.iterations)} iterations)")
+    recorder.write(folder)
+    replay = replay_scenario(loaded, table, recorder, profile_path, folder)
+    result = simulate(replay)
+    if result.partial:
+        raise CalibrationError(f"{scenario}: the simulator did not finish the replay")
+    result.requests.to_csv(folder / "sim_requests.csv", index=False)
+    result.iterations.to_csv(folder / "sim_iterations.csv", index=False)
+    real_req = recorder.requests_frame()
+    metrics, merged = compare(real_req, result.requests, recorder.iterations_frame(), result.iterations)
+    metrics["rerouted_positions"] = recorder.rerouted_positions
+    planned = replay_batches(replay, recorder)
+    metrics.update(same_batch_metrics(recorder.iterations_frame(), planned))
+    pd.concat([recorder.iterations_frame(), planned], axis=1).to_csv(folder / "same_batch_iterations.csv", index=False)
+    bounds = QUICK_BOUNDS if quick else FULL_BOUNDS
+    failures = check_bounds(metrics, bounds)
+    merged.to_csv(folder / "comparison.csv", index=False)
+    vr = ValidationResult(scenario=str(scenario), profile=str(profile_path), metrics=metrics, failures=failures,
+                          folder=folder, comparison=merged, runtime_iterations=recorder.iterations_frame(),
+                          sim_iterations=result.iterations)
+    summary = {"scenario": str(scenario), "profile": str(profile_path), "quick": quick, "bounds": asdict(bounds),
+               "passed": vr.passed, "failures": failures, "metrics": metrics}
+    (folder / "summary.json").write_text(json.dumps(summary, indent=1, default=float), encoding="utf-8")
+    write_html(vr, bounds, folder / "report.html")
+    return vr
+
+
+def format_table(vr: ValidationResult, bounds: Bounds) -> str:
+    m = vr.metrics
+    lines = [f"validate {vr.scenario} (profile {vr.profile}): {m['num_requests']} requests",
+             f"{'metric':22s} {'median APE':>11s} {'P95 APE':>9s} {'median bias':>12s}"]
+    for k in ("e2e", "ttft", "tpot"):
+        lines.append(f"{k:22s} {m[k + '_ape_median']:11.1%} {m[k + '_ape_p95']:9.1%} {m[k + '_bias_median']:+12.1%}")
+    lines.append(f"{'throughput tok/s':22s} runtime {m['throughput_real_tok_s']:.1f}, simulator "
+                 f"{m['throughput_sim_tok_s']:.1f} (error {m['throughput_error']:.1%})")
+    lines.append(f"{'closed-loop hits/miss':22s} runtime {m['hits_real']} / {m['misses_real']}, simulator "
+                 f"{m['hits_sim']} / {m['misses_sim']}")
+    lines.append(f"{'same batches':22s} hits/misses runtime {m['same_batch_hits_real']} / {m['same_batch_misses_real']}, "
+                 f"simulator {m['same_batch_hits_sim']} / {m['same_batch_misses_sim']}; iteration time APE median "
+                 f"{m['same_batch_iteration_ape_median']:.1%}, P95 {m['same_batch_iteration_ape_p95']:.1%}, total "
+                 f"{m['same_batch_total_time_bias']:+.1%}")
+    lines.append(f"{'iterations':22s} runtime {m['iterations_real']} (mean {m['mean_iteration_real_s'] * 1e3:.2f} ms), "
+                 f"simulator {m['iterations_sim']} (mean {m['mean_iteration_sim_s'] * 1e3:.2f} ms)")
+    b = m["breakdown_real_s"]
+    lines.append("runtime time split    " + ", ".join(f"{k.removesuffix('_s')} {v / b['duration_s']:.0%}"
+                                                       for k, v in b.items() if k not in ("duration_s", "copy_busy_s")))
+    lines.append(f"bounds{' (quick)' if bounds is QUICK_BOUNDS else ''}: median e2e <= {bounds.median_e2e_ape:.0%}, "
+                 f"P95 <= {bounds.p95_e2e_ape:.0%}, throughput <= {bounds.throughput_error:.0%}, identical hits/misses")
+    lines.append("PASS" if vr.passed else "FAIL: " + "; ".join(vr.failures))
+    return "\n".join(lines)
+
+
+def write_html(vr: ValidationResult, bounds: Bounds, path: Path) -> None:
+    """A self-contained report: the summary table and a scatter of simulated vs real latencies."""
+    import html
+
+    img = ""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+        c = vr.comparison
+        for ax, m in zip(axes, ("e2e", "ttft")):
+            real, sim = c[f"{m}_s_real"], c[f"{m}_s_sim"]
+            ax.scatter(real, sim, s=12)
+            hi = float(max(real.max(), sim.max())) * 1.05
+            ax.plot([0, hi], [0, hi], "k--", lw=0.8)
+            ax.set_xlabel(f"runtime {m} (s)")
+            ax.set_ylabel(f"simulated {m} (s)")
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=90)
+        plt.close(fig)
+        img = f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+    except ImportError:  # pragma: no cover - matplotlib is a dependency of the venv
+        pass
+    body = html.escape(format_table(vr, bounds))
+    path.write_text(f"<!doctype html><meta charset=utf-8><title>moesim validate</title>"
+                    f"<h1>moesim validate: {html.escape(vr.scenario)}</h1><pre>{body}</pre>{img}", encoding="utf-8")
+
+
+def cmd_validate(args: Any) -> int:
+    result = validate(args.scenario, profile=args.profile, quick=args.quick,
+                      out=Path(args.out) if args.out else None, max_requests=args.max_requests,
+                      progress=not args.no_progress)
+    print(format_table(result, QUICK_BOUNDS if args.quick else FULL_BOUNDS))
+    print(f"wrote {result.folder}/report.html, summary.json and the runtime/simulator tables")
+    return 0 if result.passed else 1

@@ -1,0 +1,153 @@
+"""``moesim trace``: convert, inspect and fit expert-routing traces.
+
+    moesim trace convert JSONL PARQUET --model NAME   speculative-moe JSONL -> canonical Parquet
+    moesim trace stats ROUTING [--out DIR]            statistics, hit-rate curves (JSON + PNG)
+    moesim trace fit-routing ROUTING --out YAML       parameters of the fitted routing generator
+
+ROUTING is a canonical Parquet trace or a speculative-moe JSONL table. Errors are MoesimErrors, so
+``sim.cli.main`` prints them as one line and exits 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from sim.errors import TraceError
+
+
+def _meta_for_model(name: str):
+    from sim.spec import get_model
+    from sim.workload.routing_trace import RoutingTraceMeta
+
+    spec = get_model(name)
+    return RoutingTraceMeta(model=name, num_layers=spec.num_moe_layers, num_experts=spec.num_experts, top_k=spec.top_k)
+
+
+def _load(path: str, model: str | None):
+    from sim.workload.routing_trace import load_any_routing
+
+    meta = _meta_for_model(model) if model else None
+    return load_any_routing(Path(path), model=model or "unknown", meta=meta)
+
+
+def cmd_trace_convert(args: argparse.Namespace) -> int:
+    from sim.workload.routing_trace import RoutingTrace, import_speculative_moe_jsonl, write_routing_trace
+
+    meta = _meta_for_model(args.model)
+    trace = import_speculative_moe_jsonl(Path(args.jsonl), meta)
+    if args.no_gates:
+        trace = RoutingTrace(trace.meta, [type(s)(s.request_id, s.experts, s.positions, None, s.task) for s in trace.sequences])
+    out = Path(args.parquet)
+    try:
+        write_routing_trace(out, trace)
+    except OSError as exc:
+        raise TraceError(f"{out}: cannot write ({exc.strerror})") from None
+    size = out.stat().st_size
+    n = trace.num_token_layers
+    print(f"wrote {out}: {len(trace.sequences)} requests, {n:,} token-layers, {size:,} bytes "
+          f"({size / max(n, 1):.2f} bytes per token-layer)")
+    return 0
+
+
+def _summary_lines(stats: dict) -> list[str]:
+    pop, per = stats["popularity"]["overall"], stats["persistence"]["overall"]
+    hr = stats["hit_rate"]
+    lines = [
+        f"{stats['requests']} requests, {stats['tokens']:,} tokens, {stats['num_layers']} MoE layers, "
+        f"{stats['num_experts']} experts, top-{stats['top_k']}",
+        f"popularity      entropy {pop['entropy']:.3f} (1 = uniform), max/mean {pop['max_over_mean']:.2f}, Gini {pop['gini']:.3f}",
+        "load imbalance  " + ", ".join(
+            f"max/mean {li['overall']:.2f} per {li['batch_tokens']} tokens" for li in stats["load_imbalance"] if li["overall"]
+        ),
+        f"persistence     same expert set as previous token {per['same_set']:.3f}, overlap {per['overlap']:.3f}, "
+        f"median reuse distance {stats['reuse_distance']['median_tokens']} tokens",
+        f"transitions     layer l -> l+1 normalised MI {stats['layer_transitions']['overall']['normalized_mi']:.3f}",
+        "prompt overlap  " + ", ".join(
+            f"Jaccard {po['jaccard']:.3f} ({'all' if po['first_tokens'] is None else 'first ' + str(po['first_tokens'])} tokens)"
+            for po in stats["prompt_overlap"] if po["jaccard"] is not None
+        ),
+    ]
+    if stats["tasks"]["js_divergence"]:
+        lines.append("tasks           " + ", ".join(f"JS({k}) {v:.3f}" for k, v in stats["tasks"]["js_divergence"].items()))
+    lines.append("hit rate        slots/layer " + " ".join(f"{s:>5d}" for s in hr["sizes"]))
+    for policy in ("LRU", "LFU", "static"):
+        lines.append(f"  {policy:6s}                  " + " ".join(f"{x:5.3f}" for x in hr[policy]["overall"]))
+    return lines
+
+
+def cmd_trace_stats(args: argparse.Namespace) -> int:
+    from sim.workload.routing_stats import plot_hit_rate_curves, routing_stats
+
+    trace = _load(args.routing, args.model)
+    seqs = trace.sequences[: args.max_requests] if args.max_requests else trace.sequences
+    if not seqs:
+        raise TraceError(f"{args.routing}: no complete tokens to analyse")
+    stats = routing_stats([s.experts for s in seqs], trace.meta.num_experts, tasks=[s.task for s in seqs])
+    stats["trace"] = str(args.routing)
+    stats["model"] = trace.meta.model
+    for line in _summary_lines(stats):
+        print(line)
+    if args.out:
+        out = Path(args.out)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            tmp = out / "routing_stats.json.tmp"
+            tmp.write_text(json.dumps(stats, indent=1), encoding="utf-8")
+            tmp.replace(out / "routing_stats.json")
+        except OSError as exc:
+            raise TraceError(f"{out}: cannot write ({exc.strerror})") from None
+        plot_hit_rate_curves(stats["hit_rate"], out / "hit_rate.png", f"{trace.meta.model}: per-layer cache hit rate")
+        print(f"wrote {out / 'routing_stats.json'} and {out / 'hit_rate.png'}")
+    return 0
+
+
+def cmd_trace_fit_routing(args: argparse.Namespace) -> int:
+    from sim.workload.routing import fit_routing
+
+    trace = _load(args.routing, args.model)
+    if not trace.sequences:
+        raise TraceError(f"{args.routing}: no complete tokens to fit")
+    params = fit_routing([s.experts for s in trace.sequences], trace.meta.num_experts, trace.meta.model)
+    out = Path(args.out)
+    try:
+        out.write_text(params.to_yaml(), encoding="utf-8")
+    except OSError as exc:
+        raise TraceError(f"{out}: cannot write ({exc.strerror})") from None
+    print(f"wrote {out}: {trace.meta.model}, mean persistence {params.persistence.mean():.3f}, locality {params.locality}; "
+          f"use it as workload.routing: {{kind: fitted, path: {out}}}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``trace`` command group to the top-level parser's subcommands."""
+    tr = sub.add_parser("trace", help="convert, inspect and fit expert-routing traces")
+    trs = tr.add_subparsers(dest="trace_command", metavar="ACTION")
+
+    p = trs.add_parser("convert", help="convert a speculative-moe JSONL routing table to the canonical Parquet trace")
+    p.add_argument("jsonl", metavar="JSONL")
+    p.add_argument("parquet", metavar="PARQUET")
+    p.add_argument("--model", required=True, help="catalog model the routing was recorded from (checks its shape)")
+    p.add_argument("--no-gates", action="store_true", help="drop the gate scores (about 4x smaller)")
+    p.set_defaults(func=cmd_trace_convert)
+
+    p = trs.add_parser("stats", help="routing statistics and LRU/LFU/static hit-rate curves")
+    p.add_argument("routing", metavar="ROUTING", help="canonical Parquet trace or speculative-moe JSONL")
+    p.add_argument("--out", metavar="DIR", help="write routing_stats.json and hit_rate.png here")
+    p.add_argument("--model", help="catalog model, to check a JSONL table's shape")
+    p.add_argument("--max-requests", type=int, metavar="N", help="analyse only the first N requests")
+    p.set_defaults(func=cmd_trace_stats)
+
+    p = trs.add_parser("fit-routing", help="fit the Markov routing generator to a routing trace (YAML)")
+    p.add_argument("routing", metavar="ROUTING")
+    p.add_argument("--out", required=True, metavar="YAML")
+    p.add_argument("--model", help="catalog model, to check a JSONL table's shape")
+    p.set_defaults(func=cmd_trace_fit_routing)
+
+    def usage(_args: argparse.Namespace) -> int:
+        import sys
+
+        tr.print_help(sys.stderr)
+        return 2
+
+    tr.set_defaults(func=usage)

@@ -1,0 +1,164 @@
+"""The real CPU runtime (calibrate.runtime) and ``moesim validate``: serving, shared cache decisions,
+seeded routing, and one quick end-to-end validation on a tiny model."""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+torch = pytest.importorskip("torch")
+
+from calibrate.runtime.model import TinyMoE  # noqa: E402
+from calibrate.runtime.server import Runtime  # noqa: E402
+from calibrate.timing import Budget  # noqa: E402
+from calibrate.validate import QUICK_BOUNDS, compare, replay_batches, replay_scenario, validate  # noqa: E402
+from sim.engine.simulation import build_request_table, simulate  # noqa: E402
+from sim.scenario import load_scenario  # noqa: E402
+
+TINY_MOE: dict[str, Any] = {
+    "name": "test-tiny-moe", "hidden_size": 128, "num_layers": 4, "vocab_size": 256, "attention_type": "gqa",
+    "num_attention_heads": 4, "num_kv_heads": 2, "head_dim": 32, "num_experts": 4, "top_k": 2,
+    "expert_ffn_size": 256,
+}
+SCENARIO: dict[str, Any] = {
+    "name": "test-runtime",
+    "model": {"spec": TINY_MOE},
+    "hardware": {"profile": "cpu-this-machine", "expert_memory": {"experts": 8}},
+    "workload": {
+        "arrivals": {"kind": "poisson", "rate_per_s": 50.0, "prompt_tokens": {"dist": "uniform", "low": 4, "high": 40},
+                     "output_tokens": {"dist": "uniform", "low": 2, "high": 10}},
+        "max_requests": 12, "seed": 3,
+    },
+    "policies": {"batching": {"max_num_seqs": 4, "max_batch_tokens": 32, "chunked_prefill": True},
+                 "expert_cache": {"name": "lru", "scope": "global"}},
+}
+
+
+def _write(tmp_path: Path, **cache: Any) -> Path:
+    data = copy.deepcopy(SCENARIO)
+    if cache:
+        data["policies"]["expert_cache"] = cache
+        if cache["name"] == "all_resident":
+            data["hardware"]["expert_memory"] = {"all": True}
+    path = tmp_path / "scenario.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def _serve(path: Path):
+    loaded = load_scenario(path)
+    table = build_request_table(loaded, np.random.default_rng(np.random.SeedSequence(3).spawn(2)[0]))
+    return loaded, table, Runtime(loaded, seed=3).serve(table)
+
+
+def test_runtime_serves_every_request_with_every_token(tmp_path: Path) -> None:
+    loaded, table, rec = _serve(_write(tmp_path))
+    req = rec.requests_frame()
+    assert len(req) == len(table) == 12
+    assert (req["status"] == "completed").all()
+    assert (req["generated_tokens"] == req["output_tokens"]).all()
+    for r in rec.requests:
+        times = np.asarray(r.token_times_s)
+        assert len(times) == r.output_tokens
+        assert times[0] >= r.arrived_at_s and np.all(np.diff(times) >= 0)
+        assert r.finished_at_s == times[-1]
+    # Every computed position has its routing: prompt + output - 1 positions, top-k distinct experts.
+    for i in range(len(table)):
+        routing = rec.routing_of(i)
+        assert routing.shape == (table.prompt_tokens[i] + table.output_tokens[i] - 1, 4, 2)
+        assert np.all(routing[:, :, 0] != routing[:, :, 1])
+    it = rec.iterations_frame()
+    assert it["num_tokens"].sum() == sum(len(rec.routing_of(i)) for i in range(len(table)))
+    assert (it["num_tokens"] <= 32).all() and ((it["num_prefill_seqs"] + it["num_decode_seqs"]) <= 4).all()
+
+
+def test_runtime_cache_makes_the_simulators_decisions(tmp_path: Path) -> None:
+    """8 slots for 16 experts (LRU): on the runtime's own batches, the simulator's planner finds the
+    same hits and misses in every iteration."""
+    path = _write(tmp_path)
+    loaded, table, rec = _serve(path)
+    it = rec.iterations_frame()
+    assert it["expert_misses"].sum() > 0 and it["expert_hits"].sum() > 0
+    replay = replay_scenario(loaded, table, rec, _shipped_profile(), tmp_path / "replay")
+    planned = replay_batches(replay, rec)
+    np.testing.assert_array_equal(planned["hits"].to_numpy(), it["expert_hits"].to_numpy())
+    np.testing.assert_array_equal(planned["misses"].to_numpy(), it["expert_misses"].to_numpy())
+
+
+def _shipped_profile() -> Path:
+    import sim.data.profiles as shipped
+
+    return Path(shipped.__file__).parent / "cpu-this-machine.yaml"
+
+
+def test_simulator_replays_the_recorded_arrivals_and_routing(tmp_path: Path) -> None:
+    loaded, table, rec = _serve(_write(tmp_path, name="all_resident"))
+    replay = replay_scenario(loaded, table, rec, _shipped_profile(), tmp_path / "replay")
+    result = simulate(replay)
+    assert not result.partial
+    np.testing.assert_allclose(result.requests["arrived_at_s"], table.arrival_s)
+    metrics, merged = compare(rec.requests_frame(), result.requests, rec.iterations_frame(), result.iterations)
+    assert metrics["num_requests"] == 12 and merged["e2e_s_sim"].notna().all()
+    assert metrics["misses_real"] == metrics["misses_sim"] == 0
+
+
+def test_routing_is_seeded() -> None:
+    from sim.spec import ModelSpec
+
+    spec = ModelSpec(**TINY_MOE)
+    a, b, c = TinyMoE(spec, seed=1), TinyMoE(spec, seed=1), TinyMoE(spec, seed=2)
+    x = torch.randn(16, 128, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    with torch.inference_mode():
+        ia, _ = a.route(2, x)
+        ib, _ = b.route(2, x)
+        ic, _ = c.route(2, x)
+    assert torch.equal(ia, ib)
+    assert torch.equal(a.host_experts, b.host_experts)
+    assert not torch.equal(ia, ic)
+
+
+@pytest.fixture(scope="module")
+def quick_validation(tmp_path_factory: pytest.TempPathFactory):
+    """Calibrate the tiny shapes (short budget), serve, simulate and compare once for the tests below."""
+    tmp_path = tmp_path_factory.mktemp("validate")
+    started = time.perf_counter()
+    vr = validate(_write(tmp_path), quick=True, out=tmp_path / "out",
+                  calibration_budget=Budget(max_repeats=6, time_s=0.05, rounds=2), log=lambda m: None)
+    return vr, time.perf_counter() - started
+
+
+@pytest.mark.slow
+def test_quick_validation_runs_and_reports(quick_validation) -> None:
+    vr, elapsed = quick_validation
+    m = vr.metrics
+    assert elapsed < 60
+    assert m["num_requests"] == 12
+    for key in ("e2e_ape_median", "e2e_ape_p95", "ttft_ape_median", "throughput_error",
+                "same_batch_iteration_ape_median"):
+        assert np.isfinite(m[key])
+    assert m["same_batch_hits_real"] == m["same_batch_hits_sim"]
+    assert m["same_batch_misses_real"] == m["same_batch_misses_sim"]
+    assert (vr.folder / "report.html").read_text().startswith("<!doctype html>")
+
+
+@pytest.mark.slow
+def test_quick_validation_verdict_follows_its_bounds(quick_validation) -> None:
+    """The verdict is exactly "every measured error within its bound". The errors are reported as
+    measured: on this shared 2-core box the simulator under-predicts the runtime, because per-layer
+    Python/router/cache bookkeeping and per-expert gather/scatter overheads are not in the profile yet."""
+    vr, _ = quick_validation
+    bounds = QUICK_BOUNDS
+    m = vr.metrics
+    within = (
+        m["e2e_ape_median"] <= bounds.median_e2e_ape
+        and m["e2e_ape_p95"] <= bounds.p95_e2e_ape
+        and m["throughput_error"] <= bounds.throughput_error
+    )
+    assert vr.passed == (within and not vr.failures)
+    assert bool(vr.failures) == (not vr.passed)
