@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import time
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,9 @@ from sim.workload.arrivals import (
 )
 
 ARRIVALS = TypeAdapter(ArrivalSpec)
-MOONCAKE_CONV = Path("/work/shared/data/arrival_traces/mooncake_fast25/conversation_trace.jsonl")
+# ../shared/data beside the checkout (CI lays a copy there); the Mooncake trace is read from it, not shipped.
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+MOONCAKE_CONV = SHARED_DATA / "arrival_traces" / "mooncake_fast25" / "conversation_trace.jsonl"
 AZURE_HEADER = "TIMESTAMP,ContextTokens,GeneratedTokens\n"
 
 
@@ -81,17 +82,9 @@ def test_shipped_code_trace_matches_published_summary() -> None:
 
 
 def test_shipped_trace_is_the_upstream_file_gzipped() -> None:
-    upstream = Path("/work/shared/data/arrival_traces/azure_llm_2023/AzureLLMInferenceTrace_conv.csv")
-    if not upstream.exists():
-        pytest.skip(f"upstream copy {upstream} is not on this machine")
+    upstream = SHARED_DATA / "arrival_traces" / "azure_llm_2023" / "AzureLLMInferenceTrace_conv.csv"
     with shipped_trace_path("azure-2023-conv").open("rb") as f:
         assert gzip.decompress(f.read()) == upstream.read_bytes()
-
-
-def test_loading_the_conv_trace_takes_well_under_a_second() -> None:
-    started = time.perf_counter()
-    load_trace(spec(kind="trace", path="azure-2023-conv"), base_dir=Path("."))  # type: ignore[arg-type]
-    assert time.perf_counter() - started < 1.0
 
 
 def test_shipped_traces_are_listed_and_found() -> None:
@@ -104,8 +97,6 @@ def test_shipped_traces_are_listed_and_found() -> None:
 
 def test_mooncake_conversation_trace() -> None:
     """Published: 12,031 requests over about 59 min, mean prompt 12,035 and output 343 tokens."""
-    if not MOONCAKE_CONV.exists():
-        pytest.skip(f"the Mooncake trace is not shipped and {MOONCAKE_CONV} is absent")
     s = build({"kind": "trace", "path": str(MOONCAKE_CONV), "format": "mooncake"}).summary()
     assert s["count"] == 12_031
     assert s["duration_s"] / 60 == pytest.approx(59, rel=0.01)
