@@ -195,8 +195,11 @@ def _read_runs(env_path: Path) -> list[dict[str, Any]]:
 
 def write_profile(points: list[dict[str, str]], environment: dict[str, Any], *, out: Path, name: str,
                   threads: int, points_path: Path, quiet: bool = False,
-                  extra_provenance: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Fit, validate with sim's own loader, and write ``out`` atomically; print one line per op."""
+                  extra_provenance: dict[str, Any] | None = None,
+                  extra_operations: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Fit, validate with sim's own loader, and write ``out`` atomically; print one line per op.
+
+    ``extra_operations`` (e.g. the overhead terms of ``calibrate.overhead``) are added to ``operations``."""
     import yaml
 
     from calibrate.fit import build_profile, op_mape
@@ -204,6 +207,7 @@ def write_profile(points: list[dict[str, str]], environment: dict[str, Any], *, 
 
     profile, summary = build_profile(points, environment, name=name, threads=threads, points_file=points_path.name,
                                      extra_provenance=extra_provenance)
+    profile["operations"].update(extra_operations or {})
     header = (f"# {name}: MEASURED by `moesim calibrate` ({environment.get('device')}); every point is in "
               f"{points_path.name}.\n# Units: seconds, bytes; *_gbps = GB/s. See provenance for the environment, "
               f"load average and fit errors.\n")

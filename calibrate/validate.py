@@ -75,8 +75,12 @@ def calibration_tasks(spec: Any, *, threads: int = 1) -> list[Any]:
     return _dedup(tasks)
 
 
-def calibrate_for(spec: Any, out: Path, *, threads: int = 1, budget: Any = None, progress: bool = False) -> Path:
-    """Measure ``spec``'s shapes on this CPU and write the profile ``out`` (points next to it)."""
+def calibrate_for(spec: Any, out: Path, *, threads: int = 1, budget: Any = None, progress: bool = False,
+                  overheads: bool = True) -> Path:
+    """Measure ``spec``'s shapes on this CPU and write the profile ``out`` (points next to it).
+
+    With ``overheads`` (default) the profile also gets ``layer_overhead``, ``expert_overhead`` and
+    ``iteration_overhead`` measured on the runtime (``calibrate.overhead``)."""
     import torch
 
     from calibrate.cli import points_path_for, write_profile
@@ -90,8 +94,19 @@ def calibrate_for(spec: Any, out: Path, *, threads: int = 1, budget: Any = None,
     run_tasks(calibration_tasks(spec, threads=threads), points_path, device="cpu", device_name=str(env["cpu_model"]),
               budget=budget or Budget(max_repeats=15, time_s=0.3), progress=progress, fresh=True)
     env["load_average_at_end"] = list(load_average())
+    note = {"note": f"moesim validate: shapes of {spec.name}"}
     write_profile(read_points(points_path), env, out=out, name=out.stem, threads=threads, points_path=points_path,
-                  quiet=True, extra_provenance={"note": f"moesim validate: shapes of {spec.name}"})
+                  quiet=True, extra_provenance=note)
+    if overheads:
+        # What the kernel tables leave out (norms, KV writes, router output, cache bookkeeping, gather /
+        # scatter, Python), measured on the runtime itself against the kernels-only profile just written.
+        from calibrate.overhead import measure_overheads
+        from sim.profile import load_profile
+
+        ops, prov = measure_overheads(spec, load_profile(out), threads=threads)
+        env["load_average_at_end"] = list(load_average())
+        write_profile(read_points(points_path), env, out=out, name=out.stem, threads=threads, points_path=points_path,
+                      quiet=True, extra_provenance={**note, "overheads": prov}, extra_operations=ops)
     return out
 
 

@@ -206,7 +206,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from sim.scenario import find_scenario
     from sim.sweep import run_sweep
 
-    out = Path(args.out) if args.out else Path("runs") / f"sweep-{find_scenario(args.scenario).stem}"
+    stem = find_scenario(args.scenario).stem
+    out = Path(args.out) if args.out else Path("runs") / f"sweep-{stem}"
     table = run_sweep(args.scenario, out, jobs=args.jobs, progress=not args.no_progress and sys.stderr.isatty())
     shown = table.drop(columns=["key"])
     if "infeasible" in shown:  # the full reason is in sweep.csv; keep the terminal table narrow
@@ -214,38 +215,49 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-"))
     sys.stdout.flush()
     print(f"sweep table: {out / 'sweep.csv'}; run folders: {out / 'points'}", file=sys.stderr)
+    if args.report:
+        from sim.report.render import render_sweep_report
+
+        target = Path("reports") / f"sweep-{stem}.html" if args.report is True else Path(args.report)
+        print(f"report: {render_sweep_report(out, target)}", file=sys.stderr)
     return 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from sim.plan import run_plan
+    import pandas as pd
+
+    from sim.plan import recommended, run_plan, write_plan
     from sim.scenario import find_scenario
 
+    stem = find_scenario(args.scenario).stem
     table, results = run_plan(args.scenario, jobs=args.jobs, progress=not args.no_progress and sys.stderr.isatty())
-    out = Path(args.out) if args.out else Path("runs") / f"plan-{find_scenario(args.scenario).stem}"
-    out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "plan.csv", index=False)
-    shown = table.drop(columns=["reason", "probes"])
+    out = write_plan(Path(args.out) if args.out else Path("runs") / f"plan-{stem}", args.scenario, table, results)
+    shown = table.drop(columns=["reason", "limit", "probes", "max_rate_upper_per_s"])
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-"))
-    ok = table[table["status"] == "meets target"]
-    if len(ok):
-        best = ok.iloc[0]
+    best = recommended(table)
+    if best is not None:
         axes = ", ".join(f"{k}={best[k]}" for k in results[0].values)
         print(f"\nrecommended: candidate {best['candidate']} ({axes}): sustains {best['max_rate_per_s']:.3g} req/s, "
-              f"headroom {best['headroom']:.2f}x, ${best['usd_per_hour']:.2f}/h, bound by {best['binding']}")
+              f"headroom {'at least ' if pd.isna(best['max_rate_upper_per_s']) else ''}{best['headroom']:.2f}x, "
+              f"${best['usd_per_hour']:.2f}/h, bound by {best['binding']}")
     else:
         print("\nno candidate meets the target rate within the SLO; the closest are listed above")
     for _, row in table[table["status"] != "meets target"].iterrows():
         print(f"candidate {row['candidate']}: {row['status']}: {row['reason']}")
     sys.stdout.flush()
-    print(f"plan table: {out / 'plan.csv'}", file=sys.stderr)
+    print(f"plan table: {out / 'plan.csv'}; details: {out / 'plan.json'}", file=sys.stderr)
+    if args.report:
+        from sim.report.render import render_plan_report
+
+        target = Path("reports") / f"plan-{stem}.html" if args.report is True else Path(args.report)
+        print(f"report: {render_plan_report(out, target)}", file=sys.stderr)
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from sim.report.render import render_run_report
+    from sim.report.render import render_report
 
-    path = render_run_report(Path(args.run_dir), Path(args.out) if args.out else None)
+    path = render_report(Path(args.run_dir), Path(args.out) if args.out else None)
     print(f"report: {path}")
     return 0
 
@@ -305,6 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="results folder (default: runs/sweep-NAME)")
     p.add_argument("--jobs", type=int, metavar="N", help="worker processes (default: all cores; 1 runs in-process)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--report", nargs="?", const=True, metavar="HTML",
+        help="also write a self-contained HTML report (default: reports/sweep-NAME.html)",
+    )
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("plan", help="the cheapest candidate configuration that meets the SLO at a target rate")
@@ -312,10 +328,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="results folder (default: runs/plan-NAME)")
     p.add_argument("--jobs", type=int, metavar="N", help="worker processes (default: all cores; 1 runs in-process)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--report", nargs="?", const=True, metavar="HTML",
+        help="also write a self-contained HTML report (default: reports/plan-NAME.html)",
+    )
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("report", help="render a run folder into one self-contained HTML report")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by `moesim simulate --out`")
+    p = sub.add_parser("report", help="render a run, sweep or plan folder into one self-contained HTML report")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by `moesim simulate --out`, `sweep` or `plan`")
     p.add_argument("-o", "--out", metavar="HTML", help="output file (default: RUN_DIR/report.html)")
     p.set_defaults(func=cmd_report)
     trace_cli.register(sub)

@@ -3,23 +3,29 @@
 For every combination of the scenario's ``plan.candidates`` this module
 
 1. prunes what cannot work without simulating it (the weights and one request do not fit),
-2. probes the lowest rate of the search: a candidate that misses the SLO even there is pruned,
-3. finds the maximum sustainable rate by bisection (in log space) on the arrival rate, where
+2. probes the target rate, and the lowest rate of the search when the target is missed: a candidate
+   that misses the SLO even at the lowest rate is pruned, with the bound it broke,
+3. finds the maximum sustainable rate by bisection (in log space) on the arrival rate, between the
+   target and the highest rate (target met) or the lowest rate and the target (target missed), where
    "sustainable" means the scenario's SLO holds (percentile targets and attainment),
 4. prices it (GPU-hours from an editable price table) and says what binds it at its limit.
 
-Each candidate's search runs in its own worker process; probes simulate a capped number of requests."""
+Probes of all candidates share one pool of worker processes; each probe simulates a capped number of
+requests, and a candidate's search depends only on its own probes, so a plan is deterministic for the
+scenario's seed whatever the number of workers.
+``write_plan`` writes plan.csv (the ranked table) and plan.json (everything, probes included)."""
 
 from __future__ import annotations
 
 import copy
 import itertools
+import json
 import math
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Generator
 
 import pandas as pd
 import yaml
@@ -54,8 +60,11 @@ class CandidateResult:
     max_rate_per_s: float | None = None
     usd_per_hour: float | None = None
     usd_per_million_output_tokens: float | None = None
+    max_rate_upper_per_s: float | None = None  # the lowest probed rate that missed the SLO
+    target_rate_per_s: float | None = None
     headroom: float | None = None
     binding: str = ""
+    limit: str = ""  # what broke first above the sustainable rate
     at_target: Probe | None = None
     probes: list[Probe] = field(default_factory=list)
 
@@ -99,7 +108,7 @@ def _probe(data: dict[str, Any], source: str, base_dir: Path, scale: float, max_
     from sim.metrics import summarize
 
     loaded = resolve(parse_scenario(_scaled(data, scale, max_requests), source), source, base_dir)
-    result = simulate(loaded)
+    result = simulate(loaded, record_accesses=False)  # a probe needs no Belady bound: skip the access log
     s = summarize(result)
     req = result.requests
     span = float(req["arrived_at_s"].max() - req["arrived_at_s"].min()) if len(req) > 1 else 1.0
@@ -131,14 +140,76 @@ def _binding(p: Probe) -> str:
     return name if value > 0.5 else "latency SLO (resources not saturated)"
 
 
-def search_candidate(
+def _misses(p: Probe, slo: Any) -> str:
+    """Which SLO bound a probe broke, in words (the first one that failed)."""
+    parts = []
+    if slo.ttft_p99_s is not None and (p.ttft_p99_s is None or p.ttft_p99_s > slo.ttft_p99_s):
+        parts.append(f"TTFT P99 {_num(p.ttft_p99_s)} s > {slo.ttft_p99_s:g} s")
+    if slo.tbt_p99_s is not None and (p.tbt_p99_s is None or p.tbt_p99_s > slo.tbt_p99_s):
+        parts.append(f"TBT P99 {_num(p.tbt_p99_s)} s > {slo.tbt_p99_s:g} s")
+    if p.attainment is None or p.attainment < slo.attainment:
+        parts.append(f"attainment {0 if p.attainment is None else p.attainment:.0%} < {slo.attainment:.0%}")
+    if p.rejected:
+        parts.append(f"{p.rejected} requests rejected")
+    return ", ".join(parts) or "SLO missed"
+
+
+def _num(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3g}"
+
+
+def _workload_rate(data: dict[str, Any], source: str, base: Path, max_requests: int) -> tuple[float, float]:
+    """(mean arrival rate, mean output tokens) of the probe's requests at the workload's own rate.
+
+    Probes scale every inter-arrival time by the same factor, so a probe at ``scale`` arrives at exactly
+    ``scale`` times this rate; this is what lets the search aim its first probe at the target."""
+    import numpy as np
+
+    from sim.engine.simulation import build_request_table
+
+    loaded = resolve(parse_scenario(_scaled(data, 1.0, max_requests), source), source, base)
+    seed = np.random.SeedSequence(loaded.scenario.workload.seed).spawn(2)[0]
+    table = build_request_table(loaded, np.random.default_rng(seed))
+    arrivals = np.asarray(table.arrival_s, dtype=float)
+    span = float(arrivals.max() - arrivals.min()) if len(arrivals) > 1 else 0.0
+    rate = len(arrivals) / span if span > 0 else float("inf")
+    return rate, float(np.mean(table.output_tokens)) if len(arrivals) else 0.0
+
+
+def rate_precision(low_scale: float, high_scale: float, target_scale: float, iterations: int) -> dict[str, float]:
+    """Worst-case ratio between the true maximum sustainable rate and the one reported.
+
+    The search brackets the limit in [target, high] when the target is met and in [low, target] when it is
+    not; ``iterations`` bisection steps in log space shrink a bracket of ratio R to R ** (1 / 2**iterations)."""
+    t = min(max(target_scale, low_scale), high_scale)
+    return {
+        "above_target": (high_scale / t) ** (1.0 / 2**iterations),
+        "below_target": (t / low_scale) ** (1.0 / 2**iterations),
+    }
+
+
+Search = Generator[float, Probe, CandidateResult]  # yields the rate multiples to probe, returns the result
+
+
+def candidate_search(
     index: int, values: dict[str, Any], data: dict[str, Any], source: str, base_dir: str,
-    target_rate_per_s: float | None, prices: dict[str, float],
-) -> CandidateResult:
-    """Prune or probe one candidate, then bisect its maximum sustainable rate."""
+    target_rate_per_s: float | None, prices: dict[str, float], rates: dict[str, tuple[float, float]] | None = None,
+) -> Search:
+    """Prune or probe one candidate, then bisect its maximum sustainable rate.
+
+    A generator: it yields each rate multiple it wants probed and is sent the ``Probe`` back (a probe's
+    exception is thrown into it), so the caller decides where probes run; it returns the result. Its
+    choices depend only on its own probes, so the result does not depend on how probes are scheduled.
+
+    The first probe is at the target rate: a candidate that meets the SLO there is searched between the
+    target and ``high_scale`` (the low-rate probe, the slowest to simulate, is then never needed); one that
+    misses it is probed at ``low_scale`` (pruned if it misses there too) and searched between the two.
+    Assumes that a configuration meeting the SLO at some rate meets it at every lower rate. ``rates``
+    memoises the workload's own rate across candidates that share a workload."""
     base = Path(base_dir)
     scenario: Scenario = parse_scenario(data, source)
     plan = scenario.plan
+    slo = scenario.slo
     profile = scenario.hardware.profile
     result = CandidateResult(index=index, values=values, status="pruned", profile=profile, num_gpus=scenario.hardware.num_gpus)
     price = prices.get(profile)
@@ -146,61 +217,103 @@ def search_candidate(
         result.usd_per_hour = price * scenario.hardware.num_gpus
     cap = plan.max_requests_per_probe
     search = plan.rate_search
+    seen: dict[float, Probe] = {}
+
+    def probe(scale: float) -> Generator[float, Probe, Probe]:
+        if scale not in seen:
+            seen[scale] = yield scale
+            result.probes.append(seen[scale])
+        return seen[scale]
+
     try:
-        resolve(scenario, source, base)
-        low = _probe(data, source, base, search.low_scale, cap)
+        try:
+            resolve(scenario, source, base)
+        except ScenarioError as exc:
+            # More expert memory than the GPU has is this candidate's fault, not the plan's: prune it.
+            if ": hardware.expert_memory: " not in str(exc):
+                raise
+            raise CapacityError(str(exc).replace(": hardware.expert_memory: ", ": hardware: ", 1)) from None
+        key = json.dumps([data["workload"], cap], sort_keys=True, default=str)
+        rates = {} if rates is None else rates
+        if key not in rates:
+            rates[key] = _workload_rate(data, source, base, cap)
+        own_rate, mean_output = rates[key]
+        target = target_rate_per_s or own_rate
+        result.target_rate_per_s = target
+        t_scale = min(max(target / own_rate, search.low_scale), search.high_scale)
+        at_target = yield from probe(t_scale)
     except CapacityError as exc:
         result.reason = "does not fit: " + str(exc).split(": hardware: ", 1)[-1]
         return result
-    result.probes.append(low)
-    if not low.met:
-        result.reason = (
-            f"misses the SLO even at {low.rate_per_s:.3g} req/s (TTFT P99 {low.ttft_p99_s:.3g} s, "
-            f"attainment {0 if low.attainment is None else low.attainment:.0%})"
-        )
-        result.binding = _binding(low)
-        return result
-    best = low
-    lo, hi = math.log(search.low_scale), math.log(search.high_scale)
-    top = _probe(data, source, base, search.high_scale, cap)
-    result.probes.append(top)
-    if top.met:
-        best = top
+    if at_target.met:
+        lo, hi = t_scale, search.high_scale
     else:
+        low = yield from probe(search.low_scale)
+        if not low.met:
+            result.reason = f"misses the SLO even at {low.rate_per_s:.3g} req/s ({_misses(low, slo)})"
+            result.binding = _binding(low)
+            return result
+        lo, hi = search.low_scale, t_scale
+    best, failed = seen[lo], None if hi not in seen else seen[hi]
+    if hi != lo and hi not in seen:
+        top = yield from probe(hi)
+        if top.met:
+            best = top
+        else:
+            failed = top
+    if failed is not None:
+        a, b = math.log(lo), math.log(hi)
         for _ in range(search.iterations):
-            mid = (lo + hi) / 2
-            p = _probe(data, source, base, math.exp(mid), cap)
-            result.probes.append(p)
+            mid = (a + b) / 2
+            p = yield from probe(math.exp(mid))
             if p.met:
-                lo, best = mid, p
+                a, best = mid, p
             else:
-                hi = mid
+                b, failed = mid, p
     result.max_rate_per_s = best.rate_per_s
+    result.max_rate_upper_per_s = failed.rate_per_s if failed is not None else None
     result.binding = _binding(best)
-    target = target_rate_per_s or low.rate_per_s / search.low_scale
+    if failed is not None:
+        result.limit = f"at {failed.rate_per_s:.3g} req/s: {_misses(failed, slo)}"
+    else:
+        result.limit = f"meets the SLO at the highest rate searched ({best.rate_per_s:.3g} req/s)"
     result.headroom = best.rate_per_s / target
-    if best.rate_per_s >= target:
+    if at_target.met and at_target.rate_per_s >= target * (1 - 1e-9):
         result.status = "meets target"
-        scale_at_target = search.low_scale * target / low.rate_per_s
-        result.at_target = _probe(data, source, base, scale_at_target, cap)
+        result.at_target = at_target
     else:
         result.status = "below target"
-        result.reason = f"sustains {best.rate_per_s:.3g} req/s < target {target:.3g} req/s"
-    if result.usd_per_hour is not None:
-        mean_output = _mean_output_tokens(data, source, base)
+        result.reason = (
+            f"sustains {best.rate_per_s:.3g} req/s < target {target:.3g} req/s"
+            + (f"; {result.limit}" if failed is not None else "")
+        )
+    if result.usd_per_hour is not None and mean_output > 0:
         tokens_per_hour = min(best.rate_per_s, target) * mean_output * 3600.0
         result.usd_per_million_output_tokens = result.usd_per_hour / tokens_per_hour * 1e6
     return result
 
 
-def _mean_output_tokens(data: dict[str, Any], source: str, base: Path) -> float:
-    import numpy as np
+def search_candidate(
+    index: int, values: dict[str, Any], data: dict[str, Any], source: str, base_dir: str,
+    target_rate_per_s: float | None, prices: dict[str, float],
+) -> CandidateResult:
+    """One candidate's whole search, every probe run here in turn."""
+    gen = candidate_search(index, values, data, source, base_dir, target_rate_per_s, prices)
+    return _drive(gen, lambda scale: _probe(data, source, Path(base_dir), scale, data["plan"]["max_requests_per_probe"]))
 
-    from sim.engine.simulation import build_request_table
 
-    loaded = resolve(parse_scenario(_scaled(data, 1.0, data["plan"]["max_requests_per_probe"]), source), source, base)
-    table = build_request_table(loaded, np.random.default_rng(np.random.SeedSequence(loaded.scenario.workload.seed).spawn(2)[0]))
-    return float(table.output_tokens.mean())
+def _drive(gen: Search, run: Callable[[float], Probe]) -> CandidateResult:
+    try:
+        scale = next(gen)
+        while True:
+            try:
+                probe = run(scale)
+            except CapacityError as exc:
+                scale = gen.throw(exc)
+            else:
+                scale = gen.send(probe)
+    except StopIteration as stop:
+        return stop.value
 
 
 def candidates(path: str | Path) -> tuple[list[tuple[dict[str, Any], dict[str, Any]]], Scenario, Path]:
@@ -226,35 +339,63 @@ def candidates(path: str | Path) -> tuple[list[tuple[dict[str, Any], dict[str, A
 
 
 def run_plan(path: str | Path, *, jobs: int | None = None, progress: bool = True) -> tuple[pd.DataFrame, list[CandidateResult]]:
-    """Search every candidate; returns the ranked table and the full results."""
+    """Search every candidate; returns the ranked table and the full results (in candidate order).
+
+    Probes, not candidates, are the unit of parallel work: every candidate's next probe is queued as soon
+    as its previous one returns, so the workers stay busy until the last few probes of the plan."""
     cands, base, base_dir = candidates(path)
     prices = load_prices(base.plan.prices, base_dir)
-    results: list[CandidateResult] = []
+    cap = base.plan.max_requests_per_probe
+    rates: dict[str, tuple[float, float]] = {}
+    gens = [
+        candidate_search(i, values, data, str(path), str(base_dir), base.plan.target_rate_per_s, prices, rates)
+        for i, (values, data) in enumerate(cands)
+    ]
+    results: dict[int, CandidateResult] = {}
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(cands), unit="candidate", desc="plan")
     try:
-        args = [
-            (i, values, data, str(path), str(base_dir), base.plan.target_rate_per_s, prices)
-            for i, (values, data) in enumerate(cands)
-        ]
         if jobs == 1:
-            for a in args:
-                results.append(search_candidate(*a))
+            for i, gen in enumerate(gens):
+                data = cands[i][1]
+                results[i] = _drive(gen, lambda scale, d=data: _probe(d, str(path), base_dir, scale, cap))
                 if bar:
                     bar.update()
         else:
             with ProcessPoolExecutor(max_workers=jobs) as pool:
-                for r in pool.map(search_candidate, *zip(*args)):
-                    results.append(r)
-                    if bar:
-                        bar.update()
+                pending: dict[Future, int] = {}
+
+                def advance(i: int, step: Callable[[], float]) -> None:
+                    try:
+                        scale = step()
+                    except StopIteration as stop:
+                        results[i] = stop.value
+                        if bar:
+                            bar.update()
+                        return
+                    pending[pool.submit(_probe, cands[i][1], str(path), base_dir, scale, cap)] = i
+
+                for i, gen in enumerate(gens):
+                    advance(i, gen.__next__)
+                while pending:
+                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in sorted(done, key=lambda f: pending[f]):
+                        i = pending.pop(future)
+                        exc = future.exception()
+                        if isinstance(exc, CapacityError):
+                            advance(i, lambda g=gens[i], e=exc: g.throw(e))
+                        elif exc is not None:
+                            raise exc
+                        else:
+                            advance(i, lambda g=gens[i], p=future.result(): g.send(p))
     finally:
         if bar:
             bar.close()
-    return rank(results, base.plan.objective), results
+    ordered = [results[i] for i in range(len(cands))]
+    return rank(ordered, base.plan.objective), ordered
 
 
 def rank(results: list[CandidateResult], objective: str) -> pd.DataFrame:
@@ -263,37 +404,90 @@ def rank(results: list[CandidateResult], objective: str) -> pd.DataFrame:
     for r in results:
         rows.append({
             "candidate": r.index, **r.values, "status": r.status,
-            "max_rate_per_s": r.max_rate_per_s, "headroom": r.headroom, "num_gpus": r.num_gpus,
+            "max_rate_per_s": r.max_rate_per_s, "max_rate_upper_per_s": r.max_rate_upper_per_s,
+            "headroom": r.headroom, "num_gpus": r.num_gpus,
             "usd_per_hour": r.usd_per_hour, "usd_per_million_output_tokens": r.usd_per_million_output_tokens,
             "ttft_p99_at_target_s": r.at_target.ttft_p99_s if r.at_target else None,
             "tbt_p99_at_target_s": r.at_target.tbt_p99_s if r.at_target else None,
-            "binding": r.binding, "reason": r.reason, "probes": len(r.probes),
+            "binding": r.binding, "limit": r.limit, "reason": r.reason, "probes": len(r.probes),
         })
     table = pd.DataFrame(rows)
     order = {"meets target": 0, "below target": 1, "pruned": 2}
     cost_key = "usd_per_hour" if objective == "cost" else "num_gpus"
     table["_order"] = table["status"].map(order)
-    table["_cost"] = table[cost_key].fillna(float("inf"))
-    table["_rate"] = -table["max_rate_per_s"].fillna(0.0)
+    table["_cost"] = table[cost_key].astype(float).fillna(float("inf"))
+    table["_rate"] = -table["max_rate_per_s"].astype(float).fillna(0.0)
     table = table.sort_values(["_order", "_cost", "_rate", "candidate"]).drop(columns=["_order", "_cost", "_rate"])
     table.insert(0, "rank", range(1, len(table) + 1))
     table["pareto"] = pareto_mask(table)
     return table.reset_index(drop=True)
 
 
-def pareto_mask(table: pd.DataFrame) -> list[bool]:
-    """Not dominated on (lower cost per hour, higher sustainable rate) among candidates with both."""
+# (column, +1 to maximise / -1 to minimise): the trade-off a buyer weighs among candidates meeting the target.
+PARETO_OBJECTIVES = (("usd_per_hour", -1), ("max_rate_per_s", +1), ("ttft_p99_at_target_s", -1))
+
+
+def pareto_mask(table: pd.DataFrame, objectives: tuple[tuple[str, int], ...] = PARETO_OBJECTIVES) -> list[bool]:
+    """True where a row with every objective known is dominated by no other such row: no other row is
+    at least as good on every objective and better on one (lower cost, higher sustainable rate, lower
+    P99 TTFT at the target). A row missing any objective (pruned, or below target) is never on the front."""
+    import numpy as np
+
+    values = np.column_stack([table[c].astype(float).to_numpy() * sign for c, sign in objectives]) if len(table) else np.zeros((0, 0))
+    known = ~np.isnan(values).any(axis=1) if len(table) else np.zeros(0, dtype=bool)
     mask = []
-    for _, row in table.iterrows():
-        cost, rate = row["usd_per_hour"], row["max_rate_per_s"]
-        if pd.isna(cost) or pd.isna(rate):
+    for i in range(len(table)):
+        if not known[i]:
             mask.append(False)
             continue
-        dominated = any(
-            (o["usd_per_hour"] <= cost and o["max_rate_per_s"] >= rate)
-            and (o["usd_per_hour"] < cost or o["max_rate_per_s"] > rate)
-            for _, o in table.iterrows()
-            if not pd.isna(o["usd_per_hour"]) and not pd.isna(o["max_rate_per_s"])
-        )
-        mask.append(not dominated)
+        others = values[known]
+        dominated = ((others >= values[i]).all(axis=1) & (others > values[i]).any(axis=1)).any()
+        mask.append(not bool(dominated))
     return mask
+
+
+def recommended(table: pd.DataFrame) -> pd.Series | None:
+    """The top-ranked candidate that meets the target, if any."""
+    ok = table[table["status"] == "meets target"]
+    return ok.iloc[0] if len(ok) else None
+
+
+def write_plan(out: Path, path: str | Path, table: pd.DataFrame, results: list[CandidateResult]) -> Path:
+    """plan.csv (the ranked table) and plan.json (settings, recommendation, Pareto front, every candidate
+    with its probes), each written atomically."""
+    from dataclasses import asdict
+
+    file = find_scenario(path)
+    base = parse_scenario(read_yaml(file), str(path))
+    search = base.plan.rate_search
+    target = next((r.target_rate_per_s for r in results if r.target_rate_per_s), base.plan.target_rate_per_s)
+    own = next((p.rate_per_s / p.scale for r in results for p in r.probes), None)
+    best = recommended(table)
+    clean = lambda v: None if isinstance(v, float) and math.isnan(v) else (v.item() if hasattr(v, "item") else v)  # noqa: E731
+    rows = [{k: clean(v) for k, v in row.items()} for row in table.to_dict(orient="records")]
+    doc = {
+        "scenario": base.name,
+        "description": base.description,
+        "source": str(path),
+        "slo": base.slo.model_dump(mode="json"),
+        "objective": base.plan.objective,
+        "target_rate_per_s": target,
+        "workload_rate_per_s": own,
+        "axes": list(base.plan.candidates),
+        "rate_search": {
+            **search.model_dump(mode="json"),
+            "max_requests_per_probe": base.plan.max_requests_per_probe,
+            "precision": rate_precision(search.low_scale, search.high_scale, (target / own) if target and own else 1.0, search.iterations),
+        },
+        "recommended": next((r for r in rows if best is not None and r["candidate"] == best["candidate"]), None),
+        "pareto": [r["candidate"] for r in rows if r["pareto"]],
+        "table": rows,
+        "candidates": [asdict(r) for r in results],
+    }
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in (("plan.csv", table.to_csv(index=False)), ("plan.json", json.dumps(doc, indent=2, default=float) + "\n")):
+        tmp = out / (name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(out / name)
+    return out

@@ -13,6 +13,17 @@ Latency models (``kind``):
   of ``extrapolation`` (scaled to meet the nearest measured point); ``extrapolated_counts()``
   says how often that happened.
 
+Optional overhead terms (absent: 0 s; datasheet and imported profiles do not model them), each affine
+in the work it accompanies and never negative (``max(0, ...)``):
+
+- ``layer_overhead``: per decoder layer per iteration, ``fixed_s + per_token_s * tokens + per_sequence_s *
+  sequences`` of the batch: norms, residual adds, KV-cache writes, router output to the host, cache
+  bookkeeping and the framework's per-layer Python, i.e. everything a layer does besides its modelled ops.
+- ``expert_overhead``: per routed expert call, ``fixed_s + per_token_s * tokens`` routed to it: token
+  gather, weighting and scatter-add (index_add_) around the expert FFN.
+- ``iteration_overhead``: once per iteration, ``fixed_s + per_token_s * tokens + per_sequence_s * sequences``:
+  batch assembly, embedding, sampling, scheduling.
+
 Lookups are ``<operation>_s(...)`` with keyword sizes; they take numpy arrays or scalars and
 return seconds (an array, or a numpy float for a scalar). No work costs 0 s exactly: an expert
 with no tokens is not run. Rates named ``*_gbps`` are GB/s (1e9 bytes/s), not gigabits.
@@ -159,14 +170,44 @@ AttentionOpModel = Annotated[Union[RooflineModel], Field(discriminator="kind")]
 _KIND_TAGS = ("roofline", "table")
 
 
+class BatchOverhead(_Section):
+    """Seconds ``max(0, fixed_s + per_token_s * tokens + per_sequence_s * sequences)`` (per layer or per iteration)."""
+
+    fixed_s: float = Field(default=0.0, allow_inf_nan=False)
+    per_token_s: float = Field(default=0.0, allow_inf_nan=False)
+    per_sequence_s: float = Field(default=0.0, allow_inf_nan=False)
+    fit_error: FitError | None = Field(default=None, description="null when not fitted (datasheet).")
+
+    def seconds(self, tokens: np.ndarray, sequences: np.ndarray) -> np.ndarray:
+        return np.maximum(0.0, self.fixed_s + self.per_token_s * tokens + self.per_sequence_s * sequences)
+
+
+class ExpertOverhead(_Section):
+    """Seconds ``max(0, fixed_s + per_token_s * tokens)`` per expert call (0 for an expert with no tokens)."""
+
+    fixed_s: float = Field(default=0.0, allow_inf_nan=False)
+    per_token_s: float = Field(default=0.0, allow_inf_nan=False)
+    fit_error: FitError | None = Field(default=None, description="null when not fitted (datasheet).")
+
+    def seconds(self, tokens: np.ndarray) -> np.ndarray:
+        return np.where(tokens > 0, np.maximum(0.0, self.fixed_s + self.per_token_s * tokens), 0.0)
+
+
+OVERHEADS: tuple[str, ...] = ("layer_overhead", "expert_overhead", "iteration_overhead")
+
+
 class Operations(_Section):
-    """One latency model per operation; all five are required so a lookup never finds a hole."""
+    """One latency model per operation; all five are required so a lookup never finds a hole.
+    The overhead terms are optional: absent means not modelled (0 s)."""
 
     expert_ffn: TokenOpModel = Field(description="One routed or shared expert FFN call (ExpertShape).")
     dense_gemm: TokenOpModel = Field(description="A dense projection: QKV, output, LM head (GemmShape).")
     attention_prefill: AttentionOpModel = Field(description="Attention core of one sequence's prefill chunk.")
     attention_decode: AttentionOpModel = Field(description="Attention core of one decode step of a batch.")
     gate: TokenOpModel = Field(description="Router GEMM + softmax + top-k (GemmShape of the router).")
+    layer_overhead: BatchOverhead | None = Field(default=None, description="Per decoder layer per iteration; null: 0 s.")
+    expert_overhead: ExpertOverhead | None = Field(default=None, description="Per routed expert call; null: 0 s.")
+    iteration_overhead: BatchOverhead | None = Field(default=None, description="Once per iteration; null: 0 s.")
 
     @model_validator(mode="after")
     def _table_shapes_have_every_field(self) -> "Operations":
@@ -258,7 +299,8 @@ class HardwareProfile(_Section):
     @model_validator(mode="after")
     def _datasheet_has_no_fit(self) -> "HardwareProfile":
         if self.source == "datasheet":
-            fitted = [op for op in OPERATIONS if getattr(self.operations, op).fit_error is not None]
+            fitted = [op for op in (*OPERATIONS, *OVERHEADS)
+                      if getattr(self.operations, op) is not None and getattr(self.operations, op).fit_error is not None]
             if fitted:
                 raise ValueError(f"a datasheet profile fits nothing, so fit_error must be null; it is set for {fitted}")
         return self
@@ -301,6 +343,29 @@ class HardwareProfile(_Section):
         flops = float(np.sum(shape.decode_flops(ctx)))
         nbytes = float(np.sum(shape.decode_bytes(ctx)))
         return float(model.roofline_s(flops, nbytes, peak, self._hbm_bytes_per_s))
+
+    # ------------------------------------------------------------ overhead lookups
+
+    @property
+    def has_overheads(self) -> bool:
+        """Whether any overhead term is modelled (a profile without them predicts 0 s for each)."""
+        return any(getattr(self.operations, op) is not None for op in OVERHEADS)
+
+    def layer_overhead_s(self, *, tokens: np.ndarray | int, sequences: np.ndarray | int = 0) -> np.ndarray:
+        """Seconds of per-layer overhead for one decoder layer of a batch; 0 tokens -> 0 s (no layer runs)."""
+        return _batch_overhead(self.operations.layer_overhead, tokens, sequences)
+
+    def expert_overhead_s(self, *, tokens: np.ndarray | int) -> np.ndarray:
+        """Seconds of gather/scatter around one expert call per element of ``tokens``; 0 tokens -> 0 s."""
+        t = _sizes("tokens", tokens)
+        model = self.operations.expert_overhead
+        if model is None:
+            return _out(np.zeros_like(t))
+        return _out(model.seconds(t))
+
+    def iteration_overhead_s(self, *, tokens: np.ndarray | int, sequences: np.ndarray | int = 0) -> np.ndarray:
+        """Seconds of per-iteration overhead (batch assembly, embedding, sampling); 0 tokens -> 0 s."""
+        return _batch_overhead(self.operations.iteration_overhead, tokens, sequences)
 
     # ------------------------------------------------------------ copy lookups
 
@@ -414,6 +479,14 @@ def _sizes(name: str, value: np.ndarray | float) -> np.ndarray:
 def _out(arr: np.ndarray) -> np.ndarray:
     """A numpy float (a subclass of float) for scalar input, the array otherwise."""
     return arr[()] if arr.ndim == 0 else arr
+
+
+def _batch_overhead(model: BatchOverhead | None, tokens: np.ndarray | int, sequences: np.ndarray | int) -> np.ndarray:
+    t = _sizes("tokens", tokens)
+    n = _sizes("sequences", sequences)
+    if model is None:
+        return _out(np.zeros(np.broadcast(t, n).shape))
+    return _out(np.where(t > 0, model.seconds(t, n), 0.0))
 
 
 def _host_copy_s(link: HostLink, nbytes: np.ndarray | float, pinned: bool) -> np.ndarray:

@@ -266,3 +266,18 @@ def test_tiny_cuda_calibration_writes_a_profile_that_loads(tmp_path):  # pragma:
     env = {**ENV, "device": "cuda", "gpu_name": "test gpu", "gpu_memory_bytes": 1e10}
     write_profile(result.rows, env, out=out, name="gpu", threads=1, points_path=points_path_for(out), quiet=True)
     assert load_profile(out).gpu.name == "test gpu"
+
+
+def test_overhead_least_squares_recovers_an_affine_residual_in_relative_terms():
+    from calibrate.overhead import _lstsq, overhead_batches
+
+    tok = np.array([1.0, 4, 8, 16, 64, 128])
+    seq = np.array([1.0, 4, 8, 1, 2, 3])
+    kernels = 1e-3 * tok + 2e-3
+    real = kernels + 3e-4 + 2e-6 * tok + 5e-5 * seq
+    fixed, per_tok, per_seq = _lstsq([np.ones_like(tok), tok, seq], real - kernels, real)
+    assert (fixed, per_tok, per_seq) == pytest.approx((3e-4, 2e-6, 5e-5), rel=1e-6)
+    batches = overhead_batches(0)
+    assert batches == overhead_batches(0)  # seeded
+    kinds = {(any(p for *_, p in b), any(not p for *_, p in b)) for b in batches}
+    assert kinds == {(False, True), (True, False), (True, True)}  # decode-only, prefill-only, mixed

@@ -429,3 +429,91 @@ def test_a_prefetch_never_evicts_an_expert_predicted_for_the_same_layer():
     plan = planner.plan(decode_batch(5), np.array([[1, 1, 0], [1, 0, 1]], dtype=np.int64))
     assert (plan.hits, plan.misses, plan.prefetch_hits) == (4, 0, 1)
     assert cache.resident.tolist() == [True, True, False, True, False, True]
+
+
+# ---------------------------------------------------------------- overhead terms of the profile
+
+
+def _overhead_profile(**operations):
+    data = TOY.model_dump()
+    data["operations"].update(operations)
+    return type(TOY).model_validate(data)
+
+
+def _planner(profile, model, cache_name: str = "all_resident", capacity: int = 0, **kw):
+    cache = make_cache(cache_name, num_layers=model.num_moe_layers, num_experts=model.num_experts,
+                       capacity_experts=capacity, per_layer=False)
+    return IterationPlanner(model=model, profile=profile, cache=cache, **kw)
+
+
+def _batch(decode_contexts, prefill=()):
+    return BatchShape(
+        prefill_new_tokens=np.asarray([n for n, _ in prefill], dtype=np.int64),
+        prefill_context_tokens=np.asarray([c for _, c in prefill], dtype=np.int64),
+        decode_context_tokens=np.asarray(decode_contexts, dtype=np.int64),
+        num_emitting=len(decode_contexts) + len(prefill),
+    )
+
+
+OVERHEAD_MODEL = tiny_model(num_experts=8, top_k=2, num_layers=3)
+
+
+@pytest.mark.parametrize("cache_name,capacity", [("all_resident", 0), ("lru", 5)])
+def test_expert_overhead_adds_exactly_its_cost_per_active_expert(cache_name, capacity):
+    """A per-expert overhead of X s + Y s/token makes the stream busier by n_active * X + routed_tokens * Y."""
+    counts = np.zeros((3, 8), dtype=np.int64)
+    counts[0, [0, 1]] = 3
+    counts[1, [2, 5, 7]] = [1, 2, 3]
+    counts[2, [4, 6]] = 3
+    batch = _batch([10, 20, 30])
+    x, y = 2e-4, 3e-6
+    base = _planner(TOY, OVERHEAD_MODEL, cache_name, capacity).plan(batch, counts)
+    over = _planner(_overhead_profile(expert_overhead={"fixed_s": x, "per_token_s": y}), OVERHEAD_MODEL,
+                    cache_name, capacity).plan(batch, counts)
+    assert (over.hits, over.misses) == (base.hits, base.misses)
+    assert sum(over.op_s) - sum(base.op_s) == pytest.approx(7 * x + counts.sum() * y, rel=1e-9)
+    if cache_name == "all_resident":
+        assert time_plan(over).duration_s - time_plan(base).duration_s == pytest.approx(7 * x + 18 * y, rel=1e-9)
+
+
+@pytest.mark.parametrize("cache_name,capacity", [("all_resident", 0), ("lru", 5)])
+def test_layer_and_iteration_overheads_are_affine_in_tokens_and_sequences(cache_name, capacity):
+    counts = np.zeros((3, 8), dtype=np.int64)
+    counts[:, [1, 3]] = 5
+    batch = _batch([10, 20, 30], prefill=[(2, 0)])  # 5 tokens, 4 sequences
+    layer = {"fixed_s": 1e-4, "per_token_s": 1e-5, "per_sequence_s": 2e-5}
+    iteration = {"fixed_s": 5e-4, "per_token_s": 1e-6, "per_sequence_s": 0.0}
+    base = _planner(TOY, OVERHEAD_MODEL, cache_name, capacity).plan(batch, counts)
+    over = _planner(_overhead_profile(layer_overhead=layer, iteration_overhead=iteration), OVERHEAD_MODEL,
+                    cache_name, capacity).plan(batch, counts)
+    per_layer = 1e-4 + 5 * 1e-5 + 4 * 2e-5
+    per_iteration = 5e-4 + 5 * 1e-6
+    assert sum(over.op_s) - sum(base.op_s) == pytest.approx(3 * per_layer + per_iteration, rel=1e-9)
+    assert over.op_kind[-1] == "iteration_overhead" and base.op_kind[-1] != "iteration_overhead"
+    assert time_plan(over).compute_busy_s - time_plan(base).compute_busy_s == pytest.approx(
+        3 * per_layer + per_iteration, rel=1e-9)
+
+
+def test_a_profile_without_overheads_plans_as_before():
+    """No overhead terms: the same op list as a profile whose terms are all zero (bar the absent op)."""
+    counts = np.zeros((3, 8), dtype=np.int64)
+    counts[:, [0, 2]] = 1
+    zero = {"fixed_s": 0.0, "per_token_s": 0.0, "per_sequence_s": 0.0}
+    a = _planner(TOY, OVERHEAD_MODEL, "lru", 4).plan(_batch([5, 6]), counts)
+    b = _planner(_overhead_profile(layer_overhead=zero, iteration_overhead=zero,
+                                   expert_overhead={"fixed_s": 0.0, "per_token_s": 0.0}),
+                 OVERHEAD_MODEL, "lru", 4).plan(_batch([5, 6]), counts)
+    assert a.op_s == b.op_s and a.load_s == b.load_s
+
+
+def test_frequency_predictor_does_not_see_the_iteration_it_predicts():
+    """The 'frequency' predictor learns from past iterations only: on the first iteration it has no
+    statistics (ties broken by expert id), so routing to experts 6 and 7 gets no prefetch hit."""
+    counts = np.zeros((3, 8), dtype=np.int64)
+    counts[:, [6, 7]] = 1
+    planner = _planner(TOY, OVERHEAD_MODEL, "lru", 12, prefetch="next_layer", prefetch_predictor="frequency")
+    first = planner.plan(_batch([5]), counts)
+    assert first.prefetch_hits == 0
+    assert planner.use_counts.tolist() == (counts > 0).astype(int).tolist()
+    # Now it knows: experts 6 and 7 are the most used of every layer.
+    assert planner._predict(1, counts).tolist() == [6, 7]

@@ -412,3 +412,55 @@ def test_importing_profile_does_not_import_torch():
     code = "import sys, sim.profile; sim.profile.load_profile('h100-80gb'); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# ---------------------------------------------------------------- overhead terms
+
+
+def _with_overheads(**operations: Any) -> HardwareProfile:
+    data = toy_profile_dict()
+    data["source"] = "measured"
+    data["operations"].update(operations)
+    return HardwareProfile.model_validate(data)
+
+
+def test_overheads_are_optional_and_zero_when_absent(toy_profile):
+    assert not toy_profile.has_overheads
+    assert toy_profile.layer_overhead_s(tokens=5, sequences=2) == 0.0
+    assert toy_profile.iteration_overhead_s(tokens=np.array([0, 7])).tolist() == [0.0, 0.0]
+    assert toy_profile.expert_overhead_s(tokens=np.array([[1, 0], [3, 4]])).shape == (2, 2)
+
+
+def test_overheads_are_affine_vectorised_and_zero_without_tokens():
+    p = _with_overheads(layer_overhead={"fixed_s": 1e-4, "per_token_s": 1e-6, "per_sequence_s": 1e-5},
+                        expert_overhead={"fixed_s": 2e-4, "per_token_s": 3e-6},
+                        iteration_overhead={"fixed_s": 5e-4})
+    assert p.has_overheads
+    assert p.layer_overhead_s(tokens=10, sequences=4) == pytest.approx(1e-4 + 10e-6 + 4e-5)
+    assert p.layer_overhead_s(tokens=np.array([0, 10]), sequences=np.array([0, 4])).tolist() == pytest.approx(
+        [0.0, 1.5e-4])
+    assert p.expert_overhead_s(tokens=np.array([[0, 1], [2, 0]])).ravel().tolist() == pytest.approx(
+        [0.0, 2.03e-4, 2.06e-4, 0.0])
+    assert isinstance(p.expert_overhead_s(tokens=3), float)
+    assert p.iteration_overhead_s(tokens=3, sequences=1) == pytest.approx(5e-4)
+    assert p.iteration_overhead_s(tokens=0) == 0.0
+
+
+def test_a_negative_slope_never_gives_a_negative_overhead():
+    p = _with_overheads(expert_overhead={"fixed_s": 1e-4, "per_token_s": -1e-6})
+    assert p.expert_overhead_s(tokens=np.array([50, 200])).tolist() == pytest.approx([5e-5, 0.0])
+
+
+def test_datasheet_profile_cannot_claim_a_fitted_overhead(tmp_path):
+    data = toy_profile_dict()
+    data["operations"]["layer_overhead"] = {"fixed_s": 1e-4, "fit_error": {
+        "median_rel_error": 0.1, "p95_rel_error": 0.2, "max_rel_error": 0.3, "num_points": 3}}
+    with pytest.raises(ProfileError, match="layer_overhead"):
+        load_profile(write_yaml(tmp_path, data))
+
+
+def test_typo_in_an_overhead_names_the_key_path_and_choices(tmp_path):
+    data = toy_profile_dict()
+    data["operations"]["expert_overhead"] = {"fixed_s": 1e-4, "per_tokens_s": 1e-6}
+    with pytest.raises(ProfileError, match=r"operations\.expert_overhead\.per_tokens_s: unknown key.*per_token_s"):
+        load_profile(write_yaml(tmp_path, data))

@@ -150,8 +150,8 @@ def test_quick_validation_runs_and_reports(quick_validation) -> None:
 @pytest.mark.slow
 def test_quick_validation_verdict_follows_its_bounds(quick_validation) -> None:
     """The verdict is exactly "every measured error within its bound". The errors are reported as
-    measured: on this shared 2-core box the simulator under-predicts the runtime, because per-layer
-    Python/router/cache bookkeeping and per-expert gather/scatter overheads are not in the profile yet."""
+    measured: on this shared 2-core box foreign load swings the runtime between calibration and serving, and
+    copies of missed experts slow the CPU runtime's compute thread (not modelled: the copy engine is free)."""
     vr, _ = quick_validation
     bounds = QUICK_BOUNDS
     m = vr.metrics
@@ -162,3 +162,38 @@ def test_quick_validation_verdict_follows_its_bounds(quick_validation) -> None:
     )
     assert vr.passed == (within and not vr.failures)
     assert bool(vr.failures) == (not vr.passed)
+
+
+def test_measurement_runtime_runs_one_batch_with_seeded_routing() -> None:
+    """``Runtime.run_batch`` (what the overhead calibration times) routes every token of every layer, and the
+    same batch the same way twice (the KV before it is seeded, not uninitialised memory)."""
+    from sim.spec import ModelSpec
+
+    spec = ModelSpec.model_validate(TINY_MOE)
+    rt = Runtime.for_measurement(spec, seed=1)
+    try:
+        with torch.inference_mode():
+            batch = [(7, 1, False), (20, 1, False), (3, 5, True)]
+            a, b = rt.run_batch(batch), rt.run_batch(batch)
+    finally:
+        rt.close()
+    assert a["num_tokens"] == 7 and a["num_decode_seqs"] == 2 and a["num_prefill_seqs"] == 1
+    assert a["counts"].shape == (4, 4) and (a["counts"].sum(axis=1) == 7 * 2).all()
+    assert np.array_equal(a["counts"], b["counts"])
+    assert a["expert_hits"] == int((a["counts"] > 0).sum()) and a["expert_misses"] == 0
+    assert a["duration_s"] >= a["attention_s"] + a["gate_s"] + a["expert_compute_s"]
+
+
+@pytest.mark.slow
+def test_validation_profile_has_the_overheads_measured_on_the_runtime(quick_validation) -> None:
+    from sim.profile import load_profile
+
+    vr, _ = quick_validation
+    profile = load_profile(vr.profile)
+    ops = profile.operations
+    for term in (ops.layer_overhead, ops.expert_overhead, ops.iteration_overhead):
+        assert term is not None and term.fit_error is not None
+    assert profile.expert_overhead_s(tokens=0) == 0.0
+    assert profile.layer_overhead_s(tokens=8, sequences=4) > 0
+    check = profile.provenance["overheads"]["iteration_check"]
+    assert check["num_points"] == len(profile.provenance["overheads"]["grid"])

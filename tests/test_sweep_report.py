@@ -128,3 +128,34 @@ def test_render_run_report_default_location(tmp_path):
     data = {k: v for k, v in SWEEP.items() if k != "sweep"}
     assert main(["simulate", str(_write(tmp_path, data)), "--no-progress", "--out", str(tmp_path / "run")]) == 0
     assert render_run_report(tmp_path / "run") == tmp_path / "run" / "report.html"
+
+
+def test_sweep_report_has_the_table_and_a_figure_per_metric(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = json.loads(json.dumps(SWEEP))
+    data["name"] = "tiny-sweep"
+    path = _write(tmp_path, data)
+    assert main(["sweep", str(path), "--jobs", "1", "--no-progress", "--out", str(tmp_path / "out"), "--report"]) == 0
+    report = tmp_path / "reports" / "sweep-sweep.html"
+    assert capsys.readouterr().err.endswith(f"report: {Path('reports') / 'sweep-sweep.html'}\n")
+    html = report.read_text()
+    parser = _Images()
+    parser.feed(html)
+    assert parser.external == [] and len(parser.sources) == 1
+    assert html.count("<tr>") == 1 + 4  # header + one row per point
+    assert "Metrics against hardware.expert_memory.experts" in html
+    # `moesim report` recognises a sweep folder.
+    assert main(["report", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "report.html").read_text().count("<tr>") == 5
+
+
+def test_report_of_an_infeasible_only_sweep_still_renders(tmp_path):
+    from sim.report.render import render_sweep_report
+
+    data = json.loads(json.dumps(SWEEP))
+    data["model"] = "mixtral-8x7b"
+    data["hardware"]["expert_memory"] = {"experts": 16}
+    data["sweep"] = {"axes": {"hardware.expert_memory.experts": [230, 240]}}
+    run_sweep(_write(tmp_path, data), tmp_path / "out", jobs=1, progress=False)
+    html = render_sweep_report(tmp_path / "out").read_text()
+    assert "does not fit" in html and "data:image/png" not in html

@@ -81,6 +81,58 @@ class Runtime:
             capacity_experts=self.budget.expert_slots, per_layer=getattr(cache_spec, "scope", "global") == "per_layer",
         )
         self.store = ExpertStore(self.model.host_experts, cache, num_experts=d.num_experts)
+        self.expert_calls: list[tuple[int, float]] | None = None  # (tokens, seconds) per expert call, when set
+
+    @classmethod
+    def for_measurement(cls, spec: Any, *, seed: int = 0, threads: int = 1) -> "Runtime":
+        """A runtime of ``spec`` with every expert resident, for timing single iterations (``run_batch``)."""
+        self = cls.__new__(cls)
+        self.loaded = None
+        self.seed, self.threads = seed, threads
+        self.model = TinyMoE(spec, seed)
+        d = self.dims = self.model.dims
+        cache = make_cache("all_resident", num_layers=d.num_layers, num_experts=d.num_experts,
+                           capacity_experts=d.num_layers * d.num_experts, per_layer=False)
+        self.store = ExpertStore(self.model.host_experts, cache, num_experts=d.num_experts)
+        self.expert_calls = None
+        self.tokens, self.kv, self.token_times = {}, {}, {}
+        self.max_len = 1
+        return self
+
+    def run_batch(self, segments: list[tuple[int, int, bool]]) -> dict[str, Any]:
+        """Run one real iteration of ``segments`` (context before, new tokens, is prefill), decodes first as
+        ``Replica._form_batch`` orders them; return its time breakdown (``RuntimeIteration`` fields), its
+        ``duration_s`` and ``counts[layer, expert]`` (tokens routed to each expert)."""
+        d = self.dims
+        batch = []
+        self.kv = {}
+        self.max_len = max(pos + n for pos, n, _ in segments) + 1
+        for i, (pos, n, is_prefill) in enumerate(segments):
+            req = RequestState(i, 0.0, pos + n if is_prefill else pos, 1_000_000, None)
+            req.context = pos
+            # The KV of the context before this iteration: seeded values (never uninitialised memory,
+            # which would make the routing, and so the experts run, differ between repeats).
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+            self.kv[i] = torch.randn(d.num_layers, 2, d.num_kv_heads, self.max_len, d.head_dim,
+                                     generator=g).to(torch.bfloat16)
+            rng = np.random.default_rng([self.seed, i])
+            self.tokens[i] = rng.integers(0, d.vocab, pos + n).tolist()
+            batch.append((req, n))
+        rec = RunRecorder(num_layers=d.num_layers, top_k=d.top_k)
+        started = time.perf_counter()
+        out = self._iteration(batch, rec, None)  # type: ignore[arg-type]
+        out["duration_s"] = time.perf_counter() - started
+        # Tokens per (layer, expert) of this iteration, as the simulator's routing counts give them.
+        counts = np.zeros((d.num_layers, d.num_experts), dtype=np.int64)
+        layers = np.arange(d.num_layers)[:, None]
+        for seq in rec.routing.values():
+            for experts in seq.values():
+                np.add.at(counts, (np.broadcast_to(layers, experts.shape), experts.astype(np.int64)), 1)
+        out["counts"] = counts
+        return out
+
+    def close(self) -> None:
+        self.store.close()
 
     # ---------------------------------------------------------------- serving
 
@@ -307,7 +359,10 @@ class Runtime:
         wg, wu, wd = self.model.expert_views(flat)
         out = self.model.expert_ffn(h[rows_t], wg, wu, wd)
         y.index_add_(0, rows_t, out * weights[rows_t, torch.from_numpy(slot)].unsqueeze(1))
-        return time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        if self.expert_calls is not None:
+            self.expert_calls.append((len(rows), seconds))
+        return seconds
 
     def _warm_up(self) -> None:
         """Run each kind of kernel once at a few sizes so first-call costs stay out of the run."""

@@ -158,6 +158,11 @@ class IterationPlanner:
         self._tick = 0
         self._token_cost_memo: dict[int, tuple[float, float, float, float]] = {}
         self._lm_head_memo: dict[int, float] = {}
+        # Overhead terms of the profile (absent: 0 s), memoised per (tokens, sequences).
+        self._has_expert_overhead = profile.operations.expert_overhead is not None
+        self._has_batch_overhead = (profile.operations.layer_overhead is not None
+                                    or profile.operations.iteration_overhead is not None)
+        self._overhead_memo: dict[tuple[int, int], tuple[float, float]] = {}
         self._pinned = np.zeros(self.num_moe_layers * self.num_experts, dtype=bool)
 
     # ---------------------------------------------------------------- per-layer costs
@@ -202,18 +207,37 @@ class IterationPlanner:
             self._token_cost_memo[tokens] = costs
         return costs
 
+    def _overheads(self, tokens: int, sequences: int) -> tuple[float, float]:
+        """The profile's per-layer and per-iteration overheads for a batch; memoised like ``_token_costs``."""
+        key = (tokens, sequences)
+        costs = self._overhead_memo.get(key)
+        if costs is None:
+            profile = self.profile
+            costs = (float(profile.layer_overhead_s(tokens=tokens, sequences=sequences)),
+                     float(profile.iteration_overhead_s(tokens=tokens, sequences=sequences)))
+            self._overhead_memo[key] = costs
+        return costs
+
     def plan(self, batch: BatchShape, counts: np.ndarray, start_offset_s: float = 0.0) -> IterationPlan:
         """Plan one iteration; ``counts[moe_layer, expert]`` is how many tokens chose each expert."""
         plan = IterationPlan(start_offset_s=start_offset_s)
         tokens = batch.num_tokens
         projections_s, gate_s, shared_s, dense_s = self._token_costs(tokens)
-        attention_full_s = projections_s + self._attention_core_s(batch, sliding=False)
+        layer_overhead_s = iteration_overhead_s = 0.0
+        if self._has_batch_overhead:
+            sequences = len(batch.prefill_new_tokens) + len(batch.decode_context_tokens)
+            layer_overhead_s, iteration_overhead_s = self._overheads(tokens, sequences)
+        # The per-layer overhead rides on each layer's attention op: like the runtime's norms, KV writes
+        # and bookkeeping, it runs on the stream before the layer's loads are issued.
+        attention_full_s = projections_s + layer_overhead_s + self._attention_core_s(batch, sliding=False)
         attention_sliding_s = (
-            projections_s + self._attention_core_s(batch, sliding=True) if self.sliding_window else attention_full_s
+            projections_s + layer_overhead_s + self._attention_core_s(batch, sliding=True)
+            if self.sliding_window else attention_full_s
         )
         expert_s = self.profile.expert_ffn_s(tokens=counts, shape=self.expert_shape)
+        if self._has_expert_overhead:
+            expert_s = expert_s + self.profile.expert_overhead_s(tokens=counts)
         used = counts > 0
-        self.use_counts += used
 
         cache = self.cache
         if cache.holds_everything:
@@ -237,6 +261,11 @@ class IterationPlanner:
                 lm_head_s = float(self.profile.dense_gemm_s(tokens=batch.num_emitting, shape=self.lm_head_shape))
                 self._lm_head_memo[batch.num_emitting] = lm_head_s
             plan.add_op(lm_head_s, "lm_head")
+        if iteration_overhead_s:
+            plan.add_op(iteration_overhead_s, "iteration_overhead")
+        # Only now does this iteration's routing enter the 'frequency' predictor's statistics: a
+        # prediction made while planning must not know the routing it predicts.
+        self.use_counts += used
         return plan
 
     def _predict(self, moe_layer: int, counts: np.ndarray) -> np.ndarray:

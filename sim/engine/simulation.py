@@ -107,7 +107,7 @@ def simulate(
         replicas.append(
             Replica(
                 index=index, env=env, budget=budget, planner=planner, routing=routing,
-                scheduler=make_scheduler(policies.scheduler.name), profile=profile,
+                scheduler=make_scheduler(policies.scheduler), profile=profile,
                 max_num_seqs=policies.batching.max_num_seqs, max_batch_tokens=policies.batching.max_batch_tokens,
                 chunked_prefill=policies.batching.chunked_prefill, preemption=policies.preemption.mode,
                 queue_timeout_s=policies.batching.queue_timeout_s, on_finish=finished.append,

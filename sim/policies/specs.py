@@ -29,7 +29,42 @@ class ShortestPromptFirstSpec(Spec):
     name: Literal["shortest_prompt_first"]
 
 
-SchedulerSpec = Annotated[FcfsSchedulerSpec | ShortestPromptFirstSpec, Field(discriminator="name")]
+class ShortestPredictedJobFirstSpec(Spec):
+    """Admit the request whose task is expected to generate the fewest tokens first (ties by arrival)."""
+
+    name: Literal["shortest_predicted_job_first"]
+    expected_output_tokens: dict[str, float] = Field(
+        default_factory=dict, description="Profiled mean output tokens per task (the request's task name)."
+    )
+    default_output_tokens: float = Field(128.0, gt=0, description="Expected output tokens of a task not listed.")
+
+
+class EmoeSloSchedulerSpec(Spec):
+    """eMoE's task-aware SLO scheduler (Algorithm 1): admit in order of SLO deadline, and only when no
+    running request within its SLO would miss it by the latency estimate
+    t_i = dE + (W + n_i * G_i) * c + r_i."""
+
+    name: Literal["emoe_slo"]
+    expected_output_tokens: dict[str, float] = Field(
+        default_factory=dict, description="Profiled mean output tokens per task (G_i starts here)."
+    )
+    default_output_tokens: float = Field(128.0, gt=0, description="Expected output tokens of a task not listed.")
+    slo_s: dict[str, float] = Field(default_factory=dict, description="End-to-end latency SLO per task, seconds.")
+    default_slo_s: float | None = Field(None, gt=0, description="SLO of a task not listed (none: no SLO).")
+    expert_load_s: dict[str, float] = Field(
+        default_factory=dict, description="dE: expert loading latency caused by admitting a request of this task."
+    )
+    default_expert_load_s: float = Field(0.0, ge=0, description="dE of a task not listed.")
+    per_token_s: float = Field(0.0, ge=0, description="c: average expert compute + communication latency per token.")
+    max_batch_tokens: int | None = Field(
+        None, gt=0, description="Tmax: admit only while the batch's input tokens stay below this."
+    )
+
+
+SchedulerSpec = Annotated[
+    FcfsSchedulerSpec | ShortestPromptFirstSpec | ShortestPredictedJobFirstSpec | EmoeSloSchedulerSpec,
+    Field(discriminator="name"),
+]
 
 
 # ---------------------------------------------------------------- batching and preemption

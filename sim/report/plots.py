@@ -126,3 +126,97 @@ def iteration_breakdown(iterations: pd.DataFrame) -> str:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return _png(fig)
+
+
+# ---------------------------------------------------------------- plans and sweeps
+
+
+def _label(values: dict[str, Any]) -> str:
+    return ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in values.items())
+
+
+def plan_pareto(table: pd.DataFrame, target_rate_per_s: float | None) -> str:
+    """Cost per hour against the maximum sustainable rate, and against P99 TTFT at the target, with the
+    Pareto front (cost, rate, TTFT) ringed and, on the left, joined in order of cost."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4))
+    colours = {"meets target": "#2ca02c", "below target": "#ff7f0e"}
+    for status, colour in colours.items():
+        rows = table[(table["status"] == status) & table["usd_per_hour"].notna() & table["max_rate_per_s"].notna()]
+        ax1.scatter(rows["usd_per_hour"], rows["max_rate_per_s"], color=colour, s=30, label=status, zorder=3)
+        for _, r in rows.iterrows():
+            ax1.annotate(str(r["candidate"]), (r["usd_per_hour"], r["max_rate_per_s"]), fontsize=7,
+                         xytext=(3, 3), textcoords="offset points")
+    front = table[table["pareto"].astype(bool)].sort_values("usd_per_hour")
+    if len(front):
+        ax1.plot(front["usd_per_hour"], front["max_rate_per_s"], color="#d62728", linewidth=1, zorder=2)
+        ax1.scatter(front["usd_per_hour"], front["max_rate_per_s"], s=110, facecolors="none", edgecolors="#d62728",
+                    linewidths=1.5, label="Pareto front", zorder=4)
+    if target_rate_per_s:
+        ax1.axhline(target_rate_per_s, color="black", linestyle="--", linewidth=1, label="target rate")
+    ax1.set_xlabel("cost (USD per hour)")
+    ax1.set_ylabel("max sustainable rate (req/s)")
+    ax1.legend(fontsize=8)
+    ax1.grid(alpha=0.3)
+    met = table[table["ttft_p99_at_target_s"].notna() & table["usd_per_hour"].notna()]
+    ax2.scatter(met["usd_per_hour"], met["ttft_p99_at_target_s"], color="#2ca02c", s=30, label="meets target", zorder=3)
+    for _, r in met.iterrows():
+        ax2.annotate(str(r["candidate"]), (r["usd_per_hour"], r["ttft_p99_at_target_s"]), fontsize=7,
+                     xytext=(3, 3), textcoords="offset points")
+    if len(front):
+        ax2.scatter(front["usd_per_hour"], front["ttft_p99_at_target_s"], s=110, facecolors="none",
+                    edgecolors="#d62728", linewidths=1.5, label="Pareto front", zorder=4)
+    ax2.set_xlabel("cost (USD per hour)")
+    ax2.set_ylabel("P99 TTFT at the target rate (s)")
+    ax2.legend(fontsize=8)
+    ax2.grid(alpha=0.3)
+    return _png(fig)
+
+
+def plan_load_curves(candidates: list[dict[str, Any]], ttft_target_s: float | None, target_rate_per_s: float | None) -> str:
+    """Throughput against load from the probes: each candidate's probed rates against the P99 TTFT seen
+    there (filled where the SLO held, hollow where it did not)."""
+    fig, ax = plt.subplots(figsize=(13, 4.5))
+    cmap = plt.get_cmap("tab20")
+    for n, cand in enumerate(c for c in candidates if c["probes"]):
+        probes = sorted(cand["probes"], key=lambda p: p["rate_per_s"])
+        rates = [p["rate_per_s"] for p in probes]
+        ttft = [np.nan if p["ttft_p99_s"] is None else p["ttft_p99_s"] for p in probes]
+        colour = cmap(n % 20)
+        ax.plot(rates, ttft, color=colour, linewidth=1, label=f"{cand['index']}: {_label(cand['values'])}")
+        for p, r, t in zip(probes, rates, ttft):
+            ax.scatter([r], [t], color=colour, s=18, facecolors=colour if p["met"] else "none", zorder=3)
+    if ttft_target_s:
+        ax.axhline(ttft_target_s, color="#d62728", linestyle="--", linewidth=1, label="TTFT P99 target")
+    if target_rate_per_s:
+        ax.axvline(target_rate_per_s, color="black", linestyle=":", linewidth=1, label="target rate")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("offered load (req/s)")
+    ax.set_ylabel("P99 TTFT (s)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return _png(fig)
+
+
+def sweep_metrics(table: pd.DataFrame, axes: list[str], metrics: list[str]) -> str:
+    """Each metric against the sweep's first axis, one line per combination of the other axes."""
+    x = axes[0]
+    cols = 3
+    rows = max(1, -(-len(metrics) // cols))
+    fig, grid = plt.subplots(rows, cols, figsize=(13, 3.2 * rows), squeeze=False)
+    numeric_x = pd.api.types.is_numeric_dtype(table[x])
+    groups = list(table.groupby(axes[1:], sort=False)) if len(axes) > 1 else [((), table)]
+    for ax, metric in zip(grid.flat, metrics):
+        for key, rows_ in groups:
+            key = key if isinstance(key, tuple) else (key,)
+            label = ", ".join(f"{a.rsplit('.', 1)[-1]}={v}" for a, v in zip(axes[1:], key)) or metric
+            xs = rows_[x] if numeric_x else rows_[x].astype(str)
+            ax.plot(xs, rows_[metric].astype(float), marker="o", markersize=3, label=label)
+        ax.set_xlabel(x)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        if len(groups) > 1:
+            ax.legend(fontsize=7)
+    for ax in list(grid.flat)[len(metrics):]:
+        ax.axis("off")
+    return _png(fig)

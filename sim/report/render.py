@@ -1,4 +1,5 @@
-"""Render a run folder into one self-contained HTML file (Jinja2 with autoescaping; plots inlined)."""
+"""Render a run, sweep or plan folder into one self-contained HTML file (Jinja2 with autoescaping;
+plots inlined as base64 PNGs, no scripts, nothing fetched)."""
 
 from __future__ import annotations
 
@@ -63,9 +64,68 @@ def render_run_report(run_dir: Path, out: Path | None = None) -> Path:
         scenario_text=(run_dir / "scenario.resolved.yaml").read_text() if (run_dir / "scenario.resolved.yaml").exists() else "",
         provenance_text=(run_dir / "profile.provenance.yaml").read_text() if (run_dir / "profile.provenance.yaml").exists() else "",
     )
-    out = Path(out) if out else run_dir / "report.html"
+    return _write(html, Path(out) if out else run_dir / "report.html")
+
+
+def _write(html: str, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(html, encoding="utf-8")
     tmp.replace(out)
     return out
+
+
+def render_report(folder: Path, out: Path | None = None) -> Path:
+    """Whichever report the folder holds: a plan (plan.json), a sweep (sweep.csv) or a run (summary.json)."""
+    folder = Path(folder)
+    if (folder / "plan.json").exists():
+        return render_plan_report(folder, out)
+    if (folder / "sweep.csv").exists():
+        return render_sweep_report(folder, out)
+    return render_run_report(folder, out)
+
+
+def render_plan_report(plan_dir: Path, out: Path | None = None) -> Path:
+    """Write ``out`` (default: PLAN_DIR/report.html) from a folder written by ``moesim plan``."""
+    plan_dir = Path(plan_dir)
+    path = plan_dir / "plan.json"
+    if not path.exists():
+        raise MoesimError(f"{plan_dir}: not a plan folder (no plan.json); make one with `moesim plan`")
+    try:
+        plan: dict[str, Any] = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise MoesimError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    table = pd.DataFrame(plan["table"])
+    figures = {
+        "pareto": plots.plan_pareto(table, plan["target_rate_per_s"]),
+        "load": plots.plan_load_curves(plan["candidates"], plan["slo"].get("ttft_p99_s"), plan["target_rate_per_s"]),
+    }
+    html = _environment().get_template("plan.html.j2").render(
+        plan=plan, rows=plan["table"], axes=plan["axes"], figures=figures, version=__version__, plan_dir=str(plan_dir),
+        slo_text=", ".join(f"{k} = {v}" for k, v in plan["slo"].items() if v is not None and v != {}),
+        num=lambda v, f="{:.3g}": "-" if v is None else f.format(v),
+    )
+    return _write(html, Path(out) if out else plan_dir / "report.html")
+
+
+SWEEP_METRICS = ["requests_per_s", "output_tokens_per_s", "ttft_p99_s", "tbt_p99_s", "e2e_p99_s", "hit_rate", "slo_attainment", "preemptions"]
+
+
+def render_sweep_report(sweep_dir: Path, out: Path | None = None) -> Path:
+    """Write ``out`` (default: SWEEP_DIR/report.html) from a folder written by ``moesim sweep``."""
+    sweep_dir = Path(sweep_dir)
+    path = sweep_dir / "sweep.csv"
+    if not path.exists():
+        raise MoesimError(f"{sweep_dir}: not a sweep folder (no sweep.csv); make one with `moesim sweep`")
+    table = pd.read_csv(path)
+    columns = list(table.columns)
+    axes = columns[columns.index("point") + 1: columns.index("key")]  # sweep.csv: point, axes..., key, metrics...
+    metrics = [m for m in SWEEP_METRICS if m in table and table[m].notna().any()]
+    figure = plots.sweep_metrics(table, axes, metrics) if axes and metrics else None
+    shown = table.drop(columns=["key"])
+    html = _environment().get_template("sweep.html.j2").render(
+        name=sweep_dir.name, axes=axes, columns=list(shown.columns),
+        rows=[["-" if pd.isna(v) else (f"{v:.4g}" if isinstance(v, float) else str(v)) for v in row] for row in shown.itertuples(index=False)],
+        figure=figure, version=__version__, sweep_dir=str(sweep_dir),
+    )
+    return _write(html, Path(out) if out else sweep_dir / "report.html")

@@ -1,0 +1,193 @@
+"""Measuring the overhead the kernel tables leave out, on the CPU runtime itself.
+
+The op tables (``calibrate.measure``) time each kernel alone. A real iteration of ``calibrate.runtime`` also
+runs RMSNorms, residual adds, KV-cache writes and stacking, the router's output to numpy, the expert cache's
+bookkeeping, the token gather / weighting / ``index_add_`` scatter around every expert, batch assembly,
+embedding and sampling, and its Python around all of that. This module runs the runtime's own iteration
+(``Runtime.run_batch``: the code that serves requests) on a grid of batches, every expert resident, and
+fits what the runtime measured beyond what the profile's op lookups predict for the same batch:
+
+- ``expert_overhead`` (per expert call, affine in its tokens): the runtime's expert time of an iteration
+  (every ``_run_expert``: gather, FFN, weighting, scatter-add) minus ``expert_ffn_s`` of each call, against
+  the number of calls and the tokens routed.
+- ``layer_overhead`` (per layer, affine in the batch's tokens and sequences): the runtime's attention + gate
+  time per layer minus the planner's projections + attention core + gate for that batch.
+- ``iteration_overhead`` (affine in tokens and sequences): the runtime's LM head + other time minus the
+  LM head lookup.
+
+Residuals are fitted by ordinary least squares on medians over repeats (interleaved rounds, as
+``measure_group`` does, so a burst of foreign load hits few samples of each point). Each term's
+``fit_error`` is the error of the part it completes (e.g. ffn + overhead vs the measured expert call),
+and ``provenance.overheads.iteration_check`` the error of the whole predicted iteration."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from calibrate.fit import error_stats
+
+# Batches (context before, new tokens, is prefill) covering decode-only, prefill-only and mixed iterations.
+_DECODE_BATCHES = (1, 2, 4, 8, 12)
+_PREFILL_CHUNKS = ((16,), (64,), (128,), (48, 48), (24, 96))
+_MIXED = ((2, 24), (4, 64), (6, 96), (8, 16))
+
+
+def overhead_batches(seed: int = 0, max_context: int = 192) -> list[list[tuple[int, int, bool]]]:
+    """The grid of batches the overhead is measured on (seeded decode contexts)."""
+    rng = np.random.default_rng(seed)
+
+    def decodes(n: int) -> list[tuple[int, int, bool]]:
+        return [(int(c), 1, False) for c in rng.integers(16, max_context, n)]
+
+    batches = [decodes(b) for b in _DECODE_BATCHES]
+    batches += [[(0, n, True) for n in chunk] for chunk in _PREFILL_CHUNKS]
+    batches += [decodes(b) + [(int(rng.integers(0, 64)), n, True)] for b, n in _MIXED]
+    return batches
+
+
+def _lstsq(columns: list[np.ndarray], y: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Least squares of ``y ~ columns`` in units of ``scale`` (the measured total the residual ``y`` belongs
+    to): relative error, as every other fit here, so small batches weigh as much as large ones."""
+    a = np.stack(columns, axis=1) / scale[:, None]
+    coef, *_ = np.linalg.lstsq(a, y / scale, rcond=None)
+    return coef
+
+
+def _r(x: float) -> float:
+    return float(f"{x:.4g}")
+
+
+def measure_overheads(spec: Any, profile: Any, *, seed: int = 0, threads: int = 1, rounds: int = 5,
+                      log: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run the runtime on the grid and fit the three overhead terms against ``profile``'s op lookups.
+
+    Returns the ``operations`` entries (``layer_overhead``, ``expert_overhead``, ``iteration_overhead``) and a
+    provenance mapping (grid, method, fitted coefficients, errors)."""
+    import torch
+
+    from calibrate.runtime.server import Runtime
+    from sim.engine.iteration import BatchShape, IterationPlanner
+    from sim.policies.cache import make_cache
+
+    from sim.profile import OVERHEADS, HardwareProfile
+
+    # The kernels alone: any overhead terms the profile already has are left out of the predictions.
+    data = profile.model_dump()
+    data["operations"].update({op: None for op in OVERHEADS})
+    profile = HardwareProfile.model_validate(data)
+    batches = overhead_batches(seed)
+    runtime = Runtime.for_measurement(spec, seed=seed, threads=threads)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    samples: list[list[dict[str, Any]]] = [[] for _ in batches]
+    started = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            runtime._warm_up()
+            for b in batches:  # one untimed pass: first-call costs of each size stay out
+                runtime.run_batch(b)
+            for _ in range(rounds):
+                for i, b in enumerate(batches):
+                    samples[i].append(runtime.run_batch(b))
+    finally:
+        runtime.close()
+        torch.set_num_threads(previous_threads)
+    elapsed = time.perf_counter() - started
+
+    # The planner's own lookups for each batch (a profile without overheads: the kernels alone).
+    L = spec.num_layers
+    cache = make_cache("all_resident", num_layers=spec.num_moe_layers, num_experts=spec.num_experts,
+                       capacity_experts=spec.num_moe_layers * spec.num_experts, per_layer=False)
+    planner = IterationPlanner(model=spec, profile=profile, cache=cache)
+    rows = []
+    for b, runs in zip(batches, samples):
+        pre = [(pos, n) for pos, n, p in b if p]
+        shape = BatchShape(prefill_new_tokens=np.asarray([n for _, n in pre], dtype=np.int64),
+                           prefill_context_tokens=np.asarray([p for p, _ in pre], dtype=np.int64),
+                           decode_context_tokens=np.asarray([pos for pos, _, p in b if not p], dtype=np.int64),
+                           num_emitting=len(b))
+        tokens, seqs = shape.num_tokens, len(b)
+        proj, gate, _, _ = planner._token_costs(tokens)
+        layer_pred = proj + planner._attention_core_s(shape, sliding=False) + gate
+        lm_pred = float(profile.dense_gemm_s(tokens=len(b), shape=spec.lm_head_shape))
+        med = {k: float(np.median([r[k] for r in runs]))
+               for k in ("attention_s", "gate_s", "expert_compute_s", "lm_head_s", "other_s", "duration_s")}
+        counts = runs[0]["counts"]
+        if any(not np.array_equal(r["counts"], counts) for r in runs):
+            raise RuntimeError("the runtime routed the same batch differently between repeats")
+        call_tokens = counts[counts > 0].astype(np.float64)
+        ffn_pred = float(np.sum(profile.expert_ffn_s(tokens=call_tokens, shape=spec.expert_shape)))
+        rows.append(dict(tokens=tokens, seqs=seqs, layer_real=(med["attention_s"] + med["gate_s"]) / L,
+                         layer_pred=layer_pred, iter_real=med["lm_head_s"] + med["other_s"], lm_pred=lm_pred,
+                         expert_real=med["expert_compute_s"], duration=med["duration_s"], n_calls=len(call_tokens),
+                         routed=float(call_tokens.sum()), call_tokens=call_tokens, ffn_pred=ffn_pred))
+
+    tok = np.array([r["tokens"] for r in rows], dtype=np.float64)
+    seq = np.array([r["seqs"] for r in rows], dtype=np.float64)
+    one = np.ones_like(tok)
+
+    def batch_fit(real: np.ndarray, pred: np.ndarray, note: str) -> dict[str, Any]:
+        fixed, per_tok, per_seq = _lstsq([one, tok, seq], real - pred, real)
+        fitted = pred + np.maximum(0.0, fixed + per_tok * tok + per_seq * seq)
+        return {"fixed_s": _r(fixed), "per_token_s": _r(per_tok), "per_sequence_s": _r(per_seq),
+                "fit_error": error_stats(fitted / real - 1.0, note)}
+
+    # Experts: the runtime's expert time of an iteration minus the expert_ffn lookups of its routing, against
+    # the number of expert calls and the tokens routed (k per token), i.e. a per-call fixed + per-token cost.
+    ffn_sum = np.array([r["ffn_pred"] for r in rows])
+    expert_real = np.array([r["expert_real"] for r in rows])
+    n_calls = np.array([r["n_calls"] for r in rows], dtype=np.float64)
+    routed = np.array([r["routed"] for r in rows], dtype=np.float64)
+    e_fixed, e_tok = _lstsq([n_calls, routed], expert_real - ffn_sum, expert_real)
+    e_pred = np.array([r["ffn_pred"] + float(np.sum(np.maximum(0.0, e_fixed + e_tok * r["call_tokens"])))
+                       for r in rows])
+    expert = {"fixed_s": _r(e_fixed), "per_token_s": _r(e_tok),
+              "fit_error": error_stats(e_pred / expert_real - 1.0,
+                                       "expert_ffn + overhead of every call vs the runtime's expert time, per grid "
+                                       "batch (in-sample)")}
+    layer = batch_fit(np.array([r["layer_real"] for r in rows]), np.array([r["layer_pred"] for r in rows]),
+                      "projections + attention core + gate + overhead vs the runtime's attention + gate time "
+                      "per layer, per grid batch (in-sample)")
+    iteration = batch_fit(np.array([r["iter_real"] for r in rows]), np.array([r["lm_pred"] for r in rows]),
+                          "LM head + overhead vs the runtime's LM head + other time, per grid batch (in-sample)")
+    operations = {"layer_overhead": layer, "expert_overhead": expert, "iteration_overhead": iteration}
+
+    # The whole iteration, predicted with the fitted terms, against the measured durations.
+    data = profile.model_dump()
+    data["operations"].update(operations)
+    fitted_profile = HardwareProfile.model_validate(data)
+    check_planner = IterationPlanner(model=spec, profile=fitted_profile, cache=cache)
+    base_planner = IterationPlanner(model=spec, profile=profile, cache=cache)
+    errs, base_errs = [], []
+    for b, runs, r in zip(batches, samples, rows):
+        counts = runs[0]["counts"]
+        pre = [(pos, n) for pos, n, p in b if p]
+        shape = BatchShape(prefill_new_tokens=np.asarray([n for _, n in pre], dtype=np.int64),
+                           prefill_context_tokens=np.asarray([p for p, _ in pre], dtype=np.int64),
+                           decode_context_tokens=np.asarray([pos for pos, _, p in b if not p], dtype=np.int64),
+                           num_emitting=len(b))
+        errs.append(sum(check_planner.plan(shape, counts).op_s) / r["duration"] - 1.0)
+        base_errs.append(sum(base_planner.plan(shape, counts).op_s) / r["duration"] - 1.0)
+    check = error_stats(errs, "planner with the fitted overheads vs the runtime's iteration duration, per grid "
+                              "batch (in-sample)")
+    without = error_stats(base_errs, "the same without the overhead terms")
+    provenance = {
+        "method": ("runtime's own iteration (calibrate.runtime Runtime.run_batch, all experts resident) on a grid "
+                   "of batches; residual of its timers over the profile's op lookups, least squares (see "
+                   "calibrate/overhead.py)"),
+        "grid": [[list(s) for s in b] for b in batches],
+        "rounds": rounds, "threads": threads, "measure_s": round(elapsed, 1),
+        "iteration_check": check, "iteration_check_without_overheads": without,
+        "iteration_check_per_batch": [round(float(e), 4) for e in errs],
+        "median_bias_without_overheads": round(float(np.median(base_errs)), 4),
+    }
+    if log:
+        log(f"overheads: layer {layer['fixed_s']:.3g} s + {layer['per_token_s']:.3g} s/token + "
+            f"{layer['per_sequence_s']:.3g} s/seq; expert {expert['fixed_s']:.3g} s + {expert['per_token_s']:.3g} "
+            f"s/token; iteration {iteration['fixed_s']:.3g} s; whole-iteration error median "
+            f"{check['median_rel_error']:.1%} (without: {without['median_rel_error']:.1%})")
+    return operations, provenance
+
