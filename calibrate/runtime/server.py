@@ -1,7 +1,7 @@
 """Serving a scenario's requests for real: continuous batching over real model iterations.
 
-Batches are formed by the simulator's own ``sim.engine.replica.Replica`` (its ``_form_batch``,
-``_grow``, ``_preempt`` and ``_drop_timed_out``, with the same scheduler object), driven by a
+Batches are formed by the simulator's own ``sim.engine.replica.Replica`` (its ``form_batch``,
+``_grow``, ``preempt`` and ``drop_timed_out``, with the same scheduler object), driven by a
 wall clock instead of a SimPy environment, so the runtime follows exactly the simulator's rules:
 decodes first, then chunked prefills, then admissions in the scheduler's order, KV blocks and
 preemption. The serving loop:
@@ -101,7 +101,7 @@ class Runtime:
 
     def run_batch(self, segments: list[tuple[int, int, bool]]) -> dict[str, Any]:
         """Run one real iteration of ``segments`` (context before, new tokens, is prefill), decodes first as
-        ``Replica._form_batch`` orders them; return its time breakdown (``RuntimeIteration`` fields), its
+        ``Replica.form_batch`` orders them; return its time breakdown (``RuntimeIteration`` fields), its
         ``duration_s`` and ``counts[layer, expert]`` (tokens routed to each expert)."""
         d = self.dims
         batch = []
@@ -196,51 +196,24 @@ class Runtime:
                 self.token_times[nxt] = []
                 replica.submit(req)
                 nxt += 1
-            replica._drop_timed_out(now)
+            replica.drop_timed_out(now)
             if not replica.running and not replica.waiting:
                 clock.sleep_until(float(arrivals[nxt]))
                 continue
-            batch, swap_out, swap_in = replica._form_batch()
+            batch, swap_out, swap_in = replica.form_batch()
             assert not swap_out and not swap_in, "recompute preemption never swaps"
             if not batch:
                 if not replica.running:
                     raise RuntimeError("replica idle with waiting requests that cannot be admitted")
-                replica._preempt(replica.running[replica.scheduler.choose_victim(replica.running)])
+                replica.preempt(replica.running[replica.scheduler.choose_victim(replica.running)])
                 continue
             started = clock.now
             it = self._iteration(batch, rec, clock)
             now = clock.now
             rec.iterations.append(RuntimeIteration(started_at_s=started, duration_s=now - started, **it))
-            self._advance(replica, batch, now)
+            replica.advance(batch, now, on_token=lambda req: self.token_times[req.request_id].append(now))
         self.store.close()
         return rec
-
-    def _advance(self, replica: Replica, batch: list[tuple[RequestState, int]], now: float) -> None:
-        """Advance each sequence of a finished iteration.
-
-        The same steps as the end of ``Replica._run_iteration`` (after its timeout); duplicated because
-        that method is a SimPy generator. A refactor there (an ``_advance(batch, now)`` method) would
-        let both share it."""
-        for req, n in batch:
-            was_prefill = req.in_prefill
-            req.context += n
-            if was_prefill and req.context < req.prefill_target:
-                continue
-            req.generated += 1
-            self.token_times[req.request_id].append(now)
-            if req.generated == 1:
-                req.first_token_at_s = now
-            else:
-                gap = now - req.last_token_at_s
-                replica.tbt_samples.append(gap)
-                req.max_tbt_s = max(req.max_tbt_s, gap)
-            req.last_token_at_s = now
-            if was_prefill:
-                req.prefill_target = req.context
-            if req.generated >= req.output_tokens:
-                replica.running.remove(req)
-                replica._release(req)
-                replica._finish(req, "completed", "", now)
 
     # ---------------------------------------------------------------- one iteration
 
@@ -304,7 +277,7 @@ class Runtime:
                     mask = torch.arange(pos + n)[None, :] <= (pos + torch.arange(n))[:, None]
                     o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, enable_gqa=gqa)
                 outs.append(o.squeeze(0).transpose(0, 1).reshape(n, hq * hd))
-            # Decodes come first in a batch (Replica._form_batch), so rows are already in token order.
+            # Decodes come first in a batch (Replica.form_batch), so rows are already in token order.
             attn = outs[0] if len(outs) == 1 else torch.cat(outs)
             x = x + attn @ w["wo"]
             t1 = perf()

@@ -154,7 +154,7 @@ class Replica:
         self.free_blocks += req.blocks
         req.blocks = 0
 
-    def _preempt(self, victim: RequestState) -> float:
+    def preempt(self, victim: RequestState) -> float:
         """Take ``victim`` off the GPU; returns bytes swapped out (0 when recomputing)."""
         self.running.remove(victim)
         self.preemptions += 1
@@ -171,7 +171,7 @@ class Replica:
         heapq.heappush(self.waiting, (self.scheduler.priority(victim), victim))
         return swapped_bytes
 
-    def _drop_timed_out(self, now: float) -> None:
+    def drop_timed_out(self, now: float) -> None:
         if self.queue_timeout_s is None:
             return
         kept = []
@@ -184,7 +184,7 @@ class Replica:
             heapq.heapify(kept)
             self.waiting = kept
 
-    def _form_batch(self) -> tuple[list[tuple[RequestState, int]], float, float]:
+    def form_batch(self) -> tuple[list[tuple[RequestState, int]], float, float]:
         """Pick this iteration's work: [(request, new tokens)], swap-out bytes, swap-in bytes."""
         budget = self.max_batch_tokens
         batch: list[tuple[RequestState, int]] = []
@@ -202,7 +202,7 @@ class Replica:
                 # Out of KV blocks: preempt a request not yet in this batch (possibly this one).
                 candidates = [r for r in self.running if r.request_id not in scheduled]
                 victim = candidates[self.scheduler.choose_victim(candidates)]
-                swap_out += self._preempt(victim)
+                swap_out += self.preempt(victim)
                 preempted.add(victim.request_id)
                 if victim is req:
                     break
@@ -258,14 +258,14 @@ class Replica:
     def _serve(self):
         env = self.env
         while True:
-            self._drop_timed_out(env.now)
+            self.drop_timed_out(env.now)
             if not self.running and not self.waiting:
                 self._wakeup = env.event()
                 yield self._wakeup
                 self._wakeup = None
                 continue
             preempted_before = self.preemptions
-            batch, swap_out, swap_in = self._form_batch()
+            batch, swap_out, swap_in = self.form_batch()
             if not batch:
                 if swap_in or swap_out:
                     yield env.timeout(self._swap_s(swap_out, swap_in))
@@ -276,7 +276,7 @@ class Replica:
                     raise RuntimeError("replica idle with waiting requests that cannot be admitted")
                 # Running prefills hold the KV cache and none can grow: preempt one to break the tie.
                 victim = self.running[self.scheduler.choose_victim(self.running)]
-                swap_out = self._preempt(victim)
+                swap_out = self.preempt(victim)
                 if swap_out:
                     yield env.timeout(self._swap_s(swap_out, 0.0))
                 continue
@@ -330,6 +330,14 @@ class Replica:
                 experts_resident=self.planner.cache.num_resident, preemptions=preempted,
             )
         )
+        self.advance(batch, now)
+
+    def advance(
+        self, batch: list[tuple[RequestState, int]], now: float, on_token: Callable[[RequestState], None] | None = None
+    ) -> None:
+        """Move every sequence of a finished iteration forward: KV grows, tokens are emitted at ``now``,
+        finished requests leave. Shared with the real runtime (``calibrate.runtime``), which calls it
+        after running the same batch for real; ``on_token`` sees each emitted token."""
         tbt = self.tbt_samples
         for req, n in batch:
             was_prefill = req.in_prefill
@@ -338,6 +346,8 @@ class Replica:
                 continue  # mid-prompt chunk: no token yet
             # The iteration sampled one output token for this request.
             req.generated += 1
+            if on_token is not None:
+                on_token(req)
             if req.generated == 1:
                 req.first_token_at_s = now
             else:
