@@ -516,44 +516,15 @@ class ReplayedRouting:
 
 
 def load_routing_jsonl(path: Path, spec: ReplayRouting, *, num_layers: int, num_experts: int, top_k: int) -> ReplayedRouting:
-    """Read a JSONL routing table; every row error names the file and line."""
-    rows: dict[str, dict[int, dict[int, list[int]]]] = {}
-    try:
-        handle = path.open("r", encoding="utf-8")
-    except OSError:
-        raise TraceError(f"{path}: cannot open routing trace") from None
-    with handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                seq = f"{rec[spec.group_field]}/{rec[spec.sequence_field]}" if spec.group_field else str(rec[spec.sequence_field])
-                layer = int(rec[spec.layer_field])
-                token = int(rec[spec.token_field])
-                experts = [int(e) for e in rec[spec.experts_field]]
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-                raise TraceError(
-                    f"{path}:{line_no}: expected a JSON object with '{spec.sequence_field}', '{spec.layer_field}', "
-                    f"'{spec.token_field}' and a list '{spec.experts_field}' ({type(exc).__name__}: {exc})"
-                ) from None
-            if not 0 <= layer < num_layers:
-                raise TraceError(f"{path}:{line_no}: layer {layer} is outside the model's {num_layers} MoE layers")
-            if len(experts) != top_k or min(experts) < 0 or max(experts) >= num_experts:
-                raise TraceError(
-                    f"{path}:{line_no}: expected {top_k} expert ids in 0..{num_experts - 1}, got {experts}"
-                )
-            rows.setdefault(seq, {}).setdefault(token, {})[layer] = experts
-    sequences = []
-    for name, tokens in rows.items():
-        complete = [t for t in sorted(tokens) if len(tokens[t]) == num_layers]
-        if not complete:
-            continue
-        arr = np.array([[tokens[t][layer] for layer in range(num_layers)] for t in complete], dtype=np.int64)
-        sequences.append(RecordedSequence(name=name, experts=arr))
-    if not sequences:
-        raise TraceError(f"{path}: no token has routing for all {num_layers} layers")
-    return ReplayedRouting(sequences, num_experts)
+    """Read a JSONL routing table with the spec's field names; every row error names the file and line."""
+    from sim.workload.routing_trace import JsonlFields, RoutingTraceMeta, import_speculative_moe_jsonl
+
+    fields = JsonlFields(
+        sequence=spec.sequence_field, token=spec.token_field, layer=spec.layer_field,
+        experts=spec.experts_field, group=spec.group_field,
+    )
+    meta = RoutingTraceMeta(model="the scenario's model", num_layers=num_layers, num_experts=num_experts, top_k=top_k)
+    return _replayed(path, import_speculative_moe_jsonl(path, meta, fields=fields), num_layers, num_experts, top_k)
 
 
 def load_routing_parquet(path: Path, *, num_layers: int, num_experts: int, top_k: int) -> ReplayedRouting:
@@ -562,7 +533,11 @@ def load_routing_parquet(path: Path, *, num_layers: int, num_experts: int, top_k
 
     if not path.exists():
         raise TraceError(f"{path}: cannot open routing trace")
-    trace = read_routing_trace(path, gates=False)
+    return _replayed(path, read_routing_trace(path, gates=False), num_layers, num_experts, top_k)
+
+
+def _replayed(path: Path, trace, num_layers: int, num_experts: int, top_k: int) -> ReplayedRouting:
+    """A loaded routing trace as a replay source, checked against the scenario's model."""
     m = trace.meta
     if (m.num_layers, m.num_experts, m.top_k) != (num_layers, num_experts, top_k):
         raise TraceError(

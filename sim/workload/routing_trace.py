@@ -267,13 +267,28 @@ def read_routing_trace(path: Path | str, *, gates: bool = True) -> RoutingTrace:
     return RoutingTrace(meta=meta, sequences=sequences)
 
 
+@dataclass(frozen=True)
+class JsonlFields:
+    """Field names of a JSONL routing table (defaults: the speculative-moe layout)."""
+
+    sequence: str = "problem_id"
+    token: str = "token_idx"
+    layer: str = "layer"
+    experts: str = "experts"
+    gates: str = "gating_probs"
+    group: str | None = "dataset"
+
+
 def import_speculative_moe_jsonl(
-    path: Path | str, meta: RoutingTraceMeta | None = None, *, model: str = "unknown"
+    path: Path | str, meta: RoutingTraceMeta | None = None, *, model: str = "unknown",
+    fields: JsonlFields = JsonlFields(),
 ) -> RoutingTrace:
-    """Read the speculative-moe JSONL layout (one object per dataset/problem_id/layer/token_idx with
-    ``experts`` and ``gating_probs``). Request ids are given in order of first appearance of each
-    (dataset, problem_id); the dataset becomes the task. Sizes come from ``meta`` or from the data."""
+    """Read a JSONL routing table: one object per (sequence, layer, token) with its expert ids and,
+    optionally, gate scores (by default the speculative-moe layout: dataset/problem_id/layer/token_idx,
+    ``experts``, ``gating_probs``). Request ids are given in order of first appearance of each
+    (group, sequence); the group becomes the task. Sizes come from ``meta`` or from the data."""
     path = Path(path)
+    f = fields
     recs: list[tuple[int, int, int, list[int], list[float]]] = []
     seq_ids: dict[tuple[str, str], int] = {}
     tasks: dict[int, str] = {}
@@ -287,14 +302,14 @@ def import_speculative_moe_jsonl(
                 continue
             try:
                 rec = json.loads(line)
-                key = (str(rec.get("dataset", "")), str(rec["problem_id"]))
-                experts = [int(e) for e in rec["experts"]]
-                probs = [float(g) for g in rec["gating_probs"]] if "gating_probs" in rec else [float("nan")] * len(experts)
-                row = (int(rec["token_idx"]), int(rec["layer"]), experts, probs)
+                key = (str(rec.get(f.group, "")) if f.group else "", str(rec[f.sequence]))
+                experts = [int(e) for e in rec[f.experts]]
+                probs = [float(g) for g in rec[f.gates]] if f.gates in rec else [float("nan")] * len(experts)
+                row = (int(rec[f.token]), int(rec[f.layer]), experts, probs)
             except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
                 raise TraceError(
-                    f"{path}:{line_no}: expected a JSON object with 'problem_id', 'layer', 'token_idx', 'experts' "
-                    f"and 'gating_probs' ({type(exc).__name__}: {exc})"
+                    f"{path}:{line_no}: expected a JSON object with '{f.sequence}', '{f.layer}', '{f.token}', "
+                    f"'{f.experts}' and optionally '{f.gates}' ({type(exc).__name__}: {exc})"
                 ) from None
             if len(probs) != len(experts) or (recs and len(experts) != len(recs[0][3])):
                 raise TraceError(f"{path}:{line_no}: expected the same number of experts and gate scores on every line")
