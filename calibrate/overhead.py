@@ -15,6 +15,14 @@ fits what the runtime measured beyond what the profile's op lookups predict for 
 - ``iteration_overhead`` (affine in tokens and sequences): the runtime's LM head + other time minus the
   LM head lookup.
 
+- ``load_interference`` (per byte loaded): the same grid run again with an LRU expert cache of half the experts,
+  so misses are copied by the runtime's copy thread while the compute thread runs the layer's experts. The
+  runtime's compute-stream time of each iteration (its duration minus the time it waited for loads) minus the
+  planner's ops for it (kernels + the overheads just fitted), against the bytes loaded in it: what each load
+  costs the compute thread (the copy thread's memory traffic and GIL time slowing the experts beside it, and
+  the per-miss cache bookkeeping and job submission). A planner with its own LRU cache of the same size plans
+  every batch in the same order, so its loads match the runtime's (checked).
+
 Residuals are fitted by ordinary least squares on medians over repeats (interleaved rounds, as
 ``measure_group`` does, so a burst of foreign load hits few samples of each point). Each term's
 ``fit_error`` is the error of the part it completes (e.g. ffn + overhead vs the measured expert call),
@@ -154,6 +162,9 @@ def measure_overheads(spec: Any, profile: Any, *, seed: int = 0, threads: int = 
     iteration = batch_fit(np.array([r["iter_real"] for r in rows]), np.array([r["lm_pred"] for r in rows]),
                           "LM head + overhead vs the runtime's LM head + other time, per grid batch (in-sample)")
     operations = {"layer_overhead": layer, "expert_overhead": expert, "iteration_overhead": iteration}
+    interference, interference_prov = measure_load_interference(
+        spec, profile, operations, seed=seed, threads=threads, rounds=rounds)
+    operations["load_interference"] = interference
 
     # The whole iteration, predicted with the fitted terms, against the measured durations.
     data = profile.model_dump()
@@ -183,11 +194,120 @@ def measure_overheads(spec: Any, profile: Any, *, seed: int = 0, threads: int = 
         "iteration_check": check, "iteration_check_without_overheads": without,
         "iteration_check_per_batch": [round(float(e), 4) for e in errs],
         "median_bias_without_overheads": round(float(np.median(base_errs)), 4),
+        "load_interference": interference_prov,
     }
     if log:
         log(f"overheads: layer {layer['fixed_s']:.3g} s + {layer['per_token_s']:.3g} s/token + "
             f"{layer['per_sequence_s']:.3g} s/seq; expert {expert['fixed_s']:.3g} s + {expert['per_token_s']:.3g} "
-            f"s/token; iteration {iteration['fixed_s']:.3g} s; whole-iteration error median "
+            f"s/token; iteration {iteration['fixed_s']:.3g} s; load interference {interference['s_per_byte']:.3g} s/byte; "
+            f"whole-iteration error median "
             f"{check['median_rel_error']:.1%} (without: {without['median_rel_error']:.1%})")
     return operations, provenance
 
+
+
+def measure_load_interference(spec: Any, profile: Any, operations: dict[str, Any], *, seed: int = 0,
+                              threads: int = 1, rounds: int = 5) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fit ``load_interference``: the compute time each expert load adds beside it, on the runtime.
+
+    ``profile`` holds the kernels alone and ``operations`` the overhead terms fitted on the all-resident grid.
+    The grid runs with an LRU cache of half the experts (global scope), so loads happen; a planner with the
+    same cache plans each batch in the same order. Fitted per timed run (the cache state, so the loads,
+    differ between rounds): runtime compute-stream time (duration - load wait) - the plan's ops ~ s_per_byte *
+    bytes loaded, relative least squares without an intercept. Returns the ``operations`` entry and its provenance."""
+    import torch
+
+    from calibrate.runtime.expert_store import ExpertStore
+    from calibrate.runtime.server import Runtime
+    from sim.engine.iteration import BatchShape, IterationPlanner, time_plan
+    from sim.policies.cache import make_cache
+    from sim.profile import HardwareProfile
+
+    data = profile.model_dump()
+    data["operations"].update(operations)
+    data["operations"]["load_interference"] = None
+    fitted = HardwareProfile.model_validate(data)
+    n_layers, n_experts = spec.num_moe_layers, spec.num_experts
+    capacity = max(1, n_layers * n_experts // 2)
+
+    def lru() -> Any:
+        return make_cache("lru", num_layers=n_layers, num_experts=n_experts, capacity_experts=capacity,
+                          per_layer=False)
+
+    batches = overhead_batches(seed)
+    runtime = Runtime.for_measurement(spec, seed=seed, threads=threads)
+    runtime.store.close()
+    runtime.store = ExpertStore(runtime.model.host_experts, lru(), num_experts=n_experts)
+    planner = IterationPlanner(model=spec, profile=fitted, cache=lru())
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    rows = []
+    started = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            runtime._warm_up()
+            for r in range(rounds + 1):  # round 0 untimed: first-call costs and a cold cache stay out
+                for b in batches:
+                    out = runtime.run_batch(b)
+                    pre = [(pos, n) for pos, n, p in b if p]
+                    shape = BatchShape(
+                        prefill_new_tokens=np.asarray([n for _, n in pre], dtype=np.int64),
+                        prefill_context_tokens=np.asarray([p for p, _ in pre], dtype=np.int64),
+                        decode_context_tokens=np.asarray([pos for pos, _, p in b if not p], dtype=np.int64),
+                        num_emitting=len(b))
+                    counts = out["counts"]
+                    plan = planner.plan(shape, counts)
+                    if plan.misses != out["expert_misses"]:
+                        raise RuntimeError(f"the planner's cache loaded {plan.misses} experts where the runtime's "
+                                           f"loaded {out['expert_misses']}")
+                    if r == 0:
+                        continue
+                    rows.append(dict(loads=plan.misses, stream_real=out["duration_s"] - out["load_wait_s"],
+                                     stream_pred=float(sum(plan.op_s)), duration=out["duration_s"], plan=plan))
+    finally:
+        runtime.close()
+        torch.set_num_threads(previous_threads)
+    elapsed = time.perf_counter() - started
+
+    nbytes = float(spec.expert_bytes)
+    loaded = np.array([r["loads"] for r in rows], dtype=np.float64) * nbytes
+    real = np.array([r["stream_real"] for r in rows])
+    pred = np.array([r["stream_pred"] for r in rows])
+    (per_byte,) = _lstsq([loaded], real - pred, real)
+    per_byte = max(0.0, float(per_byte))
+    term = {"s_per_byte": _r(per_byte),
+            "fit_error": error_stats((pred + per_byte * loaded) / real - 1.0,
+                                     "planned compute ops + interference of the iteration's loads vs the "
+                                     "runtime's duration minus load wait, per timed run of the half-cache grid (in-sample)")}
+    # The whole iteration with and without the term, against the measured durations.
+    data["operations"]["load_interference"] = term
+    with_term = IterationPlanner(model=spec, profile=HardwareProfile.model_validate(data), cache=lru())
+    errs, base_errs = [], []
+    for r in rows:
+        plan = r["plan"]
+        errs.append(_duration_with(plan, with_term.load_interference_s) / r["duration"] - 1.0)
+        base_errs.append(time_plan(plan).duration_s / r["duration"] - 1.0)
+    provenance = {
+        "method": ("the overhead grid again with an LRU cache of half the experts (runtime copy thread); runtime "
+                   "duration minus load wait, minus the planned compute ops, vs bytes loaded, least squares (see calibrate/overhead.py)"),
+        "capacity_experts": capacity, "rounds": rounds, "timed_runs": len(rows),
+        "loads_per_run": {"min": int(min(r["loads"] for r in rows)), "max": int(max(r["loads"] for r in rows)),
+                          "mean": round(float(np.mean([r["loads"] for r in rows])), 2)},
+        "s_per_load": _r(per_byte * nbytes), "measure_s": round(elapsed, 1),
+        "iteration_check": error_stats(errs, "planner with the interference vs the runtime's iteration duration, "
+                                             "per timed run of the half-cache grid (in-sample)"),
+        "iteration_check_without": error_stats(base_errs, "the same without the interference term"),
+        "median_bias": round(float(np.median(errs)), 4),
+        "median_bias_without": round(float(np.median(base_errs)), 4),
+    }
+    return term, provenance
+
+
+def _duration_with(plan: Any, interference_s: float) -> float:
+    """``plan``'s duration with ``interference_s`` added to each op that waits for a load (as the planner does)."""
+    from dataclasses import replace
+
+    from sim.engine.iteration import time_plan
+
+    ops = [s + interference_s if load >= 0 else s for s, load in zip(plan.op_s, plan.op_load)]
+    return time_plan(replace(plan, op_s=ops)).duration_s

@@ -79,8 +79,9 @@ def calibrate_for(spec: Any, out: Path, *, threads: int = 1, budget: Any = None,
                   overheads: bool = True) -> Path:
     """Measure ``spec``'s shapes on this CPU and write the profile ``out`` (points next to it).
 
-    With ``overheads`` (default) the profile also gets ``layer_overhead``, ``expert_overhead`` and
-    ``iteration_overhead`` measured on the runtime (``calibrate.overhead``)."""
+    With ``overheads`` (default) the profile also gets ``layer_overhead``, ``expert_overhead``,
+    ``iteration_overhead`` and ``load_interference`` (compute time each expert load adds beside it)
+    measured on the runtime (``calibrate.overhead``)."""
     import torch
 
     from calibrate.cli import points_path_for, write_profile

@@ -23,6 +23,12 @@ in the work it accompanies and never negative (``max(0, ...)``):
   gather, weighting and scatter-add (index_add_) around the expert FFN.
 - ``iteration_overhead``: once per iteration, ``fixed_s + per_token_s * tokens + per_sequence_s * sequences``:
   batch assembly, embedding, sampling, scheduling.
+- ``load_interference``: compute time added per expert load, ``s_per_byte * nbytes`` of the load: the
+  slowdown of the compute stream while a host->device copy runs beside it. On a GPU a DMA copy engine
+  leaves the SMs alone (absent: 0 s); on a CPU the copy thread takes memory bandwidth, cache and the GIL
+  from the compute thread (``calibrate.overhead`` measures all the compute-stream time a load adds, its
+  cache bookkeeping and job submission included). The planner charges it to the expert op that waits for the load (see
+  ``sim.engine.iteration``).
 
 Lookups are ``<operation>_s(...)`` with keyword sizes; they take numpy arrays or scalars and
 return seconds (an array, or a numpy float for a scalar). No work costs 0 s exactly: an expert
@@ -193,7 +199,14 @@ class ExpertOverhead(_Section):
         return np.where(tokens > 0, np.maximum(0.0, self.fixed_s + self.per_token_s * tokens), 0.0)
 
 
-OVERHEADS: tuple[str, ...] = ("layer_overhead", "expert_overhead", "iteration_overhead")
+class LoadInterference(_Section):
+    """Compute seconds ``s_per_byte * nbytes`` added per expert load (the copy slowing the compute beside it)."""
+
+    s_per_byte: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    fit_error: FitError | None = Field(default=None, description="null when not fitted (datasheet).")
+
+
+OVERHEADS: tuple[str, ...] = ("layer_overhead", "expert_overhead", "iteration_overhead", "load_interference")
 
 
 class Operations(_Section):
@@ -208,6 +221,8 @@ class Operations(_Section):
     layer_overhead: BatchOverhead | None = Field(default=None, description="Per decoder layer per iteration; null: 0 s.")
     expert_overhead: ExpertOverhead | None = Field(default=None, description="Per routed expert call; null: 0 s.")
     iteration_overhead: BatchOverhead | None = Field(default=None, description="Once per iteration; null: 0 s.")
+    load_interference: LoadInterference | None = Field(
+        default=None, description="Compute time added per expert load overlapping compute; null: 0 s.")
 
     @model_validator(mode="after")
     def _table_shapes_have_every_field(self) -> "Operations":
@@ -366,6 +381,14 @@ class HardwareProfile(_Section):
     def iteration_overhead_s(self, *, tokens: np.ndarray | int, sequences: np.ndarray | int = 0) -> np.ndarray:
         """Seconds of per-iteration overhead (batch assembly, embedding, sampling); 0 tokens -> 0 s."""
         return _batch_overhead(self.operations.iteration_overhead, tokens, sequences)
+
+    def load_interference_s(self, *, nbytes: np.ndarray | float) -> np.ndarray:
+        """Compute seconds one load of ``nbytes`` adds to the stream beside it; 0 when not modelled."""
+        b = _sizes("nbytes", nbytes)
+        model = self.operations.load_interference
+        if model is None:
+            return _out(np.zeros(b.shape))
+        return _out(np.where(b > 0, model.s_per_byte * b, 0.0))
 
     # ------------------------------------------------------------ copy lookups
 

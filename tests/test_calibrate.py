@@ -281,3 +281,35 @@ def test_overhead_least_squares_recovers_an_affine_residual_in_relative_terms():
     assert batches == overhead_batches(0)  # seeded
     kinds = {(any(p for *_, p in b), any(not p for *_, p in b)) for b in batches}
     assert kinds == {(False, True), (True, False), (True, True)}  # decode-only, prefill-only, mixed
+
+
+def test_interference_check_times_plans_as_the_planner_charges_the_term():
+    """``calibrate.overhead._duration_with`` (the fit's iteration check) adds X to each op that waits for a
+    load, exactly as a planner whose profile has that interference plans the same batch."""
+    from calibrate.overhead import _duration_with
+    from sim.engine.iteration import BatchShape, IterationPlanner, time_plan
+    from sim.policies.cache import make_cache
+    from sim.profile import HardwareProfile
+
+    spec = get_model("mixtral-8x7b")
+    base_profile = load_profile("h100-80gb")
+    data = base_profile.model_dump()
+    data["source"] = "measured"
+    data["operations"]["load_interference"] = {"s_per_byte": 1e-13}
+    profile = HardwareProfile.model_validate(data)
+    counts = np.zeros((spec.num_moe_layers, spec.num_experts), dtype=np.int64)
+    counts[:, [1, 6]] = 2
+    batch = BatchShape(prefill_new_tokens=np.zeros(0, dtype=np.int64),
+                       prefill_context_tokens=np.zeros(0, dtype=np.int64),
+                       decode_context_tokens=np.array([100, 200]), num_emitting=2)
+
+    def plan(p):
+        cache = make_cache("lru", num_layers=spec.num_moe_layers, num_experts=spec.num_experts,
+                           capacity_experts=spec.num_moe_layers, per_layer=False)
+        return IterationPlanner(model=spec, profile=p, cache=cache).plan(batch, counts)
+
+    base, over = plan(base_profile), plan(profile)
+    x = 1e-13 * spec.expert_bytes
+    assert base.misses == over.misses > 0
+    assert _duration_with(base, x) == pytest.approx(time_plan(over).duration_s, rel=1e-12)
+    assert time_plan(over).compute_busy_s - time_plan(base).compute_busy_s == pytest.approx(base.misses * x)

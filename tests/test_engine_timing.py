@@ -517,3 +517,53 @@ def test_frequency_predictor_does_not_see_the_iteration_it_predicts():
     assert planner.use_counts.tolist() == (counts > 0).astype(int).tolist()
     # Now it knows: experts 6 and 7 are the most used of every layer.
     assert planner._predict(1, counts).tolist() == [6, 7]
+
+
+# ---------------------------------------------------------------- load interference
+
+
+INTERFERENCE_MODEL = tiny_model(num_experts=8, top_k=2, num_layers=1)
+
+
+def _interference_plans(s_per_byte: float):
+    """One MoE layer, 3 experts routed, a cache of 1 slot: 3 misses, each loaded after the gate."""
+    counts = np.zeros((1, 8), dtype=np.int64)
+    counts[0, [5, 6, 7]] = [1, 2, 3]
+    base = _planner(TOY, INTERFERENCE_MODEL, "lru", 1).plan(_batch([10, 20, 30]), counts)
+    profile = _overhead_profile(load_interference={"s_per_byte": s_per_byte})
+    planner = _planner(profile, INTERFERENCE_MODEL, "lru", 1)
+    return base, planner.plan(_batch([10, 20, 30]), counts), planner
+
+
+@pytest.mark.parametrize("timer", TIMERS)
+def test_load_interference_lengthens_each_op_that_waits_for_a_load(timer):
+    """Interference X per load: each of the 3 ops waiting for a load gets X more; the loads are unchanged.
+    By hand, with the stream free when the loads are issued (at the gate's end g) and each expert e_i + X at
+    least as long as a load L: duration = g + L + sum(e_i + X) + LM head."""
+    nbytes = float(INTERFERENCE_MODEL.expert_bytes)
+    base, _, _ = _interference_plans(0.0)
+    load_s = base.load_s[0]
+    s_per_byte = 2 * load_s / nbytes  # X = 2 L: the stream, not the link, is the bottleneck after the first load
+    base, over, planner = _interference_plans(s_per_byte)
+    x = planner.load_interference_s
+    assert x == pytest.approx(2 * load_s, rel=1e-12)
+    assert (over.misses, over.load_s) == (3, base.load_s)
+    waiting = [i for i, load in enumerate(over.op_load) if load >= 0]
+    assert len(waiting) == 3
+    for i, (a, b) in enumerate(zip(base.op_s, over.op_s)):
+        assert b - a == pytest.approx(x if i in waiting else 0.0, abs=1e-15)
+    gate_end = sum(over.op_s[: waiting[0]])
+    experts = [base.op_s[i] for i in waiting]
+    lm_head = sum(over.op_s[waiting[-1] + 1:])
+    expected = gate_end + load_s + sum(e + x for e in experts) + lm_head
+    timing = timer(over)
+    assert timing.duration_s == pytest.approx(expected, rel=1e-12)
+    assert timing.compute_busy_s - timer(base).compute_busy_s == pytest.approx(3 * x, rel=1e-9)
+
+
+def test_zero_or_absent_load_interference_leaves_timings_unchanged():
+    base, zero, planner = _interference_plans(0.0)
+    assert planner.load_interference_s == 0.0
+    assert zero.op_s == base.op_s and zero.load_s == base.load_s
+    assert time_plan(zero) == time_plan(base)
+    assert float(TOY.load_interference_s(nbytes=1e6)) == 0.0

@@ -464,3 +464,15 @@ def test_typo_in_an_overhead_names_the_key_path_and_choices(tmp_path):
     data["operations"]["expert_overhead"] = {"fixed_s": 1e-4, "per_tokens_s": 1e-6}
     with pytest.raises(ProfileError, match=r"operations\.expert_overhead\.per_tokens_s: unknown key.*per_token_s"):
         load_profile(write_yaml(tmp_path, data))
+
+
+def test_load_interference_is_per_byte_optional_and_never_negative(toy_profile, tmp_path):
+    assert toy_profile.load_interference_s(nbytes=3e6) == 0.0  # absent: GPU profiles are unchanged
+    p = _with_overheads(load_interference={"s_per_byte": 2e-11})
+    assert p.has_overheads
+    assert p.load_interference_s(nbytes=3e6) == pytest.approx(6e-5)
+    assert p.load_interference_s(nbytes=np.array([0.0, 1e6])).tolist() == pytest.approx([0.0, 2e-5])
+    data = toy_profile_dict()
+    data["operations"]["load_interference"] = {"s_per_byte": -1e-11}
+    with pytest.raises(ProfileError, match=r"operations\.load_interference\.s_per_byte"):
+        load_profile(write_yaml(tmp_path, data))

@@ -8,7 +8,15 @@ expert starts when both its load and the stream are done. Planning and timing ar
   and returns an ``IterationPlan`` of compute ops and loads with their dependencies. Decisions never
   depend on timing, so the same plan can be timed two ways.
 * ``time_plan`` computes the timeline with a tight recurrence; ``sim.engine.reference`` runs the
-  same plan as SimPy processes on SimPy resources. Tests check that both agree."""
+  same plan as SimPy processes on SimPy resources. Tests check that both agree.
+
+Load interference (``operations.load_interference`` of the profile; absent on GPU profiles: 0 s): a copy
+running beside the stream slows it (on a CPU the copy thread takes memory bandwidth, cache and the GIL from
+the compute thread, and the measured term also holds the per-miss cache bookkeeping and job submission).
+Each load's slowdown is charged, as extra seconds, to the expert op that waits for that
+load, not spread over the ops that run while the load is in flight: an approximation that keeps the
+plan's ops fixed-length (so both timers stay exact and agree). It puts the slowdown after the load instead
+of during it, where a stall could have hidden part of it, and a prefetch that no op waits for adds none."""
 
 from __future__ import annotations
 
@@ -153,6 +161,8 @@ class IterationPlanner:
         self.projection_shapes = model.attention_projection_shapes
         self.expert_load_s = float(profile.h2d_copy_s(nbytes=model.expert_bytes, pinned=True))
         self.expert_bytes = float(model.expert_bytes)
+        # Compute seconds a load adds to the op that waits for it (0 unless the profile models it).
+        self.load_interference_s = float(profile.load_interference_s(nbytes=model.expert_bytes))
         # Frequency statistics for the 'frequency' prefetch predictor: uses per (layer, expert).
         self.use_counts = np.zeros((self.num_moe_layers, self.num_experts), dtype=np.int64)
         self._tick = 0
@@ -298,6 +308,7 @@ class IterationPlanner:
         E = self.num_experts
         pinned = self._pinned
         load_s = self.expert_load_s
+        interference_s = self.load_interference_s
         layer_ids, expert_ids = np.nonzero(used)
         needed_all = expert_ids.tolist()
         times_all = expert_s[layer_ids, expert_ids].tolist()
@@ -355,7 +366,7 @@ class IterationPlanner:
                 op_load.append(-1)
             # Prefetched experts in flight, in the order their loads finish (FIFO copy engine).
             for load, seconds in sorted(waits):
-                op_s.append(seconds)
+                op_s.append(seconds + interference_s)
                 op_kind.append("expert")
                 op_load.append(load)
             pinned[keys] = True  # the gate has chosen them: nothing may evict them in this layer
@@ -371,7 +382,7 @@ class IterationPlanner:
                 loads_s.extend([load_s] * m)
                 issue_after.extend([gate_op] * m)
                 is_prefetch.extend([False] * m)
-                op_s.extend(miss_times)
+                op_s.extend([t + interference_s for t in miss_times] if interference_s else miss_times)
                 op_kind.extend(["expert"] * m)
                 op_load.extend(range(first, first + m))
             if prefetching and moe_layer + 1 < self.num_moe_layers:
