@@ -314,24 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="run every point of a scenario's sweep grid (cached, resumable, parallel)")
     p.add_argument("scenario", help="scenario YAML (with a sweep: block) or shipped name")
-    p.add_argument("--out", metavar="DIR", help="results folder (default: runs/sweep-NAME)")
-    p.add_argument("--jobs", type=int, metavar="N", help="worker processes (default: all cores; 1 runs in-process)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument(
-        "--report", nargs="?", const=True, metavar="HTML",
-        help="also write a self-contained HTML report (default: reports/sweep-NAME.html)",
-    )
+    _add_many_runs_options(p, "sweep")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("plan", help="the cheapest candidate configuration that meets the SLO at a target rate")
     p.add_argument("scenario", help="scenario YAML with a plan: block, or shipped name")
-    p.add_argument("--out", metavar="DIR", help="results folder (default: runs/plan-NAME)")
-    p.add_argument("--jobs", type=int, metavar="N", help="worker processes (default: all cores; 1 runs in-process)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument(
-        "--report", nargs="?", const=True, metavar="HTML",
-        help="also write a self-contained HTML report (default: reports/plan-NAME.html)",
-    )
+    _add_many_runs_options(p, "plan")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("report", help="render a run, sweep or plan folder into one self-contained HTML report")
@@ -353,6 +341,17 @@ def _register_calibrate(sub: Any) -> None:
     except ImportError:  # an install without the calibrator
         return
     register(sub)
+
+
+def _add_many_runs_options(p: argparse.ArgumentParser, kind: str) -> None:
+    """Options shared by the commands that run many simulations (sweep, plan)."""
+    p.add_argument("--out", metavar="DIR", help=f"results folder (default: runs/{kind}-NAME)")
+    p.add_argument("--jobs", type=int, metavar="N", help="worker processes (default: all cores; 1 runs in-process)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--report", nargs="?", const=True, metavar="HTML",
+        help=f"also write a self-contained HTML report (default: reports/{kind}-NAME.html)",
+    )
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:

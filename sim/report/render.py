@@ -37,16 +37,21 @@ def _environment() -> jinja2.Environment:
     return env
 
 
+def _read_json(folder: Path, name: str, what: str, how: str) -> dict[str, Any]:
+    """A folder's JSON file, with one-line errors that say how to make the folder."""
+    path = folder / name
+    if not path.exists():
+        raise MoesimError(f"{folder}: not {what} (no {name}); make one with `{how}`")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise MoesimError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+
+
 def render_run_report(run_dir: Path, out: Path | None = None) -> Path:
     """Write ``out`` (default: RUN_DIR/report.html) from a run folder written by ``moesim simulate --out``."""
     run_dir = Path(run_dir)
-    summary_path = run_dir / "summary.json"
-    if not summary_path.exists():
-        raise MoesimError(f"{run_dir}: not a run folder (no summary.json); make one with `moesim simulate --out DIR`")
-    try:
-        summary: dict[str, Any] = json.loads(summary_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise MoesimError(f"{summary_path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    summary = _read_json(run_dir, "summary.json", "a run folder", "moesim simulate --out DIR")
     requests = _read_table(run_dir, "requests")
     iterations = _read_table(run_dir, "iterations")
     figures = {
@@ -88,13 +93,7 @@ def render_report(folder: Path, out: Path | None = None) -> Path:
 def render_plan_report(plan_dir: Path, out: Path | None = None) -> Path:
     """Write ``out`` (default: PLAN_DIR/report.html) from a folder written by ``moesim plan``."""
     plan_dir = Path(plan_dir)
-    path = plan_dir / "plan.json"
-    if not path.exists():
-        raise MoesimError(f"{plan_dir}: not a plan folder (no plan.json); make one with `moesim plan`")
-    try:
-        plan: dict[str, Any] = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise MoesimError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    plan = _read_json(plan_dir, "plan.json", "a plan folder", "moesim plan")
     table = pd.DataFrame(plan["table"])
     figures = {
         "pareto": plots.plan_pareto(table, plan["target_rate_per_s"]),
