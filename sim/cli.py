@@ -215,11 +215,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-"))
     sys.stdout.flush()
     print(f"sweep table: {out / 'sweep.csv'}; run folders: {out / 'points'}", file=sys.stderr)
-    if args.report:
-        from sim.report.render import render_sweep_report
-
-        target = Path("reports") / f"sweep-{stem}.html" if args.report is True else Path(args.report)
-        print(f"report: {render_sweep_report(out, target)}", file=sys.stderr)
+    _write_folder_report(args.report, "sweep", stem, out)
     return 0
 
 
@@ -246,12 +242,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"candidate {row['candidate']}: {row['status']}: {row['reason']}")
     sys.stdout.flush()
     print(f"plan table: {out / 'plan.csv'}; details: {out / 'plan.json'}", file=sys.stderr)
-    if args.report:
-        from sim.report.render import render_plan_report
-
-        target = Path("reports") / f"plan-{stem}.html" if args.report is True else Path(args.report)
-        print(f"report: {render_plan_report(out, target)}", file=sys.stderr)
+    _write_folder_report(args.report, "plan", stem, out)
     return 0
+
+
+def _write_folder_report(report: str | bool | None, kind: str, stem: str, folder: Path) -> None:
+    """`--report` of sweep and plan: render FOLDER to the given file or reports/KIND-STEM.html."""
+    if not report:
+        return
+    from sim.report.render import render_report
+
+    target = Path("reports") / f"{kind}-{stem}.html" if report is True else Path(report)
+    print(f"report: {render_report(folder, target)}", file=sys.stderr)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
