@@ -381,6 +381,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"moesim: error: {exc}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as exc:
+        if args.debug or exc.name != "torch":
+            raise
+        # calibrate/validate/profile import measure code that needs torch, an optional extra.
+        print(f"moesim: error: '{args.command}' needs PyTorch: pip install 'moesim[calibrate]' "
+              "(torch 2.13.0, CPU build)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("moesim: interrupted", file=sys.stderr)
         return 130

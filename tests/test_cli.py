@@ -346,3 +346,25 @@ def test_import_leaves_torch_out():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert proc.stdout == "[]\n"
+
+
+def test_a_command_needing_torch_without_it_is_one_line(capsys, monkeypatch):
+    """`pip install .` has no torch: calibrate/validate say what to install instead of a traceback."""
+    import sim.cli
+
+    def needs_torch(args):
+        raise ModuleNotFoundError("No module named 'torch'", name="torch")
+
+    parser = sim.cli.build_parser
+    monkeypatch.setattr(sim.cli, "build_parser", lambda: _with_func(parser(), needs_torch))
+    assert sim.cli.main(["models"]) == 2
+    err = capsys.readouterr().err
+    assert err == "moesim: error: 'models' needs PyTorch: pip install 'moesim[calibrate]' (torch 2.13.0, CPU build)\n"
+
+
+def _with_func(parser, func):
+    parser.set_defaults(func=func)
+    for action in parser._subparsers._group_actions:
+        for sub in action.choices.values():
+            sub.set_defaults(func=func)
+    return parser
