@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sim.errors import CatalogError, MoesimError, ProfileError, ScenarioError
+from sim.policies.offload_specs import OffloadSpec, SpeculativeSpec, TuneSpec
 from sim.policies.specs import (
     BatchingSpec,
     ExpertCacheSpec,
@@ -105,6 +106,10 @@ class HardwareSpec(Spec):
         0.05, ge=0, lt=1, description="GPU memory kept free for activations, workspace and fragmentation."
     )
     host_memory_bytes: float = Field(1.0e12, gt=0, description="Host memory holding offloaded experts.")
+    host_profile: str | None = Field(
+        None, description="Profile of the host CPU (shipped name or YAML path, e.g. cpu-this-machine, or one written by "
+                          "`moesim calibrate --device cpu`): its attention_decode and expert_ffn give CPU latencies. "
+                          "Required when attention, experts or the draft model run on the CPU.")
     links: LinkOverrides = Field(default_factory=LinkOverrides)
 
     @model_validator(mode="after")
@@ -137,6 +142,8 @@ class PoliciesSpec(Spec):
     preemption: PreemptionSpec = Field(default_factory=PreemptionSpec)
     expert_cache: ExpertCacheSpec = Field(default_factory=LruCacheSpec)
     prefetch: PrefetchSpec = Field(default_factory=NoPrefetchSpec)
+    speculative: SpeculativeSpec | None = Field(None, description="Speculative decoding (draft model, k, acceptance).")
+    offload: OffloadSpec = Field(default_factory=OffloadSpec, description="CPU attention / CPU experts / pipelining.")
 
 
 class SloTargets(Spec):
@@ -198,6 +205,7 @@ class Scenario(Spec):
     slo: SloSpec = Field(default_factory=SloSpec)
     sweep: SweepSpec = Field(default_factory=SweepSpec)
     plan: PlanSpec = Field(default_factory=PlanSpec)
+    tune: TuneSpec = Field(default_factory=TuneSpec)
 
 
 @dataclass(frozen=True)
@@ -209,6 +217,7 @@ class LoadedScenario:
     profile: Any  # sim.profile.HardwareProfile (imported lazily to keep this module light)
     source: str  # file the scenario came from, for messages
     base_dir: Path  # relative trace paths resolve against this folder
+    host_profile: Any = None  # sim.profile.HardwareProfile of the host CPU (hardware.host_profile), or None
 
 
 # ---------------------------------------------------------------- loading and errors
@@ -316,7 +325,16 @@ def resolve(scenario: Scenario, source: str, base_dir: Path) -> LoadedScenario:
         profile = load_profile(candidate if candidate.suffix in (".yaml", ".yml") and candidate.exists() else profile_ref)
     except ProfileError as exc:
         raise ScenarioError(f"{source}: hardware.profile: {exc}") from None
-    loaded = LoadedScenario(scenario=scenario, model=model, profile=profile, source=source, base_dir=base_dir)
+    host_profile = None
+    if scenario.hardware.host_profile is not None:
+        try:
+            host_ref = scenario.hardware.host_profile
+            candidate = base_dir / host_ref
+            host_profile = load_profile(candidate if candidate.suffix in (".yaml", ".yml") and candidate.exists() else host_ref)
+        except ProfileError as exc:
+            raise ScenarioError(f"{source}: hardware.host_profile: {exc}") from None
+    loaded = LoadedScenario(scenario=scenario, model=model, profile=profile, source=source, base_dir=base_dir,
+                            host_profile=host_profile)
     check_memory_fits(loaded)
     return loaded
 

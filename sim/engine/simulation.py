@@ -76,7 +76,11 @@ def simulate(
             gpu_to_gpu_gbps=links.gpu_to_gpu_gbps,
             node_to_node_gbps=links.node_to_node_gbps,
         )
-    budget = plan_memory(loaded)
+    # Speculative decoding / CPU offloading (policies.speculative, policies.offload): None for plain scenarios.
+    from sim.engine.offload import build_offload_setup
+
+    setup = build_offload_setup(loaded, profile)
+    budget = setup.budget if setup is not None else plan_memory(loaded)
     seeds = np.random.SeedSequence(scenario.workload.seed).spawn(2)
     arrivals_rng, routing_rng = (np.random.default_rng(s) for s in seeds)
     table = build_request_table(loaded, arrivals_rng)
@@ -98,14 +102,18 @@ def simulate(
             cache_spec.name, num_layers=model.num_moe_layers, num_experts=model.num_experts,
             capacity_experts=budget.expert_slots, per_layer=getattr(cache_spec, "scope", "global") == "per_layer",
         )
-        planner = IterationPlanner(
+        planner = (setup.planner_class if setup is not None else IterationPlanner)(
             model=model, profile=profile, cache=cache, prefetch=policies.prefetch.name,
             prefetch_predictor=getattr(policies.prefetch, "predictor", "oracle"),
             prefetch_max_experts=getattr(policies.prefetch, "max_experts", None),
             record_accesses=record_accesses,
         )
+        replica_class, replica_extra = (
+            (setup.replica_class, setup.replica_kwargs(profile, cache)) if setup is not None else (Replica, {})
+        )
         replicas.append(
-            Replica(
+            replica_class(
+                **replica_extra,
                 index=index, env=env, budget=budget, planner=planner, routing=routing,
                 scheduler=make_scheduler(policies.scheduler), profile=profile,
                 max_num_seqs=policies.batching.max_num_seqs, max_batch_tokens=policies.batching.max_batch_tokens,
@@ -154,11 +162,18 @@ def simulate(
         [as_row(rec) for rep in replicas for rec in rep.iterations],
         columns=list(_ITERATION_COLUMNS),
     )
+    extra: dict[str, Any] = {}
+    if setup is not None:
+        from sim.engine.speculative import STEP_COLUMNS
+
+        steps = pd.DataFrame([rec for rep in replicas for rec in rep.step_records], columns=list(STEP_COLUMNS))
+        iterations = pd.concat([iterations, steps], axis=1)
+        extra["offload"] = setup.summary()
     return SimulationResult(
         loaded=loaded, budget=budget, requests=requests, iterations=iterations,
         tbt_samples_s=np.frombuffer(tbt_samples, dtype=np.float64).copy(), replicas=replicas,
         partial=partial, simulated_s=env.now, events=_event_count(env),
-        extra={"table_skipped_rows": table.skipped_rows, "num_arrivals": len(table)},
+        extra={"table_skipped_rows": table.skipped_rows, "num_arrivals": len(table), **extra},
     )
 
 

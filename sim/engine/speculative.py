@@ -1,0 +1,355 @@
+"""Speculative decoding (SpecMoEOff, PAPERS.md section 2): draft k tokens, verify k+1 in one target pass.
+
+Per decode step of a sequence with ``c`` tokens in its KV cache and ``r`` output tokens still to go:
+
+* the draft length is ``k_i = min(k, r - 1)`` (drafting past the end of the output is pointless);
+* the target verifies ``k_i + 1`` tokens (the last emitted token and the k_i drafts) at positions
+  ``c .. c + k_i`` in the same pass as every other sequence of the batch, so each loaded expert serves
+  more tokens; the routing source draws the experts of all ``k_i + 1`` positions;
+* the draft model then drafts the next step's tokens: one pass over the tokens emitted this step (its
+  KV catches up), then one pass per further draft token (``k`` passes in all for the batch);
+* ``A`` drafted tokens are accepted (drawn per token from the acceptance model, seeded), and the
+  target's own token at the first rejection (or after the last draft) is emitted too: ``A + 1`` tokens.
+  The KV cache grows by ``A + 1``; blocks for ``k_i + 1`` tokens are allocated before the pass (vLLM's
+  lookahead slots), so at most ``k`` tokens' worth stay allocated ahead.
+
+Time between tokens, defined per emitted token as the time since the previous token of the same
+request reached the client: the ``A + 1`` tokens of one step arrive together, so the first has the
+step's gap and the others 0. TTFT is unchanged (prefill emits one token); TPOT = (finish - first token) /
+(output - 1) counts every token. With ``k = 0`` every step is a plain decode step, and the replica makes
+exactly the plain engine's decisions, draws and timings (a test checks this)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dataclasses import dataclass
+
+from sim.engine.iteration import BatchShape, IterationPlanner, time_plan
+from sim.engine.replica import Replica, RequestState
+from sim.errors import ScenarioError
+from sim.policies.cache import make_cache
+from sim.policies.offload_specs import (
+    EmpiricalAcceptance,
+    FixedAcceptance,
+    PerTaskAcceptance,
+    SpeculativeSpec,
+)
+from sim.profile import HardwareProfile
+from sim.spec import ModelSpec, get_model
+
+
+# ---------------------------------------------------------------- acceptance
+
+
+class AcceptanceModel:
+    """How many of ``k`` drafted tokens the target accepts, drawn from a seeded Generator."""
+
+    def __init__(self, spec: FixedAcceptance | PerTaskAcceptance | EmpiricalAcceptance, rng: np.random.Generator) -> None:
+        self.spec = spec
+        self.rng = rng
+        self._run_lengths = (np.asarray(spec.run_lengths, dtype=np.int64)
+                             if isinstance(spec, EmpiricalAcceptance) else None)
+
+    def rate(self, task: str | None) -> float | None:
+        """Per-token rate of a request (None for an empirical distribution)."""
+        if isinstance(self.spec, FixedAcceptance):
+            return self.spec.rate
+        if isinstance(self.spec, PerTaskAcceptance):
+            return self.spec.rates.get(task, self.spec.default_rate) if task is not None else self.spec.default_rate
+        return None
+
+    def draw(self, tasks: list[str | None], drafts: np.ndarray) -> np.ndarray:
+        """Accepted drafts per sequence (``0 <= accepted <= drafts``); sequences with 0 drafts draw nothing."""
+        drafts = np.asarray(drafts, dtype=np.int64)
+        out = np.zeros(len(drafts), dtype=np.int64)
+        active = np.flatnonzero(drafts > 0)
+        if not len(active):
+            return out
+        if self._run_lengths is not None:
+            picks = self._run_lengths[self.rng.integers(0, len(self._run_lengths), size=len(active))]
+            out[active] = np.minimum(picks, drafts[active])
+            return out
+        kmax = int(drafts[active].max())
+        rates = np.asarray([self.rate(tasks[i]) for i in active], dtype=np.float64)
+        # Token j is accepted only if tokens 0..j-1 were: the accepted count is the leading run of successes.
+        success = self.rng.random((len(active), kmax)) < rates[:, None]
+        success &= np.arange(kmax)[None, :] < drafts[active][:, None]
+        out[active] = np.cumprod(success, axis=1).sum(axis=1)
+        return out
+
+
+def expected_emitted_tokens(rate: float, k: int) -> float:
+    """Mean tokens emitted per verification step with per-token acceptance ``rate``: sum_{i=0..k} rate^i."""
+    if rate >= 1.0:
+        return float(k + 1)
+    return (1.0 - rate ** (k + 1)) / (1.0 - rate)
+
+
+# ---------------------------------------------------------------- the verify pass on the plain planner
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyBatchShape(BatchShape):
+    """A batch whose decoding sequences verify drafts: ``verify_query_tokens[i]`` tokens (k_i + 1 >= 2)
+    of a sequence with ``verify_context_tokens[i]`` cached tokens. Plain decodes (k_i = 0) stay decodes."""
+
+    verify_context_tokens: np.ndarray = None  # type: ignore[assignment]
+    verify_query_tokens: np.ndarray = None  # type: ignore[assignment]
+
+    @property
+    def num_tokens(self) -> int:
+        return (int(self.prefill_new_tokens.sum()) + len(self.decode_context_tokens)
+                + int(self.verify_query_tokens.sum()))
+
+
+def verify_attention_s(profile: HardwareProfile, *, context_tokens: np.ndarray, query_tokens: np.ndarray, shape) -> float:
+    """Attention core of one verification pass of a batch, from the profile's measured kernels: a sequence
+    with one query is a decode step (one batched ``attention_decode`` call for all of them, as in the plain
+    engine); a sequence verifying ``q >= 2`` tokens is a chunk of ``q`` queries over its cached prefix, the
+    work ``attention_prefill`` measures (SpecMoEOff's chunked kernel reads the KV once: the same roofline)."""
+    ctx = np.asarray(context_tokens, dtype=np.int64)
+    q = np.asarray(query_tokens, dtype=np.int64)
+    one = q == 1
+    seconds = 0.0
+    if one.any():
+        seconds += float(profile.attention_decode_s(context_tokens=ctx[one], shape=shape))
+    if (~one).any():
+        seconds += float(np.sum(profile.attention_prefill_s(new_tokens=q[~one], context_tokens=ctx[~one], shape=shape)))
+    return seconds
+
+
+class VerifyIterationPlanner(IterationPlanner):
+    """The plain two-resource planner, with verification attention (one chunked kernel per batch)."""
+
+    def _attention_core_s(self, batch: BatchShape, sliding: bool) -> float:
+        seconds = super()._attention_core_s(batch, sliding)
+        if isinstance(batch, VerifyBatchShape) and len(batch.verify_context_tokens):
+            ctx = batch.verify_context_tokens
+            if sliding and self.sliding_window:
+                ctx = np.minimum(ctx, self.sliding_window)
+            seconds += verify_attention_s(self.profile, context_tokens=ctx, query_tokens=batch.verify_query_tokens,
+                                          shape=self.attention_shape)
+        return seconds
+
+
+# ---------------------------------------------------------------- the draft model
+
+
+def resolve_draft_model(spec: SpeculativeSpec, source: str) -> ModelSpec:
+    from sim.errors import CatalogError
+
+    if spec.draft_model.spec is not None:
+        return spec.draft_model.spec
+    try:
+        return get_model(spec.draft_model.name or "")
+    except CatalogError as exc:
+        raise ScenarioError(f"{source}: policies.speculative.draft_model.name: {exc}") from None
+
+
+class DraftCost:
+    """Seconds the draft model spends per step, from its profile (GPU or host CPU) like any model.
+
+    Every draft weight is resident where it runs (SpecMoEOff keeps the EAGLE head on the GPU); a MoE draft
+    spreads its tokens evenly over its experts (only their compute time matters when nothing is loaded)."""
+
+    def __init__(self, model: ModelSpec, profile: HardwareProfile) -> None:
+        self.model = model
+        cache = make_cache("all_resident", num_layers=model.num_moe_layers, num_experts=model.num_experts,
+                           capacity_experts=model.num_moe_layers * model.num_experts, per_layer=False)
+        self.planner = IterationPlanner(model=model, profile=profile, cache=cache)
+
+    def _counts(self, tokens: int) -> np.ndarray:
+        m = self.model
+        per_expert = -(-tokens * m.top_k // m.num_experts)
+        return np.full((m.num_moe_layers, m.num_experts), min(per_expert, tokens), dtype=np.int64)
+
+    def _pass_s(self, shape: BatchShape) -> float:
+        if shape.num_tokens == 0:
+            return 0.0
+        return time_plan(self.planner.plan(shape, self._counts(shape.num_tokens))).duration_s
+
+    def step_s(
+        self, *, prefill_new: np.ndarray, prefill_ctx: np.ndarray, catchup_ctx: np.ndarray,
+        catchup_tokens: np.ndarray, draft_lengths: np.ndarray,
+    ) -> float:
+        """One step: the draft prefills the target's prefill chunks and catches up on the tokens just emitted
+        (``catchup_tokens`` per decoding sequence: a chunk, like a prefill), drafting its first token; then
+        one single-token pass per further draft token of the sequences still drafting."""
+        empty = np.zeros(0, dtype=np.int64)
+        drafting = draft_lengths > 0
+        if not drafting.any() and not len(prefill_new):
+            return 0.0
+        first = BatchShape(
+            prefill_new_tokens=np.concatenate([prefill_new, catchup_tokens[drafting]]).astype(np.int64),
+            prefill_context_tokens=np.concatenate([prefill_ctx, catchup_ctx[drafting]]).astype(np.int64),
+            decode_context_tokens=empty, num_emitting=int(drafting.sum()) + len(prefill_new),
+        )
+        seconds = self._pass_s(first)
+        after = catchup_ctx + catchup_tokens
+        for j in range(1, int(draft_lengths.max()) if drafting.any() else 0):
+            still = draft_lengths > j
+            ctx = (after[still] + j - 1).astype(np.int64)
+            seconds += self._pass_s(BatchShape(empty, empty, ctx, int(still.sum())))
+        return seconds
+
+
+# ---------------------------------------------------------------- the replica
+
+
+class SpecReplica(Replica):
+    """A replica whose decoding sequences draft and verify; see the module docstring for the accounting.
+
+    ``pipelined`` (a ``sim.engine.host_compute.PipelinedIteration``) replaces the two-resource planner when
+    attention or experts run on the CPU, or micro-batches pipeline the layers."""
+
+    def __init__(self, *, draft_length: int, acceptance: AcceptanceModel | None, draft: DraftCost | None,
+                 pipelined=None, **kwargs) -> None:
+        self.draft_length = draft_length
+        self.acceptance = acceptance
+        self.draft = draft
+        self.pipelined = pipelined
+        self.last_emitted: dict[int, int] = {}
+        self.step_records: list[tuple] = []
+        super().__init__(**kwargs)
+
+    def draft_tokens(self, req: RequestState) -> int:
+        return max(0, min(self.draft_length, req.output_tokens - req.generated - 1))
+
+    def _grow(self, req: RequestState, tokens: int) -> bool:
+        # A decode step needs KV room for the k_i + 1 tokens it verifies, not one.
+        if tokens == 1 and not req.in_prefill:
+            tokens = 1 + self.draft_tokens(req)
+        return super()._grow(req, tokens)
+
+    def _run_iteration(self, batch, swap_out: float, swap_in: float, preempted: int):
+        env = self.env
+        started = env.now
+        prefill_new, prefill_ctx, decode_ctx, verify_ctx, verify_q, segments = [], [], [], [], [], []
+        drafts = np.zeros(len(batch), dtype=np.int64)
+        emitting = 0
+        for i, (req, n) in enumerate(batch):
+            if req.in_prefill:
+                segments.append((req.request_id, req.context, n))
+                prefill_new.append(n)
+                prefill_ctx.append(req.context)
+                if req.context + n >= req.prefill_target:
+                    emitting += 1
+                continue
+            k_i = self.draft_tokens(req)
+            drafts[i] = k_i
+            segments.append((req.request_id, req.context, k_i + 1))
+            emitting += k_i + 1  # the LM head scores every verified position
+            if k_i:
+                verify_ctx.append(req.context)
+                verify_q.append(k_i + 1)
+            else:
+                decode_ctx.append(req.context)
+        as_array = lambda v: np.asarray(v, dtype=np.int64)  # noqa: E731
+        parts = dict(prefill_new_tokens=as_array(prefill_new), prefill_context_tokens=as_array(prefill_ctx),
+                     decode_context_tokens=as_array(decode_ctx), num_emitting=emitting)
+        shape = (VerifyBatchShape(**parts, verify_context_tokens=as_array(verify_ctx), verify_query_tokens=as_array(verify_q))
+                 if verify_q else BatchShape(**parts))
+        swap_s = self._swap_s(swap_out, swap_in)
+        if self.pipelined is None:
+            counts = self.routing.counts(segments)
+            plan = self.planner.plan(shape, counts, start_offset_s=swap_s)
+            timing = time_plan(plan)
+            if plan.accesses:
+                self.accesses.extend(plan.accesses)
+            target_s, compute_s, copy_s, stall_s, loads = (timing.duration_s, timing.compute_busy_s,
+                                                           timing.copy_busy_s, timing.stall_s, timing.loads)
+            hits, misses, prefetch_hits = plan.hits, plan.misses, plan.prefetch_hits
+            breakdown = _plain_breakdown(plan)
+        else:
+            step = self.pipelined.run(batch, segments, drafts, self.routing, swap_s)
+            target_s, compute_s, copy_s, stall_s, loads = (step.duration_s, step.gpu_busy_s, step.copy_busy_s,
+                                                           0.0, step.loads)
+            hits, misses, prefetch_hits = step.hits, step.misses, 0
+            breakdown = step.breakdown
+        # Accepted drafts, drawn before the draft model's cost (which depends on them).
+        decoding = drafts > 0
+        accepted = (self.acceptance.draw([req.task for req, _ in batch], drafts)
+                    if self.acceptance is not None and decoding.any() else np.zeros(len(batch), dtype=np.int64))
+        draft_s = 0.0
+        if self.draft is not None and self.draft_length > 0:
+            draft_s = self._draft_s(batch, accepted)
+        duration = target_s + draft_s
+        yield env.timeout(duration)
+        now = env.now
+        from sim.engine.replica import IterationRecord
+
+        self.iterations.append(
+            IterationRecord(
+                replica=self.index, started_at_s=started, duration_s=duration,
+                num_prefill_seqs=len(prefill_new), num_decode_seqs=len(decode_ctx) + len(verify_ctx),
+                num_tokens=shape.num_tokens, expert_hits=hits, expert_misses=misses, prefetch_hits=prefetch_hits,
+                expert_loads=loads, stall_s=stall_s, compute_busy_s=compute_s, copy_busy_s=copy_s,
+                kv_blocks_used=self.budget.kv_blocks - self.free_blocks,
+                experts_resident=self.planner.cache.num_resident, preemptions=preempted,
+            )
+        )
+        emitted = self._advance_spec(batch, accepted, now)
+        self.step_records.append((int(drafts.sum()), int(accepted.sum()), emitted, draft_s, *breakdown))
+
+    def _draft_s(self, batch, accepted: np.ndarray) -> float:
+        """The draft model's step after verification: catch up on the emitted tokens, draft the next ones."""
+        prefill_new, prefill_ctx, catch_ctx, catch_tokens, next_drafts = [], [], [], [], []
+        for (req, n), a in zip(batch, accepted.tolist()):
+            if req.in_prefill:
+                if req.context + n >= req.prefill_target and req.output_tokens > 1:
+                    prefill_new.append(n)  # the draft also prefills (and then drafts from the first token)
+                    prefill_ctx.append(req.context)
+                continue
+            emitted = a + 1
+            remaining = req.output_tokens - req.generated - emitted
+            catch_ctx.append(req.context)
+            catch_tokens.append(emitted)
+            next_drafts.append(max(0, min(self.draft_length, remaining - 1)))
+        as_array = lambda v: np.asarray(v, dtype=np.int64)  # noqa: E731
+        assert self.draft is not None
+        return self.draft.step_s(prefill_new=as_array(prefill_new), prefill_ctx=as_array(prefill_ctx),
+                                 catchup_ctx=as_array(catch_ctx), catchup_tokens=as_array(catch_tokens),
+                                 draft_lengths=as_array(next_drafts))
+
+    def _advance_spec(self, batch, accepted: np.ndarray, now: float) -> int:
+        """Advance every sequence; a verifying sequence emits its accepted drafts plus one token together."""
+        emitted_total = 0
+        for (req, n), a in zip(batch, accepted.tolist()):
+            if req.in_prefill or a == 0:
+                # Prefill chunks and steps that emit one token: exactly the plain engine's bookkeeping.
+                before = req.generated
+                self.advance([(req, n)], now)
+                emitted_total += req.generated - before
+                continue
+            m = a + 1
+            req.context += m
+            req.generated += m
+            emitted_total += m
+            gap = now - req.last_token_at_s
+            self.tbt_samples.append(gap)
+            for _ in range(m - 1):
+                self.tbt_samples.append(0.0)  # delivered in the same step as the token before
+            if gap > req.max_tbt_s:
+                req.max_tbt_s = gap
+            req.last_token_at_s = now
+            if req.generated >= req.output_tokens:
+                self.running.remove(req)
+                self._release(req)
+                self._finish(req, "completed", "", now)
+        return emitted_total
+
+
+def _plain_breakdown(plan) -> tuple[float, float, float, float, float, float]:
+    """(weights H2D, GPU MoE, GPU other, CPU attention, CPU experts, activation transfers) of a two-resource plan."""
+    moe = other = 0.0
+    for seconds, kind in zip(plan.op_s, plan.op_kind):
+        if kind in ("experts", "expert"):
+            moe += seconds
+        else:
+            other += seconds
+    return (float(sum(plan.load_s)), moe, other, 0.0, 0.0, 0.0)
+
+
+BREAKDOWN_COLUMNS = ("h2d_weights_s", "gpu_moe_s", "gpu_other_s", "cpu_attention_s", "cpu_experts_s", "act_transfer_s")
+STEP_COLUMNS = ("drafted_tokens", "accepted_tokens", "emitted_tokens", "draft_s", *BREAKDOWN_COLUMNS)

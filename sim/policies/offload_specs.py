@@ -1,0 +1,143 @@
+"""Scenario sections for speculative decoding and CPU offloading (SpecMoEOff, MoE-Lightning, Fiddler).
+
+``policies.speculative``: a draft model proposes ``draft_length`` tokens per decoding sequence, the
+target verifies them (and one more) in one pass; acceptance is modelled per token.
+``policies.offload``: where attention runs per phase (GPU or host CPU), whether experts may run on the
+CPU (Fiddler), how many micro-batches pipeline CPU and GPU work (MoE-Lightning), and whether all
+non-resident experts stream every iteration (large-batch) or only the routed ones are fetched.
+``tune``: the search space of ``moesim tune``.
+
+Defaults leave the plain engine unchanged: no speculation, everything on the GPU."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from sim.spec import ModelSpec
+
+
+class Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------- acceptance
+
+
+class FixedAcceptance(Spec):
+    """Each drafted token is accepted with probability ``rate`` if every earlier one was."""
+
+    kind: Literal["fixed"] = "fixed"
+    rate: float = Field(ge=0, le=1, description="Per-token acceptance probability.")
+
+
+class PerTaskAcceptance(Spec):
+    """A per-token acceptance rate per request task (the workload's task labels)."""
+
+    kind: Literal["per_task"]
+    rates: dict[str, float] = Field(description="Task name -> per-token acceptance probability.")
+    default_rate: float = Field(ge=0, le=1, description="Rate of a request whose task is not listed (or has none).")
+
+    @model_validator(mode="after")
+    def _rates_are_probabilities(self) -> "PerTaskAcceptance":
+        bad = {k: v for k, v in self.rates.items() if not 0 <= v <= 1}
+        if bad:
+            raise ValueError(f"rates must lie in [0, 1]; got {bad}")
+        return self
+
+
+class EmpiricalAcceptance(Spec):
+    """Accepted run lengths observed with a long draft (e.g. profiled on a dataset): each verification
+    draws one length from them (seeded) and accepts ``min(length, k)`` drafted tokens."""
+
+    kind: Literal["empirical"]
+    run_lengths: list[int] = Field(min_length=1, description="Observed numbers of consecutively accepted draft tokens.")
+
+    @model_validator(mode="after")
+    def _non_negative(self) -> "EmpiricalAcceptance":
+        if min(self.run_lengths) < 0:
+            raise ValueError("run_lengths must be >= 0")
+        return self
+
+
+AcceptanceSpec = Annotated[FixedAcceptance | PerTaskAcceptance | EmpiricalAcceptance, Field(discriminator="kind")]
+
+
+# ---------------------------------------------------------------- speculative decoding
+
+
+class DraftModel(Spec):
+    """The draft model: a catalog name or an inline spec (a dense draft is a spec with one expert, top-1)."""
+
+    name: str | None = Field(None, description="Catalog model name (see `moesim models`).")
+    spec: ModelSpec | None = Field(None, description="Inline model spec, same fields as the catalog.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "DraftModel":
+        if (self.name is None) == (self.spec is None):
+            raise ValueError("give exactly one of 'name' (a catalog model) or 'spec' (an inline spec)")
+        return self
+
+
+class SpeculativeSpec(Spec):
+    """Draft-then-verify decoding. ``draft_length: 0`` is plain decoding (and simulates exactly like it)."""
+
+    draft_model: DraftModel = Field(description="The model that drafts tokens.")
+    draft_length: int = Field(ge=0, le=64, description="k: tokens drafted per sequence per step.")
+    draft_placement: Literal["gpu", "cpu"] = Field(
+        "gpu", description="Where the draft model runs (and where its weights and KV cache live).")
+    acceptance: AcceptanceSpec = Field(description="How many drafted tokens the target accepts.")
+
+
+# ---------------------------------------------------------------- offloading
+
+
+class AttentionPlacement(Spec):
+    """Where the attention core runs, per phase. CPU decode attention keeps the KV cache in host memory."""
+
+    prefill: Literal["gpu", "cpu"] = "gpu"
+    decode: Literal["gpu", "cpu"] = "gpu"
+
+    @model_validator(mode="after")
+    def _kv_has_one_home(self) -> "AttentionPlacement":
+        if self.prefill == "cpu" and self.decode == "gpu":
+            raise ValueError("prefill on cpu with decode on gpu is not supported: the KV cache lives where decode attention runs")
+        return self
+
+
+class OffloadSpec(Spec):
+    """CPU-GPU offloading: attention placement, CPU experts, micro-batch pipelining, weight streaming.
+
+    Any non-default value switches the replica to the pipelined planner (``sim.engine.host_compute``)."""
+
+    attention: AttentionPlacement = Field(default_factory=AttentionPlacement)
+    cpu_experts: bool = Field(
+        False, description="Fiddler: a non-resident expert may run on the CPU (activations cross PCIe) "
+                           "when the profiles say that is faster than fetching it.")
+    micro_batches: int = Field(1, ge=1, le=16, description="Micro-batches that pipeline CPU and GPU work per layer.")
+    stream_experts: Literal["routed", "all"] = Field(
+        "routed", description="Load only the experts the routing chose, or every non-resident expert of each "
+                              "layer every iteration (the large-batch regime of MoE-Lightning/SpecMoEOff).")
+
+    @property
+    def active(self) -> bool:
+        return (self.attention.prefill != "gpu" or self.attention.decode != "gpu" or self.cpu_experts
+                or self.micro_batches > 1 or self.stream_experts != "routed")
+
+
+# ---------------------------------------------------------------- tuning
+
+
+class TuneSpec(Spec):
+    """What ``moesim tune`` searches: every combination is estimated by the roofline, the best are simulated."""
+
+    draft_lengths: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4, 6, 8], description="k values.")
+    batch_sizes: list[int] = Field(default_factory=lambda: [16, 64], description="policies.batching.max_num_seqs values.")
+    micro_batches: list[int] = Field(default_factory=lambda: [1, 2], description="policies.offload.micro_batches values.")
+    attention_decode: list[Literal["gpu", "cpu"]] = Field(default_factory=lambda: ["cpu"])
+    cpu_experts: list[bool] = Field(default_factory=lambda: [False])
+    simulate_top: int = Field(8, ge=1, description="Simulate at most this many configurations (best estimates first).")
+    keep_estimate_ratio: float = Field(
+        0.5, gt=0, le=1, description="Prune a configuration whose estimated throughput is below this fraction of the best.")
+    max_requests: int = Field(64, gt=0, description="Requests simulated per configuration.")
