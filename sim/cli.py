@@ -246,6 +246,32 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from sim.scenario import find_scenario
+    from sim.tune import run_tune
+
+    stem = find_scenario(args.scenario).stem
+    out = Path(args.out) if args.out else Path("runs") / f"tune-{stem}"
+    log = (lambda s: print(s, file=sys.stderr)) if not args.no_progress else (lambda s: None)
+    result = run_tune(args.scenario, out, log=log)
+    best = result["best"]
+    shown = [r for r in result["table"] if r.get("simulated")]
+    print(f"{result['configurations']} configurations estimated, {result['simulated']} simulated "
+          f"({result['wall_s']:.0f} s)")
+    print(f"{'strategy':14s} {'k':>3s} {'batch':>5s} {'mb':>3s} {'estimate tok/s':>15s} {'simulated tok/s':>16s}")
+    for r in shown:
+        sim_v = r.get("sim_tokens_per_s")
+        print(f"{r['strategy']:14s} {r['k']:3d} {r['batch']:5d} {r['micro_batches']:3d} "
+              f"{r['estimate_tokens_per_s']:15.3g} {'-' if sim_v is None else f'{sim_v:.3g}':>16s}")
+    if best is not None:
+        print(f"best: {best['strategy']}, k={best['k']}, batch={best['batch']}, micro_batches={best['micro_batches']}: "
+              f"{best['sim_tokens_per_s']:.3g} output tokens/s simulated")
+    sys.stdout.flush()
+    print(f"tune table: {out / 'tune.csv'}; details: {out / 'tune.json'}", file=sys.stderr)
+    _write_folder_report(args.report, "tune", stem, out)
+    return 0
+
+
 def _write_folder_report(report: str | bool | None, kind: str, stem: str, folder: Path) -> None:
     """`--report` of sweep and plan: render FOLDER to the given file or reports/KIND-STEM.html."""
     if not report:
@@ -323,6 +349,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("scenario", help="scenario YAML with a plan: block, or shipped name")
     _add_many_runs_options(p, "plan")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("tune", help="best offloading strategy, draft length k, batch and micro-batches (roofline + simulation)")
+    p.add_argument("scenario", help="scenario YAML (its tune: block sets the search space) or shipped name")
+    p.add_argument("--out", metavar="DIR", help="results folder (default: runs/tune-NAME)")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines")
+    p.add_argument("--report", nargs="?", const=True, metavar="HTML",
+                   help="also write a self-contained HTML report (default: reports/tune-NAME.html)")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("report", help="render a run, sweep or plan folder into one self-contained HTML report")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by `moesim simulate --out`, `sweep` or `plan`")

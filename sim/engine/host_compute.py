@@ -172,7 +172,9 @@ class PipelinedIteration:
                 cpu_s += s
         if len(dc):
             prof = self.gpu if placement.decode == "gpu" else self.host
-            s = verify_attention_s(prof, context_tokens=dc, query_tokens=mb.decode_queries, shape=self.shape)
+            chunked = placement.decode == "cpu" and self.offload.cpu_attention_kernel == "chunked"
+            s = verify_attention_s(prof, context_tokens=dc, query_tokens=mb.decode_queries, shape=self.shape,
+                                   chunked=chunked)
             if placement.decode == "gpu":
                 gpu_s += s
             else:

@@ -86,6 +86,20 @@ def expected_emitted_tokens(rate: float, k: int) -> float:
     return (1.0 - rate ** (k + 1)) / (1.0 - rate)
 
 
+def mean_emitted_tokens(spec: FixedAcceptance | PerTaskAcceptance | EmpiricalAcceptance, k: int,
+                        task_mix: dict[str, float] | None = None) -> float:
+    """Mean tokens emitted per verification step with draft length ``k`` (per-task rates weighted by the mix)."""
+    if isinstance(spec, FixedAcceptance):
+        return expected_emitted_tokens(spec.rate, k)
+    if isinstance(spec, PerTaskAcceptance):
+        if not task_mix:
+            return expected_emitted_tokens(spec.default_rate, k)
+        total = sum(task_mix.values())
+        return sum(w / total * expected_emitted_tokens(spec.rates.get(t, spec.default_rate), k) for t, w in task_mix.items())
+    runs = np.asarray(spec.run_lengths, dtype=np.float64)
+    return float(np.minimum(runs, k).mean()) + 1.0
+
+
 # ---------------------------------------------------------------- the verify pass on the plain planner
 
 
@@ -103,14 +117,16 @@ class VerifyBatchShape(BatchShape):
                 + int(self.verify_query_tokens.sum()))
 
 
-def verify_attention_s(profile: HardwareProfile, *, context_tokens: np.ndarray, query_tokens: np.ndarray, shape) -> float:
+def verify_attention_s(profile: HardwareProfile, *, context_tokens: np.ndarray, query_tokens: np.ndarray, shape,
+                       chunked: bool = False) -> float:
     """Attention core of one verification pass of a batch, from the profile's measured kernels: a sequence
     with one query is a decode step (one batched ``attention_decode`` call for all of them, as in the plain
     engine); a sequence verifying ``q >= 2`` tokens is a chunk of ``q`` queries over its cached prefix, the
-    work ``attention_prefill`` measures (SpecMoEOff's chunked kernel reads the KV once: the same roofline)."""
+    work ``attention_prefill`` measures (SpecMoEOff's chunked kernel reads the KV once: the same roofline).
+    ``chunked``: single queries are chunks too (a GEMM-based CPU kernel, one call per sequence)."""
     ctx = np.asarray(context_tokens, dtype=np.int64)
     q = np.asarray(query_tokens, dtype=np.int64)
-    one = q == 1
+    one = (q == 1) & (not chunked)
     seconds = 0.0
     if one.any():
         seconds += float(profile.attention_decode_s(context_tokens=ctx[one], shape=shape))

@@ -116,6 +116,10 @@ class OffloadSpec(Spec):
         False, description="Fiddler: a non-resident expert may run on the CPU (activations cross PCIe) "
                            "when the profiles say that is faster than fetching it.")
     micro_batches: int = Field(1, ge=1, le=16, description="Micro-batches that pipeline CPU and GPU work per layer.")
+    cpu_attention_kernel: Literal["chunked", "decode"] = Field(
+        "chunked", description="CPU decode attention: 'chunked' times each sequence's queries (1, or k+1 when verifying) "
+                               "as one multi-query chunk over its cached prefix with the host profile's attention_prefill "
+                               "model (SpecMoEOff's GEMM-based kernel); 'decode' uses attention_decode for single queries.")
     stream_experts: Literal["routed", "all"] = Field(
         "routed", description="Load only the experts the routing chose, or every non-resident expert of each "
                               "layer every iteration (the large-batch regime of MoE-Lightning/SpecMoEOff).")
@@ -129,15 +133,22 @@ class OffloadSpec(Spec):
 # ---------------------------------------------------------------- tuning
 
 
-class TuneSpec(Spec):
-    """What ``moesim tune`` searches: every combination is estimated by the roofline, the best are simulated."""
+STRATEGIES = ("offload", "moe_lightning", "fiddler", "specmoeoff")
 
-    draft_lengths: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4, 6, 8], description="k values.")
+
+class TuneSpec(Spec):
+    """What ``moesim tune`` searches. Strategies fix the placements: ``offload`` (everything on the GPU, experts
+    fetched on demand through the expert cache), ``moe_lightning`` (CPU decode attention, KV in host memory,
+    every expert streamed, micro-batches), ``fiddler`` (GPU attention, non-resident experts on the CPU when
+    faster), ``specmoeoff`` (moe_lightning plus speculative decoding over ``draft_lengths``). Every combination
+    is estimated by the roofline (``sim.roofline``); the best ones are simulated."""
+
+    strategies: list[Literal["offload", "moe_lightning", "fiddler", "specmoeoff"]] = Field(
+        default_factory=lambda: list(STRATEGIES), min_length=1)
+    draft_lengths: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 6, 8], description="k values of specmoeoff.")
     batch_sizes: list[int] = Field(default_factory=lambda: [16, 64], description="policies.batching.max_num_seqs values.")
-    micro_batches: list[int] = Field(default_factory=lambda: [1, 2], description="policies.offload.micro_batches values.")
-    attention_decode: list[Literal["gpu", "cpu"]] = Field(default_factory=lambda: ["cpu"])
-    cpu_experts: list[bool] = Field(default_factory=lambda: [False])
-    simulate_top: int = Field(8, ge=1, description="Simulate at most this many configurations (best estimates first).")
+    micro_batches: list[int] = Field(default_factory=lambda: [1, 2], description="micro-batches of the pipelined strategies.")
+    simulate_top: int = Field(6, ge=1, description="Besides the best estimate per strategy and k, simulate this many more.")
     keep_estimate_ratio: float = Field(
-        0.5, gt=0, le=1, description="Prune a configuration whose estimated throughput is below this fraction of the best.")
-    max_requests: int = Field(64, gt=0, description="Requests simulated per configuration.")
+        0.5, gt=0, le=1, description="Do not simulate an extra configuration estimated below this fraction of the best.")
+    max_requests: int = Field(64, gt=0, description="Requests simulated per configuration (at least the batch size).")

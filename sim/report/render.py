@@ -83,6 +83,10 @@ def _write(html: str, out: Path) -> Path:
 def render_report(folder: Path, out: Path | None = None) -> Path:
     """Whichever report the folder holds: a plan (plan.json), a sweep (sweep.csv) or a run (summary.json)."""
     folder = Path(folder)
+    if (folder / "tune.json").exists():
+        from sim.report.tune_report import render_tune_report
+
+        return render_tune_report(folder, out)
     if (folder / "plan.json").exists():
         return render_plan_report(folder, out)
     if (folder / "sweep.csv").exists():
