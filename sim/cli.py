@@ -174,6 +174,21 @@ def print_summary(summary: dict[str, Any], out: Any = None) -> None:
           f"{res['h2d_utilization']:.1%} busy ({_gb(res['h2d_bytes'])} GB moved), stalled on loads {res['stall_s']:,.1f} s, "
           f"{res['iterations']:,} iterations")
     p(f"preemptions  {summary['preemptions']:,}")
+    off = summary.get("offload")
+    if off:  # speculative decoding / CPU offloading
+        b = off["decode_breakdown_mean_s"]
+        acc = "-" if off["acceptance_rate"] is None else f"{off['acceptance_rate']:.1%}"
+        per_step = "-" if off["tokens_per_decode_step"] is None else f"{off['tokens_per_decode_step']:.2f}"
+        if off["draft_length"]:
+            p(f"speculative  k={off['draft_length']} draft {off['draft_model'] or '-'}: {off['accepted_tokens']:,} of "
+              f"{off['drafted_tokens']:,} drafts accepted ({acc}), {per_step} tokens per sequence per decode step")
+        p(f"placement    attention prefill {off['attention']['prefill']} / decode {off['attention']['decode']}, CPU experts "
+          f"{'on' if off['cpu_experts'] else 'off'}, {off['micro_batches']} micro-batch(es); host "
+          f"{off['host_profile'] or '-'} ({off['host_threads'] or '?'} thread(s)); KV on {'host' if off['kv_on_host'] else 'GPU'}")
+        p(f"decode step  {_fmt_s(off['decode_iteration_mean_s'])} mean: busy H2D weights {_fmt_s(b['h2d_weights_s'])}, "
+          f"GPU MoE {_fmt_s(b['gpu_moe_s'])}, GPU other {_fmt_s(b['gpu_other_s'])}, CPU attention "
+          f"{_fmt_s(b['cpu_attention_s'])}, CPU experts {_fmt_s(b['cpu_experts_s'])}, activations "
+          f"{_fmt_s(b['act_transfer_s'])}, draft {_fmt_s(b['draft_s'])}")
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:

@@ -131,9 +131,30 @@ def summarize(result: SimulationResult) -> dict[str, Any]:
             )
             for task, targets in scenario.slo.per_task.items()
         }
+    if "offload" in result.extra:  # speculative decoding / CPU offloading (sim.engine.offload)
+        out["offload"] = _offload(result)
     out["sim_events"] = result.events
     out["iterations"] = int(len(it))
     del budget
+    return out
+
+
+def _offload(result: SimulationResult) -> dict[str, Any]:
+    """The speculative / offloading set-up, acceptance as it happened, and mean busy seconds per decode iteration."""
+    from sim.engine.speculative import BREAKDOWN_COLUMNS
+
+    it = result.iterations
+    decode = it[it["num_prefill_seqs"] == 0] if len(it) else it
+    drafted = int(it["drafted_tokens"].sum()) if len(it) else 0
+    out = dict(result.extra["offload"])
+    out["drafted_tokens"] = drafted
+    out["accepted_tokens"] = int(it["accepted_tokens"].sum()) if len(it) else 0
+    out["acceptance_rate"] = out["accepted_tokens"] / drafted if drafted else None
+    seqs = int(decode["num_decode_seqs"].sum()) if len(decode) else 0
+    out["tokens_per_decode_step"] = float(decode["emitted_tokens"].sum()) / seqs if seqs else None
+    out["decode_iteration_mean_s"] = float(decode["duration_s"].mean()) if len(decode) else None
+    out["decode_breakdown_mean_s"] = {c: float(decode[c].mean()) if len(decode) else 0.0
+                                      for c in (*BREAKDOWN_COLUMNS, "draft_s")}
     return out
 
 
