@@ -21,7 +21,8 @@ import numpy as np
 
 from sim.engine.offload import plan_offload_memory
 from sim.engine.simulation import build_request_table, simulate
-from sim.engine.speculative import BREAKDOWN_COLUMNS, mean_emitted_tokens, resolve_draft_model
+from sim.engine.speculative import BREAKDOWN_COLUMNS, mean_emitted_tokens, read_run_lengths, resolve_draft_model
+from sim.policies.offload_specs import EmpiricalAcceptance
 from sim.errors import CapacityError, MoesimError, ScenarioError
 from sim.roofline import estimate_decode, max_batch_in_memory
 from sim.scenario import LoadedScenario, find_scenario, parse_scenario, read_yaml, resolve, set_key_path
@@ -94,7 +95,11 @@ def estimate(loaded: LoadedScenario, config: dict[str, Any], prompt: float, outp
                                      f"fewer than the batch of {config['batch']}"}
     off = sc.policies.offload
     draft_profile = loaded.host_profile if spec is not None and spec.draft_placement == "cpu" else loaded.profile
-    emitted = mean_emitted_tokens(spec.acceptance, config["k"], sc.workload.tasks) if spec is not None else 1.0
+    emitted = 1.0
+    if spec is not None:
+        runs = (read_run_lengths(spec.acceptance, loaded.base_dir, loaded.source)
+                if isinstance(spec.acceptance, EmpiricalAcceptance) else None)
+        emitted = mean_emitted_tokens(spec.acceptance, config["k"], sc.workload.tasks, run_lengths=runs)
     est = estimate_decode(
         model=loaded.model, profile=loaded.profile, host=loaded.host_profile, batch=config["batch"],
         context_tokens=prompt + output / 2.0, draft_length=config["k"], emitted_per_step=emitted,

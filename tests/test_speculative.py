@@ -261,3 +261,15 @@ def test_tune_cli_writes_table_best_configuration_and_report(tmp_path, capsys):
     assert best["sim_tokens_per_s"] == max(r["sim_tokens_per_s"] or 0 for r in result["table"])
     text = html.read_text()
     assert "Throughput against the draft length k" in text and "Per-iteration breakdown" in text
+
+
+def test_empirical_acceptance_from_a_file(tmp_path):
+    """Run lengths 3 and 3 (a comment and a blank line ignored), k = 2: every step accepts both drafts."""
+    (tmp_path / "runs.txt").write_text("# accepted run lengths\n3\n\n3\n")
+    data = offload_data(tmp_path, speculative=spec_block(2, {"kind": "empirical", "path": "runs.txt"}),
+                        output_tokens=7, max_requests=1)
+    it = simulate(load(data, tmp_path)).iterations
+    assert it["accepted_tokens"].tolist() == [0, 2, 2] and it["emitted_tokens"].tolist() == [1, 3, 3]
+    (tmp_path / "runs.txt").write_text("3\nmany\n")
+    with pytest.raises(ScenarioError, match=r"runs\.txt:2: expected a whole number >= 0"):
+        simulate(load(data, tmp_path))

@@ -25,8 +25,10 @@ from sim.engine.speculative import (
     DraftCost,
     SpecReplica,
     VerifyIterationPlanner,
+    read_run_lengths,
     resolve_draft_model,
 )
+from sim.policies.offload_specs import EmpiricalAcceptance
 from sim.errors import CapacityError
 from sim.scenario import LoadedScenario, expert_memory_bytes, gpu_memory_bytes
 from sim.spec import ModelSpec
@@ -118,6 +120,7 @@ class OffloadSetup:
     pipelined: bool
     draft_length: int
     acceptance_rng: np.random.Generator
+    run_lengths: np.ndarray | None = None  # an empirical acceptance's lengths (inline or from its file)
 
     planner_class = VerifyIterationPlanner
     replica_class = SpecReplica
@@ -125,7 +128,9 @@ class OffloadSetup:
     def replica_kwargs(self, profile: Any, cache: Any) -> dict[str, Any]:
         scenario = self.loaded.scenario
         spec = scenario.policies.speculative
-        acceptance = AcceptanceModel(spec.acceptance, self.acceptance_rng) if spec is not None and self.draft_length else None
+        acceptance = None
+        if spec is not None and self.draft_length:
+            acceptance = AcceptanceModel(spec.acceptance, self.acceptance_rng, run_lengths=self.run_lengths)
         pipelined = None
         if self.pipelined:
             pipelined = PipelinedIteration(model=self.loaded.model, profile=profile, host=self.loaded.host_profile,
@@ -178,8 +183,11 @@ def build_offload_setup(loaded: LoadedScenario, profile: Any) -> OffloadSetup | 
         draft_cost = DraftCost(draft, draft_profile)
     budget = plan_offload_memory(loaded, draft, pipelined=off.active)
     rng = np.random.default_rng(np.random.SeedSequence(scenario.workload.seed).spawn(3)[2])
+    run_lengths = None
+    if spec is not None and isinstance(spec.acceptance, EmpiricalAcceptance):
+        run_lengths = read_run_lengths(spec.acceptance, loaded.base_dir, src)
     return OffloadSetup(loaded=loaded, budget=budget, draft=draft, draft_cost=draft_cost, pipelined=off.active,
-                        draft_length=draft_length, acceptance_rng=rng)
+                        draft_length=draft_length, acceptance_rng=rng, run_lengths=run_lengths)
 
 
 __all__ = ["OffloadMemoryBudget", "OffloadSetup", "build_offload_setup", "plan_offload_memory"]

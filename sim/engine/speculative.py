@@ -21,12 +21,13 @@ exactly the plain engine's decisions, draws and timings (a test checks this)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 
-from dataclasses import dataclass
-
 from sim.engine.iteration import BatchShape, IterationPlanner, time_plan
-from sim.engine.replica import Replica, RequestState
+from sim.engine.replica import IterationRecord, Replica, RequestState
 from sim.errors import ScenarioError
 from sim.policies.cache import make_cache
 from sim.policies.offload_specs import (
@@ -45,11 +46,14 @@ from sim.spec import ModelSpec, get_model
 class AcceptanceModel:
     """How many of ``k`` drafted tokens the target accepts, drawn from a seeded Generator."""
 
-    def __init__(self, spec: FixedAcceptance | PerTaskAcceptance | EmpiricalAcceptance, rng: np.random.Generator) -> None:
+    def __init__(self, spec: FixedAcceptance | PerTaskAcceptance | EmpiricalAcceptance, rng: np.random.Generator,
+                 run_lengths: np.ndarray | None = None) -> None:
+        """``run_lengths``: an empirical spec's lengths when they come from a file (``read_run_lengths``)."""
         self.spec = spec
         self.rng = rng
-        self._run_lengths = (np.asarray(spec.run_lengths, dtype=np.int64)
-                             if isinstance(spec, EmpiricalAcceptance) else None)
+        self._run_lengths = None
+        if isinstance(spec, EmpiricalAcceptance):
+            self._run_lengths = np.asarray(spec.run_lengths if run_lengths is None else run_lengths, dtype=np.int64)
 
     def rate(self, task: str | None) -> float | None:
         """Per-token rate of a request (None for an empirical distribution)."""
@@ -86,8 +90,32 @@ def expected_emitted_tokens(rate: float, k: int) -> float:
     return (1.0 - rate ** (k + 1)) / (1.0 - rate)
 
 
+def read_run_lengths(spec: EmpiricalAcceptance, base_dir: Path, source: str) -> np.ndarray:
+    """An empirical acceptance's run lengths, inline or read from its file; ScenarioError naming the line."""
+    if spec.run_lengths is not None:
+        return np.asarray(spec.run_lengths, dtype=np.int64)
+    assert spec.path is not None
+    file = base_dir / spec.path
+    where = f"{source}: policies.speculative.acceptance.path"
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ScenarioError(f"{where}: cannot read {file}: {exc.strerror or exc}") from None
+    values = []
+    for number, line in enumerate(lines, 1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        if not text.isdigit():
+            raise ScenarioError(f"{file}:{number}: expected a whole number >= 0 (an accepted run length); got {text!r}")
+        values.append(int(text))
+    if not values:
+        raise ScenarioError(f"{where}: {file} holds no run lengths")
+    return np.asarray(values, dtype=np.int64)
+
+
 def mean_emitted_tokens(spec: FixedAcceptance | PerTaskAcceptance | EmpiricalAcceptance, k: int,
-                        task_mix: dict[str, float] | None = None) -> float:
+                        task_mix: dict[str, float] | None = None, run_lengths: np.ndarray | None = None) -> float:
     """Mean tokens emitted per verification step with draft length ``k`` (per-task rates weighted by the mix)."""
     if isinstance(spec, FixedAcceptance):
         return expected_emitted_tokens(spec.rate, k)
@@ -96,7 +124,7 @@ def mean_emitted_tokens(spec: FixedAcceptance | PerTaskAcceptance | EmpiricalAcc
             return expected_emitted_tokens(spec.default_rate, k)
         total = sum(task_mix.values())
         return sum(w / total * expected_emitted_tokens(spec.rates.get(t, spec.default_rate), k) for t, w in task_mix.items())
-    runs = np.asarray(spec.run_lengths, dtype=np.float64)
+    runs = np.asarray(spec.run_lengths if run_lengths is None else run_lengths, dtype=np.float64)
     return float(np.minimum(runs, k).mean()) + 1.0
 
 
@@ -293,8 +321,6 @@ class SpecReplica(Replica):
         duration = target_s + draft_s
         yield env.timeout(duration)
         now = env.now
-        from sim.engine.replica import IterationRecord
-
         self.iterations.append(
             IterationRecord(
                 replica=self.index, started_at_s=started, duration_s=duration,

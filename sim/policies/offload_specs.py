@@ -49,14 +49,19 @@ class PerTaskAcceptance(Spec):
 
 class EmpiricalAcceptance(Spec):
     """Accepted run lengths observed with a long draft (e.g. profiled on a dataset): each verification
-    draws one length from them (seeded) and accepts ``min(length, k)`` drafted tokens."""
+    draws one length from them (seeded) and accepts ``min(length, k)`` drafted tokens. Give the lengths
+    inline (``run_lengths``) or as a text file with one whole number per line (``path``, relative to the
+    scenario file)."""
 
     kind: Literal["empirical"]
-    run_lengths: list[int] = Field(min_length=1, description="Observed numbers of consecutively accepted draft tokens.")
+    run_lengths: list[int] | None = Field(None, min_length=1, description="Observed numbers of consecutively accepted draft tokens.")
+    path: str | None = Field(None, description="Text file of run lengths, one per line ('#' starts a comment).")
 
     @model_validator(mode="after")
-    def _non_negative(self) -> "EmpiricalAcceptance":
-        if min(self.run_lengths) < 0:
+    def _one_source(self) -> "EmpiricalAcceptance":
+        if (self.run_lengths is None) == (self.path is None):
+            raise ValueError("give exactly one of 'run_lengths' or 'path'")
+        if self.run_lengths is not None and min(self.run_lengths) < 0:
             raise ValueError("run_lengths must be >= 0")
         return self
 
