@@ -273,3 +273,23 @@ def test_empirical_acceptance_from_a_file(tmp_path):
     (tmp_path / "runs.txt").write_text("3\nmany\n")
     with pytest.raises(ScenarioError, match=r"runs\.txt:2: expected a whole number >= 0"):
         simulate(load(data, tmp_path))
+
+
+def test_a_cpu_draft_is_timed_by_the_host_profile_and_keeps_its_kv_on_the_host(tmp_path):
+    """A host 1000x slower than the toy GPU makes every draft pass slower; its KV leaves the GPU."""
+    slow = TOY_PROFILE_YAML.replace("peak_tflops: {bf16: 1.0}, memory_bandwidth_gbps: 1000.0",
+                                    "peak_tflops: {bf16: 0.001}, memory_bandwidth_gbps: 1.0").replace("toy-round", "slow-host")
+    (tmp_path / "slow-host.yaml").write_text(slow)
+    runs = {}
+    for placement in ("gpu", "cpu"):
+        data = offload_data(tmp_path, speculative=spec_block(2, {"kind": "fixed", "rate": 1.0}, placement=placement),
+                            output_tokens=7)
+        data["hardware"]["host_profile"] = str(tmp_path / "slow-host.yaml")
+        runs[placement] = simulate(load(data, tmp_path))
+    gpu_draft, cpu_draft = runs["gpu"].iterations["draft_s"], runs["cpu"].iterations["draft_s"]
+    assert (cpu_draft[gpu_draft > 0] > 100 * gpu_draft[gpu_draft > 0]).all()
+    assert runs["cpu"].budget.kv_block_bytes == 16 * runs["cpu"].loaded.model.kv_bytes_per_token  # target only
+    assert runs["cpu"].budget.host_kv_block_bytes > 0 and not runs["cpu"].budget.draft_on_gpu
+    data = offload_data(tmp_path, speculative=spec_block(2, placement="cpu"), host=False)
+    with pytest.raises(ScenarioError, match="draft_placement: cpu runs on the CPU"):
+        simulate(load(data, tmp_path))
