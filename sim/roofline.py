@@ -120,8 +120,9 @@ def estimate_decode(
     if draft is not None and k > 0:
         cost = DraftCost(draft, draft_profile or profile)
         ks = np.full(batch, k, dtype=np.int64)
+        emitted_each = np.full(batch, max(1, round(emitted_per_step)), dtype=np.int64)
         draft_s = cost.step_s(prefill_new=np.zeros(0, np.int64), prefill_ctx=np.zeros(0, np.int64),
-                              catchup_ctx=ctx, catchup_tokens=np.ones(batch, np.int64), draft_lengths=ks)
+                              catchup_ctx=ctx, catchup_tokens=emitted_each, next_ctx=ctx + emitted_each, next_drafts=ks)
     emitted = batch * emitted_per_step
     iteration_s = L * layer_s + draft_s
     return RooflineEstimate(iteration_s, emitted, L * weights_layer_s, L * gpu_layer_s, L * cpu_layer_s, draft_s)

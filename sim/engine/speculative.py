@@ -164,7 +164,7 @@ def verify_attention_s(profile: HardwareProfile, *, context_tokens: np.ndarray, 
 
 
 class VerifyIterationPlanner(IterationPlanner):
-    """The plain two-resource planner, with verification attention (one chunked kernel per batch)."""
+    """The plain two-resource planner, with verification attention (``verify_attention_s``) for verifying sequences."""
 
     def _attention_core_s(self, batch: BatchShape, sliding: bool) -> float:
         seconds = super()._attention_core_s(batch, sliding)
@@ -215,25 +215,24 @@ class DraftCost:
 
     def step_s(
         self, *, prefill_new: np.ndarray, prefill_ctx: np.ndarray, catchup_ctx: np.ndarray,
-        catchup_tokens: np.ndarray, draft_lengths: np.ndarray,
+        catchup_tokens: np.ndarray, next_ctx: np.ndarray, next_drafts: np.ndarray,
     ) -> float:
-        """One step: the draft prefills the target's prefill chunks and catches up on the tokens just emitted
-        (``catchup_tokens`` per decoding sequence: a chunk, like a prefill), drafting its first token; then
-        one single-token pass per further draft token of the sequences still drafting."""
+        """One step of the draft after a verification. First pass: the draft prefills the target's prompt chunks
+        and catches up on the tokens each decoding sequence just emitted (``catchup_tokens`` at ``catchup_ctx``, a
+        chunk like a prefill), which drafts every sequence's first token; then one single-token pass per further
+        draft token: pass j runs the sequences with ``next_drafts > j`` at context ``next_ctx + j - 1``."""
         empty = np.zeros(0, dtype=np.int64)
-        drafting = draft_lengths > 0
-        if not drafting.any() and not len(prefill_new):
+        if not len(prefill_new) and not len(catchup_tokens):
             return 0.0
         first = BatchShape(
-            prefill_new_tokens=np.concatenate([prefill_new, catchup_tokens[drafting]]).astype(np.int64),
-            prefill_context_tokens=np.concatenate([prefill_ctx, catchup_ctx[drafting]]).astype(np.int64),
-            decode_context_tokens=empty, num_emitting=int(drafting.sum()) + len(prefill_new),
+            prefill_new_tokens=np.concatenate([prefill_new, catchup_tokens]).astype(np.int64),
+            prefill_context_tokens=np.concatenate([prefill_ctx, catchup_ctx]).astype(np.int64),
+            decode_context_tokens=empty, num_emitting=int(np.count_nonzero(next_drafts)),
         )
         seconds = self._pass_s(first)
-        after = catchup_ctx + catchup_tokens
-        for j in range(1, int(draft_lengths.max()) if drafting.any() else 0):
-            still = draft_lengths > j
-            ctx = (after[still] + j - 1).astype(np.int64)
+        for j in range(1, int(next_drafts.max()) if len(next_drafts) else 0):
+            still = next_drafts > j
+            ctx = (next_ctx[still] + j - 1).astype(np.int64)
             seconds += self._pass_s(BatchShape(empty, empty, ctx, int(still.sum())))
         return seconds
 
@@ -253,7 +252,6 @@ class SpecReplica(Replica):
         self.acceptance = acceptance
         self.draft = draft
         self.pipelined = pipelined
-        self.last_emitted: dict[int, int] = {}
         self.step_records: list[tuple] = []
         super().__init__(**kwargs)
 
@@ -335,24 +333,32 @@ class SpecReplica(Replica):
         self.step_records.append((int(drafts.sum()), int(accepted.sum()), emitted, draft_s, *breakdown))
 
     def _draft_s(self, batch, accepted: np.ndarray) -> float:
-        """The draft model's step after verification: catch up on the emitted tokens, draft the next ones."""
-        prefill_new, prefill_ctx, catch_ctx, catch_tokens, next_drafts = [], [], [], [], []
+        """The draft model's step after verification: prefill what the target prefilled, catch up on the emitted
+        tokens, and draft the tokens of every sequence's next verification."""
+        prefill_new, prefill_ctx, catch_ctx, catch_tokens, next_ctx, next_drafts = [], [], [], [], [], []
         for (req, n), a in zip(batch, accepted.tolist()):
             if req.in_prefill:
-                if req.context + n >= req.prefill_target and req.output_tokens > 1:
-                    prefill_new.append(n)  # the draft also prefills (and then drafts from the first token)
-                    prefill_ctx.append(req.context)
+                if req.output_tokens < 2:
+                    continue  # one output token: the target alone produces it, nothing is ever drafted
+                prefill_new.append(n)
+                prefill_ctx.append(req.context)
+                if req.context + n >= req.prefill_target:  # the prompt is done: its first verification is next
+                    next_ctx.append(req.context + n)
+                    next_drafts.append(max(0, min(self.draft_length, req.output_tokens - req.generated - 2)))
                 continue
             emitted = a + 1
-            remaining = req.output_tokens - req.generated - emitted
+            k_next = max(0, min(self.draft_length, req.output_tokens - req.generated - emitted - 1))
+            if not k_next:
+                continue  # finished, or its last step needs no draft
             catch_ctx.append(req.context)
             catch_tokens.append(emitted)
-            next_drafts.append(max(0, min(self.draft_length, remaining - 1)))
+            next_ctx.append(req.context + emitted)
+            next_drafts.append(k_next)
         as_array = lambda v: np.asarray(v, dtype=np.int64)  # noqa: E731
         assert self.draft is not None
         return self.draft.step_s(prefill_new=as_array(prefill_new), prefill_ctx=as_array(prefill_ctx),
                                  catchup_ctx=as_array(catch_ctx), catchup_tokens=as_array(catch_tokens),
-                                 draft_lengths=as_array(next_drafts))
+                                 next_ctx=as_array(next_ctx), next_drafts=as_array(next_drafts))
 
     def _advance_spec(self, batch, accepted: np.ndarray, now: float) -> int:
         """Advance every sequence; a verifying sequence emits its accepted drafts plus one token together."""
