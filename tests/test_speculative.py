@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sim.cli import main
 from sim.engine.host_compute import MicroBatch, PipelinedIteration
@@ -293,3 +295,25 @@ def test_a_cpu_draft_is_timed_by_the_host_profile_and_keeps_its_kv_on_the_host(t
     data = offload_data(tmp_path, speculative=spec_block(2, placement="cpu"), host=False)
     with pytest.raises(ScenarioError, match="draft_placement: cpu runs on the CPU"):
         simulate(load(data, tmp_path))
+
+
+@settings(max_examples=12, deadline=None)
+@given(k=st.integers(0, 4), rate=st.sampled_from([0.0, 0.5, 1.0]), output=st.integers(1, 9),
+       pipelined=st.booleans(), seed=st.integers(0, 1000))
+def test_every_request_gets_exactly_its_tokens_in_order(tmp_path_factory, k, rate, output, pipelined, seed):
+    """Invariants for any k and acceptance: every request completes with exactly its output tokens; the first
+    token comes after arrival, the last at its finish; one TBT sample per token after the first; a step never
+    emits more than k + 1 tokens per sequence."""
+    tmp_path = tmp_path_factory.mktemp("inv")
+    offload = {"attention": {"decode": "cpu"}, "micro_batches": 2} if pipelined else None
+    data = offload_data(tmp_path, speculative=spec_block(k, {"kind": "fixed", "rate": rate}), offload=offload,
+                        prompt_tokens=6, output_tokens=output, max_requests=4, rate_per_s=50.0, seed=seed)
+    result = simulate(load(data, tmp_path))
+    req = result.requests
+    assert (req["status"] == "completed").all() and (req["generated_tokens"] == output).all()
+    assert (req["first_token_at_s"] > req["arrived_at_s"]).all()
+    assert (req["finished_at_s"] >= req["first_token_at_s"]).all()
+    assert len(result.tbt_samples_s) == len(req) * (output - 1)
+    decode = result.iterations[result.iterations["num_prefill_seqs"] == 0]
+    assert (decode["emitted_tokens"] <= (k + 1) * decode["num_decode_seqs"]).all()
+    assert (result.iterations["accepted_tokens"] <= result.iterations["drafted_tokens"]).all()

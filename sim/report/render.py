@@ -61,6 +61,10 @@ def render_run_report(run_dir: Path, out: Path | None = None) -> Path:
         "utilisation": plots.utilisation_over_time(iterations),
         "breakdown": plots.iteration_breakdown(iterations),
     }
+    if "h2d_weights_s" in iterations:  # speculative decoding / CPU offloading (sim.engine.offload)
+        from sim.report.tune_report import decode_breakdown_over_time
+
+        figures["offload"] = decode_breakdown_over_time(iterations)
     html = _environment().get_template("run.html.j2").render(
         summary=summary,
         figures=figures,

@@ -58,6 +58,22 @@ def breakdown_bars(rows: pd.DataFrame) -> str:
     return plots._png(fig)
 
 
+def decode_breakdown_over_time(iterations: pd.DataFrame) -> str:
+    """Busy seconds of each kind of work per decode iteration of one run, against simulated time."""
+    decode = iterations[iterations["num_prefill_seqs"] == 0]
+    fig, ax = plt.subplots(figsize=(13, 3.4))
+    for i, (col, name) in enumerate(_BREAKDOWN):
+        column = col.removeprefix("iter_")
+        if column in decode and decode[column].any():
+            ax.plot(decode["started_at_s"], decode[column], lw=1, color=f"C{i}", label=name)
+    ax.plot(decode["started_at_s"], decode["duration_s"], lw=1.5, color="k", label="iteration")
+    ax.set_xlabel("simulated time (s)")
+    ax.set_ylabel("seconds per decode iteration")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=4)
+    return plots._png(fig)
+
+
 def render_tune_report(tune_dir: Path, out: Path | None = None) -> Path:
     tune_dir = Path(tune_dir)
     result = _read_json(tune_dir, "tune.json", "a tune folder", "moesim tune SCENARIO")
@@ -90,4 +106,4 @@ def render_tune_report(tune_dir: Path, out: Path | None = None) -> Path:
     return _write(html, Path(out) if out else tune_dir / "report.html")
 
 
-__all__ = ["render_tune_report"]
+__all__ = ["render_tune_report", "decode_breakdown_over_time"]
