@@ -89,7 +89,7 @@ def random_flow_plans(draw) -> FlowPlan:
     return plan
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(plan=random_flow_plans())
 def test_one_pass_timer_matches_simpy_reference_on_random_plans(plan):
     assert_same(time_flow(plan), time_flow_with_simpy(plan))

@@ -248,7 +248,7 @@ def test_tune_cli_writes_table_best_configuration_and_report(tmp_path, capsys):
                         rate_per_s=1e6)
     data["hardware"]["host_memory_bytes"] = 1.0e9
     data["tune"] = {"strategies": ["offload", "moe_lightning", "fiddler", "specmoeoff"], "draft_lengths": [1, 3],
-                    "batch_sizes": [2, 4], "micro_batches": [1, 2], "max_requests": 4}
+                    "batch_sizes": [2], "micro_batches": [1, 2], "max_requests": 4}
     path = tmp_path / "tune.yaml"
     path.write_text(yaml.safe_dump(data))
     html = tmp_path / "tune.html"
@@ -256,7 +256,7 @@ def test_tune_cli_writes_table_best_configuration_and_report(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "best: " in out
     result = yaml.safe_load((tmp_path / "out" / "tune.json").read_text())
-    assert result["configurations"] == 2 + 4 + 2 + 2 * 2 * 2  # offload/fiddler: 2 batches; moe_lightning: x2 mb
+    assert result["configurations"] == 1 + 2 + 1 + 2 * 2  # moe_lightning: x2 micro-batches; specmoeoff: x2 k too
     ks = {r["k"] for r in result["table"] if r["strategy"] == "specmoeoff" and r.get("sim_tokens_per_s")}
     assert ks == {1, 3}  # the curve over k is simulated at every k
     best = result["best"]
