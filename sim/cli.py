@@ -246,6 +246,40 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    from sim.checkpoint import checkpoint_report
+    from sim.errors import ScenarioError
+    from sim.scenario import load_scenario
+
+    loaded = load_scenario(args.scenario)
+    spec = loaded.scenario.checkpoint
+    if spec is None:
+        raise ScenarioError(f"{args.scenario}: checkpoint: this command needs a checkpoint: section "
+                            "(pec_experts_per_layer, interval_iterations, total_iterations, storage_gbps, ...)")
+    try:
+        report = checkpoint_report(loaded.model, loaded.profile, spec, loaded.scenario.hardware.num_gpus)
+    except ValueError as exc:
+        raise ScenarioError(f"{args.scenario}: checkpoint: {exc}") from None
+    if args.json:
+        print(json.dumps(report, indent=2, default=float))
+        return 0
+    print(f"checkpointing {report['model']} on {report['num_ranks']} ranks of {report['profile']}: "
+          f"{_fmt_s(report['iteration_s'])} per iteration, a checkpoint every {report['interval_iterations']} iterations")
+    pct = lambda v: "-" if v is None else f"{v:.3%}"  # noqa: E731
+    rows = [[c["name"], _gb(c["total_bytes"]), _gb(c["rank_bytes"]), _fmt_s(c["snapshot_s"]), _fmt_s(c["persist_s"]),
+             _fmt_s(c["stall_per_checkpoint_s"]), f"{c['save_overhead_fraction']:.2%}",
+             f"{c['min_interval_iterations']}" + ("" if c["interval_ok"] else " (!)"),
+             pct(c["plt_per_fault"]), pct(c["plt_expected"]), f"{c['staleness_mean_iterations']:.1f}"]
+            for c in report["cases"]]
+    print(_table(["checkpoint", "GB total", "GB/rank", "snapshot", "persist", "stall/ckpt", "overhead",
+                  "min interval", "PLT/fault", "PLT expected", "stale iters"], rows))
+    print("\nrestoring one rank's shard:")
+    print(_table(["from", "seconds", "GB", "stale iterations (mean)", "note"],
+                 [[r["source"], _fmt_s(r["seconds"]), _gb(r["bytes"]), f"{r['stale_iterations_mean']:.1f}", r["note"]]
+                  for r in report["restore"]]))
+    return 0
+
+
 def _write_folder_report(report: str | bool | None, kind: str, stem: str, folder: Path) -> None:
     """`--report` of sweep and plan: render FOLDER to the given file or reports/KIND-STEM.html."""
     if not report:
@@ -323,6 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("scenario", help="scenario YAML with a plan: block, or shipped name")
     _add_many_runs_options(p, "plan")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("checkpoint", help="training-side what-if: full vs PEC partial expert checkpoints")
+    p.add_argument("scenario", help="scenario YAML with a checkpoint: section, or shipped name")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_checkpoint)
 
     p = sub.add_parser("report", help="render a run, sweep or plan folder into one self-contained HTML report")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by `moesim simulate --out`, `sweep` or `plan`")
