@@ -145,7 +145,8 @@ def print_summary(summary: dict[str, Any], out: Any = None) -> None:
     p(f"scenario {summary['scenario']}: {summary['model']} on {summary['num_gpus']}x {summary['profile']} "
       f"[profile source: {summary['profile_source']}] - {status}")
     p(f"requests     {r['arrived']:,} arrived, {r['completed']:,} completed, {r['rejected']:,} rejected, "
-      f"{r['dropped']:,} dropped, {r['unfinished']:,} unfinished" + (f"  reasons: {r['reasons']}" if r["reasons"] else ""))
+      f"{r['dropped']:,} dropped, " + (f"{r['failed']:,} failed, " if r.get("failed") else "")
+      + f"{r['unfinished']:,} unfinished" + (f"  reasons: {r['reasons']}" if r["reasons"] else ""))
     p(f"throughput   {t['requests_per_s']:,.2f} req/s, {t['output_tokens_per_s']:,.0f} output tok/s, "
       f"{t['prompt_tokens_per_s']:,.0f} prompt tok/s over {t['span_s']:,.0f} s")
     for name, label in (("ttft", "TTFT"), ("tbt", "TBT"), ("tpot", "TPOT"), ("e2e", "end-to-end"), ("queue", "queueing")):
@@ -174,6 +175,30 @@ def print_summary(summary: dict[str, Any], out: Any = None) -> None:
           f"{res['h2d_utilization']:.1%} busy ({_gb(res['h2d_bytes'])} GB moved), stalled on loads {res['stall_s']:,.1f} s, "
           f"{res['iterations']:,} iterations")
     p(f"preemptions  {summary['preemptions']:,}")
+    if "faults" in summary:
+        print_faults(summary["faults"], p)
+
+
+def print_faults(faults: dict[str, Any], p: Callable[..., None]) -> None:
+    """Outages, recovery and SLO attainment before / during / after each (sim/fault_metrics.py)."""
+    pct = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
+    p(f"faults       {faults['outages']} GPU outage(s), {faults['unrecovered']} not recovered; "
+      f"{faults['requeued']:,} requests re-queued, {faults['failed_requests']:,} failed; "
+      f"{_gb(faults['bytes_moved_for_recovery'])} GB moved for recovery")
+    for rec in faults["recoveries"]:
+        back = ("not restored" if rec["restored_at_s"] is None else
+                f"back at {rec['restored_at_s']:,.3f} s (restore {_fmt_s(rec['restore_s'])} from {rec['source']}, "
+                f"time to recovery {_fmt_s(rec['time_to_recovery_s'])})")
+        p(f"  GPU {rec['gpu']} failed at {rec['failed_at_s']:,.3f} s, {back}")
+    names = {"fail": "down", "slow": "slowed", "link": "link degraded"}
+    for a in faults["around_faults"]:
+        until = "end" if a["end_s"] is None else f"{a['end_s']:,.3f} s"
+        p(f"  GPU {a['gpu']} {names[a['fault']]} {a['start_s']:,.3f} s - {until}: SLO attainment before "
+          f"{pct(a['before_slo_attainment'])}, during {pct(a['during_slo_attainment'])}, after "
+          f"{pct(a['after_slo_attainment'])}; TTFT P99 {_fmt_s(a['before_ttft_p99_s'])} / "
+          f"{_fmt_s(a['during_ttft_p99_s'])} / {_fmt_s(a['after_ttft_p99_s'])}"
+          + ("" if a.get("slo_whole_again_at_s") is None else
+             f"; attainment target met again by arrivals from {a['slo_whole_again_at_s']:,.1f} s"))
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:

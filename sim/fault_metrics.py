@@ -52,26 +52,53 @@ def _q(values: pd.Series, q: float) -> float | None:
 
 
 def fault_summary(faults: dict[str, Any], requests: pd.DataFrame, slo: SloSpec, window_s: float | None) -> dict[str, Any]:
-    """The injector's record plus the timeline and, per outage, SLO attainment before, during and after."""
+    """The injector's record plus the timeline and, per fault, SLO attainment before, during and after it."""
     table = timeline(requests, slo, window_s)
     out = dict(faults)
     out["timeline"] = [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in row.items()}
                        for row in table.to_dict(orient="records")]
     arrived = requests["arrived_at_s"].to_numpy(dtype=float)
     phases = []
-    for rec in faults["recoveries"]:
-        back = rec["restored_at_s"] if rec["restored_at_s"] is not None else float("inf")
-        spans = {"before": (-np.inf, rec["failed_at_s"]), "during": (rec["failed_at_s"], back), "after": (back, np.inf)}
-        row: dict[str, Any] = {"gpu": rec["gpu"], "failed_at_s": rec["failed_at_s"], "restored_at_s": rec["restored_at_s"]}
+    for fault, gpu, start_s, end_s in _intervals(faults):
+        spans = {"before": (-np.inf, start_s), "during": (start_s, end_s), "after": (end_s, np.inf)}
+        row: dict[str, Any] = {"gpu": gpu, "fault": fault, "start_s": start_s, "end_s": None if np.isinf(end_s) else end_s}
         for name, (lo, hi) in spans.items():
             mine = requests[(arrived >= lo) & (arrived < hi)]
             row[f"{name}_requests"] = int(len(mine))
             row[f"{name}_slo_attainment"] = slo_report(mine, None, slo, slo.attainment)["attainment"] if len(mine) else None
             done = mine[mine["status"] == "completed"]
             row[f"{name}_ttft_p99_s"] = _q(done["ttft_s"], 99)
+        row["slo_whole_again_at_s"] = _whole_again(table, end_s, slo.attainment)
         phases.append(row)
-    out["around_outages"] = phases
+    out["around_faults"] = phases
     return out
+
+
+def _whole_again(table: pd.DataFrame, end_s: float, target: float) -> float | None:
+    """Start of the first window, from the fault's end on, whose arrivals meet the SLO attainment target
+    again: the service is whole for users arriving from then (None: not within the run)."""
+    if np.isinf(end_s) or not len(table):
+        return None
+    after = table[(table["window_end_s"] > end_s) & (table["slo_attainment"].astype(float) >= target)]
+    return float(after["window_start_s"].iloc[0]) if len(after) else None
+
+
+def _intervals(faults: dict[str, Any]) -> list[tuple[str, int, float, float]]:
+    """(fault, gpu, start, end) of every outage (failed until back in service) and every slowdown or
+    degraded link (start to end); end is inf when it lasts past the run."""
+    out = [("fail", r["gpu"], r["failed_at_s"], r["restored_at_s"] if r["restored_at_s"] is not None else np.inf)
+           for r in faults["recoveries"]]
+    open_: dict[tuple[int, str, str], list[float]] = {}
+    for e in faults["events"]:
+        if e["fault"] not in ("slow", "link"):
+            continue
+        key = (e["gpu"], e["fault"], e["origin"])
+        if e["event"] == "start":
+            open_.setdefault(key, []).append(e["at_s"])
+        elif open_.get(key):
+            out.append((e["fault"], e["gpu"], open_[key].pop(0), e["at_s"]))
+    out += [(fault, gpu, at_s, np.inf) for (gpu, fault, _), starts in open_.items() for at_s in starts]
+    return sorted(out, key=lambda t: (t[2], t[1]))
 
 
 __all__ = ["timeline", "fault_summary"]

@@ -169,7 +169,8 @@ def test_timeline_covers_every_request(tmp_path: Path) -> None:
     rows = summary["faults"]["timeline"]
     assert sum(r["arrived"] for r in rows) == 40
     assert all(b["window_start_s"] == pytest.approx(a["window_end_s"]) for a, b in zip(rows, rows[1:]))
-    around = summary["faults"]["around_outages"][0]
+    around = summary["faults"]["around_faults"][0]
+    assert around["fault"] == "fail" and around["start_s"] == 2e-4
     assert around["before_requests"] + around["during_requests"] + around["after_requests"] == 40
 
 
@@ -229,3 +230,29 @@ def test_bad_faults_are_one_line_errors(tmp_path: Path, faults: dict, message: s
         load(data, tmp_path)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_cli_summary_run_folder_and_report_show_the_faults(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    from sim.cli import main
+
+    prof = write_toy_profile(tmp_path)
+    data = scenario_data(prof, max_requests=40, rate_per_s=100_000, output_tokens=400, prompt_tokens=64,
+                         hardware={"num_gpus": 2})
+    data["slo"] = {"ttft_p99_s": 1.0}
+    data["faults"] = {"events": [{"kind": "gpu_fail", "gpu": 1, "at_s": 2e-4, "duration_s": 2e-4},
+                                 {"kind": "gpu_slow", "gpu": 0, "at_s": 1e-4, "factor": 2.0}],
+                      "recovery": {"source": "storage", "storage_gbps": 1.0}}
+    path = tmp_path / "faulty.yaml"
+    path.write_text(yaml.safe_dump(data))
+    out_dir = tmp_path / "run"
+    assert main(["simulate", str(path), "--no-progress", "--out", str(out_dir), "--report"]) == 0
+    out = capsys.readouterr().out
+    assert "faults       1 GPU outage(s), 0 not recovered" in out
+    assert "restore 0.3 ms from storage" in out
+    assert "GPU 0 slowed 0.000 s - end" in out
+    timeline = pd.read_csv(out_dir / "timeline.csv")
+    assert timeline["arrived"].sum() == 40
+    html = (out_dir / "report.html").read_text()
+    assert "Faults and recovery" in html and 'alt="fault timeline"' in html

@@ -61,6 +61,8 @@ def render_run_report(run_dir: Path, out: Path | None = None) -> Path:
         "utilisation": plots.utilisation_over_time(iterations),
         "breakdown": plots.iteration_breakdown(iterations),
     }
+    if "faults" in summary:
+        figures["faults"] = plots.fault_timeline(summary["faults"], summary["slo"])
     html = _environment().get_template("run.html.j2").render(
         summary=summary,
         figures=figures,
