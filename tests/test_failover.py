@@ -68,3 +68,16 @@ def test_no_assignment_vanishes(seed: int, policy: str) -> None:
     assert d.served.sum() + d.waiting.sum() == counts.sum()
     assert not d.served[~available].any()
     assert d.kept + d.rerouted + d.waiting.sum() == d.assignments
+
+
+def test_availability_follows_placement_and_replicas() -> None:
+    """4 experts on 2 GPUs (0,1 on GPU 0; 2,3 on GPU 1), expert 3 also replicated on GPU 0: GPU 1 fails."""
+    from sim.policies.failover import available_experts
+
+    holders = np.zeros((2, 1, 4), dtype=bool)
+    holders[0, 0, [0, 1, 3]] = True
+    holders[1, 0, [2, 3]] = True
+    assert available_experts(holders, np.array([True, False])).tolist() == [[True, True, False, True]]
+    assert available_experts(holders, np.array([False, False])).tolist() == [[False] * 4]
+    with pytest.raises(PolicyError, match="must be"):
+        available_experts(holders[0], np.array([True]))

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sim.engine.simulation import simulate
 from sim.errors import ScenarioError
@@ -256,3 +258,30 @@ def test_cli_summary_run_folder_and_report_show_the_faults(tmp_path: Path, capsy
     assert timeline["arrived"].sum() == 40
     html = (out_dir / "report.html").read_text()
     assert "Faults and recovery" in html and 'alt="fault timeline"' in html
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    in_flight=st.sampled_from(["requeue", "fail"]),
+    no_replica=st.sampled_from(["wait", "reject"]),
+    mttr=st.sampled_from([None, 1e-4, 1e-3]),
+    preemption=st.sampled_from(["recompute", "swap"]),
+)
+def test_no_request_vanishes_under_random_failures(tmp_path_factory, seed, in_flight, no_replica, mttr, preemption) -> None:
+    """Any schedule of failures (whole nodes too), any policy: every request ends completed, failed,
+    rejected or dropped, and what completed generated all its tokens."""
+    tmp = tmp_path_factory.mktemp("rnd")
+    faults = {"random": [{"kind": "gpu_fail", "mtbf_s": 3e-4, "mttr_s": mttr, "seed": seed},
+                         {"kind": "node_fail", "mtbf_s": 1e-3, "mttr_s": 2e-4, "seed": seed + 1}],
+              "in_flight": in_flight, "no_replica": no_replica}
+    result, summary = run(tmp, faults, hardware={"num_gpus": 4, "num_nodes": 2},
+                          policies={"expert_cache": {"name": "all_resident"}, "preemption": {"mode": preemption}})
+    req = result.requests
+    assert len(req) == 40 and set(req["status"]) <= FINAL
+    done = req[req["status"] == "completed"]
+    assert (done["generated_tokens"] == done["output_tokens"]).all()
+    assert summary["requests"]["unfinished"] == 0
+    for rec in summary["faults"]["recoveries"]:
+        if rec["restored_at_s"] is not None:
+            assert rec["restored_at_s"] >= rec["failed_at_s"] + rec["restore_s"]

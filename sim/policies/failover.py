@@ -81,6 +81,17 @@ def route_around(
     raise PolicyError(f"unknown failover policy {policy!r}; expected one of wait, reroute, spread")
 
 
+def available_experts(holders: np.ndarray, alive: np.ndarray) -> np.ndarray:
+    """``available[layer, expert]``: some live GPU holds a usable copy. ``holders[gpu, layer, expert]`` is the
+    expert-parallel placement (True where that GPU holds that expert; a replicated expert has several
+    holders); ``alive[gpu]`` is False for a failed GPU and for one still restoring its experts."""
+    holders = np.asarray(holders, dtype=bool)
+    alive = np.asarray(alive, dtype=bool)
+    if holders.ndim != 3 or holders.shape[0] != alive.shape[0]:
+        raise PolicyError(f"holders {holders.shape} must be [gpus, layers, experts] with gpus = {alive.shape[0]}")
+    return holders[alive].any(axis=0)
+
+
 def _spread(n: int, weights: np.ndarray, available: np.ndarray) -> np.ndarray:
     """``n`` assignments over the available experts in proportion to ``weights`` (largest remainder)."""
     if weights.sum() <= 0:
@@ -93,4 +104,4 @@ def _spread(n: int, weights: np.ndarray, available: np.ndarray) -> np.ndarray:
     return out
 
 
-__all__ = ["FailoverDecision", "FailoverPolicy", "route_around"]
+__all__ = ["FailoverDecision", "FailoverPolicy", "available_experts", "route_around"]
