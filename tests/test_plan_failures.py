@@ -9,7 +9,8 @@ from typing import Any
 
 import yaml
 
-from sim.plan import run_plan
+from sim.plan import run_plan, write_plan
+from sim.report.render import render_plan_report
 from test_plan import PLAN
 
 
@@ -20,7 +21,9 @@ def _plan(tmp_path: Path, tolerate: int, gpus: list[int]) -> Any:
     data["plan"]["target_rate_per_s"] = 8.0
     path = tmp_path / f"plan-{tolerate}.yaml"
     path.write_text(yaml.safe_dump(data))
-    table, _ = run_plan(path, jobs=1, progress=False)
+    table, results = run_plan(path, jobs=1, progress=False)
+    report = render_plan_report(write_plan(tmp_path / f"out-{tolerate}", path, table, results))
+    assert ("of its price is that failure headroom" in report.read_text()) == bool(tolerate)
     return table.set_index("hardware.num_gpus")
 
 
