@@ -100,17 +100,19 @@ def _scaled(data: dict[str, Any], scale: float, max_requests: int) -> dict[str, 
     out["workload"]["max_requests"] = min(max_requests, out["workload"].get("max_requests") or max_requests)
     out["workload"].pop("max_duration_s", None)
     out.pop("sweep", None)
-    tolerate = (out.pop("plan", None) or {}).get("tolerate_failures", 0)
-    if tolerate:
-        out["faults"] = failed_from_start(out, tolerate)
+    plan = out.pop("plan", None) or {}
+    if plan.get("tolerate_failures", 0):
+        out["faults"] = failed_from_start(out, plan["tolerate_failures"], plan.get("failure_unit", "gpu"))
     return out
 
 
-def failed_from_start(data: dict[str, Any], tolerate: int) -> dict[str, Any]:
-    """The faults: block of a failure-headroom probe: the last ``tolerate`` GPUs fail at time 0 for good,
-    so the probe measures the deployment with that many GPUs lost (their requests go to the others)."""
-    num_gpus = int(data.get("hardware", {}).get("num_gpus", 1))
-    events = [{"kind": "gpu_fail", "gpu": num_gpus - 1 - i, "at_s": 0.0} for i in range(tolerate)]
+def failed_from_start(data: dict[str, Any], tolerate: int, unit: str = "gpu") -> dict[str, Any]:
+    """The faults: block of a failure-headroom probe: the last ``tolerate`` GPUs (or nodes) fail at time 0
+    for good, so the probe measures the deployment with them lost (their requests go to the others)."""
+    hardware = data.get("hardware", {})
+    count = int(hardware.get("num_nodes" if unit == "node" else "num_gpus", 1))
+    kind, key = ("node_fail", "node") if unit == "node" else ("gpu_fail", "gpu")
+    events = [{"kind": kind, key: count - 1 - i, "at_s": 0.0} for i in range(tolerate)]
     # A probe reads only the run's totals: one timeline window keeps the fault summary cheap.
     return {"events": events, "timeline_window_s": 1e12}
 
@@ -231,12 +233,14 @@ def candidate_search(
     search = plan.rate_search
     seen: dict[float, Probe] = {}
     if plan.tolerate_failures:
-        if plan.tolerate_failures >= scenario.hardware.num_gpus:
-            result.reason = (f"cannot lose {plan.tolerate_failures} of its {scenario.hardware.num_gpus} GPU(s) "
+        hw = scenario.hardware
+        units, per_unit = (hw.num_nodes, hw.num_gpus // hw.num_nodes) if plan.failure_unit == "node" else (hw.num_gpus, 1)
+        if plan.tolerate_failures >= units:
+            result.reason = (f"cannot lose {plan.tolerate_failures} of its {units} {"GPU" if plan.failure_unit == "gpu" else "node"}(s) "
                              f"(plan.tolerate_failures) and still serve")
             return result
         if price is not None:
-            result.failure_headroom_usd_per_hour = price * plan.tolerate_failures
+            result.failure_headroom_usd_per_hour = price * plan.tolerate_failures * per_unit
 
     def probe(scale: float) -> Generator[float, Probe, Probe]:
         if scale not in seen:

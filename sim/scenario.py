@@ -185,8 +185,9 @@ class PlanSpec(Spec):
     rate_search: RateSearchSpec = Field(default_factory=RateSearchSpec)
     max_requests_per_probe: int = Field(300, gt=0, description="Requests simulated per rate probe.")
     tolerate_failures: int = Field(
-        0, ge=0, description="GPUs that may be lost: every probe runs with this many GPUs failed from the start."
+        0, ge=0, description="GPUs (or nodes) that may be lost: every probe runs with this many failed from the start."
     )
+    failure_unit: Literal["gpu", "node"] = Field("gpu", description="What tolerate_failures counts: GPUs or whole nodes.")
 
 
 # ---------------------------------------------------------------- the scenario
