@@ -236,7 +236,7 @@ def candidate_search(
         hw = scenario.hardware
         units, per_unit = (hw.num_nodes, hw.num_gpus // hw.num_nodes) if plan.failure_unit == "node" else (hw.num_gpus, 1)
         if plan.tolerate_failures >= units:
-            result.reason = (f"cannot lose {plan.tolerate_failures} of its {units} {"GPU" if plan.failure_unit == "gpu" else "node"}(s) "
+            result.reason = (f"cannot lose {plan.tolerate_failures} of its {units} {'GPU' if plan.failure_unit == 'gpu' else 'node'}(s) "
                              f"(plan.tolerate_failures) and still serve")
             return result
         if price is not None:
