@@ -145,7 +145,8 @@ def print_summary(summary: dict[str, Any], out: Any = None) -> None:
     p(f"scenario {summary['scenario']}: {summary['model']} on {summary['num_gpus']}x {summary['profile']} "
       f"[profile source: {summary['profile_source']}] - {status}")
     p(f"requests     {r['arrived']:,} arrived, {r['completed']:,} completed, {r['rejected']:,} rejected, "
-      f"{r['dropped']:,} dropped, {r['unfinished']:,} unfinished" + (f"  reasons: {r['reasons']}" if r["reasons"] else ""))
+      f"{r['dropped']:,} dropped, " + (f"{r['failed']:,} failed, " if r.get("failed") else "")
+      + f"{r['unfinished']:,} unfinished" + (f"  reasons: {r['reasons']}" if r["reasons"] else ""))
     p(f"throughput   {t['requests_per_s']:,.2f} req/s, {t['output_tokens_per_s']:,.0f} output tok/s, "
       f"{t['prompt_tokens_per_s']:,.0f} prompt tok/s over {t['span_s']:,.0f} s")
     for name, label in (("ttft", "TTFT"), ("tbt", "TBT"), ("tpot", "TPOT"), ("e2e", "end-to-end"), ("queue", "queueing")):
@@ -189,6 +190,30 @@ def print_summary(summary: dict[str, Any], out: Any = None) -> None:
           f"GPU MoE {_fmt_s(b['gpu_moe_s'])}, GPU other {_fmt_s(b['gpu_other_s'])}, CPU attention "
           f"{_fmt_s(b['cpu_attention_s'])}, CPU experts {_fmt_s(b['cpu_experts_s'])}, activations "
           f"{_fmt_s(b['act_transfer_s'])}, draft {_fmt_s(b['draft_s'])}")
+    if "faults" in summary:
+        print_faults(summary["faults"], p)
+
+
+def print_faults(faults: dict[str, Any], p: Callable[..., None]) -> None:
+    """Outages, recovery and SLO attainment before / during / after each (sim/fault_metrics.py)."""
+    pct = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
+    p(f"faults       {faults['outages']} GPU outage(s), {faults['unrecovered']} not recovered; "
+      f"{faults['requeued']:,} requests re-queued, {faults['failed_requests']:,} failed; "
+      f"{_gb(faults['bytes_moved_for_recovery'])} GB moved for recovery")
+    for rec in faults["recoveries"]:
+        back = ("not restored" if rec["restored_at_s"] is None else
+                f"back at {rec['restored_at_s']:,.3f} s (restore {_fmt_s(rec['restore_s'])} from {rec['source']}, "
+                f"time to recovery {_fmt_s(rec['time_to_recovery_s'])})")
+        p(f"  GPU {rec['gpu']} failed at {rec['failed_at_s']:,.3f} s, {back}")
+    names = {"fail": "down", "slow": "slowed", "link": "link degraded"}
+    for a in faults["around_faults"]:
+        until = "end" if a["end_s"] is None else f"{a['end_s']:,.3f} s"
+        p(f"  GPU {a['gpu']} {names[a['fault']]} {a['start_s']:,.3f} s - {until}: SLO attainment before "
+          f"{pct(a['before_slo_attainment'])}, during {pct(a['during_slo_attainment'])}, after "
+          f"{pct(a['after_slo_attainment'])}; TTFT P99 {_fmt_s(a['before_ttft_p99_s'])} / "
+          f"{_fmt_s(a['during_ttft_p99_s'])} / {_fmt_s(a['after_ttft_p99_s'])}"
+          + ("" if a.get("slo_whole_again_at_s") is None else
+             f"; attainment target met again by arrivals from {a['slo_whole_again_at_s']:,.1f} s"))
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -287,6 +312,40 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    from sim.checkpoint import checkpoint_report
+    from sim.errors import ScenarioError
+    from sim.scenario import load_scenario
+
+    loaded = load_scenario(args.scenario)
+    spec = loaded.scenario.checkpoint
+    if spec is None:
+        raise ScenarioError(f"{args.scenario}: checkpoint: this command needs a checkpoint: section "
+                            "(pec_experts_per_layer, interval_iterations, total_iterations, storage_gbps, ...)")
+    try:
+        report = checkpoint_report(loaded.model, loaded.profile, spec, loaded.scenario.hardware.num_gpus)
+    except ValueError as exc:
+        raise ScenarioError(f"{args.scenario}: checkpoint: {exc}") from None
+    if args.json:
+        print(json.dumps(report, indent=2, default=float))
+        return 0
+    print(f"checkpointing {report['model']} on {report['num_ranks']} ranks of {report['profile']}: "
+          f"{_fmt_s(report['iteration_s'])} per iteration, a checkpoint every {report['interval_iterations']} iterations")
+    pct = lambda v: "-" if v is None else f"{v:.3%}"  # noqa: E731
+    rows = [[c["name"], _gb(c["total_bytes"]), _gb(c["rank_bytes"]), _fmt_s(c["snapshot_s"]), _fmt_s(c["persist_s"]),
+             _fmt_s(c["stall_per_checkpoint_s"]), f"{c['save_overhead_fraction']:.2%}",
+             f"{c['min_interval_iterations']}" + ("" if c["interval_ok"] else " (!)"),
+             pct(c["plt_per_fault"]), pct(c["plt_expected"]), f"{c['staleness_mean_iterations']:.1f}"]
+            for c in report["cases"]]
+    print(_table(["checkpoint", "GB total", "GB/rank", "snapshot", "persist", "stall/ckpt", "overhead",
+                  "min interval", "PLT/fault", "PLT expected", "stale iters"], rows))
+    print("\nrestoring one rank's shard:")
+    print(_table(["from", "seconds", "GB", "stale iterations (mean)", "note"],
+                 [[r["source"], _fmt_s(r["seconds"]), _gb(r["bytes"]), f"{r['stale_iterations_mean']:.1f}", r["note"]]
+                  for r in report["restore"]]))
+    return 0
+
+
 def _write_folder_report(report: str | bool | None, kind: str, stem: str, folder: Path) -> None:
     """`--report` of sweep and plan: render FOLDER to the given file or reports/KIND-STEM.html."""
     if not report:
@@ -372,6 +431,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", nargs="?", const=True, metavar="HTML",
                    help="also write a self-contained HTML report (default: reports/tune-NAME.html)")
     p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("checkpoint", help="training-side what-if: full vs PEC partial expert checkpoints")
+    p.add_argument("scenario", help="scenario YAML with a checkpoint: section, or shipped name")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_checkpoint)
 
     p = sub.add_parser("report", help="render a run, sweep or plan folder into one self-contained HTML report")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by `moesim simulate --out`, `sweep` or `plan`")

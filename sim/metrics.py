@@ -101,6 +101,7 @@ def summarize(result: SimulationResult) -> dict[str, Any]:
             "completed": int(status_counts.get("completed", 0)),
             "rejected": int(status_counts.get("rejected", 0)),
             "dropped": int(status_counts.get("dropped", 0)),
+            "failed": int(status_counts.get("failed", 0)),
             "unfinished": int(sum(v for k, v in status_counts.items() if k.startswith("unfinished"))),
             "reasons": {str(k): int(v) for k, v in reasons.items()},
             "trace_rows_skipped": int(result.extra.get("table_skipped_rows", 0)),
@@ -133,6 +134,10 @@ def summarize(result: SimulationResult) -> dict[str, Any]:
         }
     if "offload" in result.extra:  # speculative decoding / CPU offloading (sim.engine.offload)
         out["offload"] = _offload(result)
+    if "faults" in result.extra:
+        from sim.fault_metrics import fault_summary
+
+        out["faults"] = fault_summary(result.extra["faults"], req, scenario.slo, scenario.faults.timeline_window_s)
     out["sim_events"] = result.events
     out["iterations"] = int(len(it))
     del budget

@@ -63,6 +63,7 @@ class CandidateResult:
     max_rate_upper_per_s: float | None = None  # the lowest probed rate that missed the SLO
     target_rate_per_s: float | None = None
     headroom: float | None = None
+    failure_headroom_usd_per_hour: float | None = None  # price of the GPUs the plan may lose (tolerate_failures)
     binding: str = ""
     limit: str = ""  # what broke first above the sustainable rate
     at_target: Probe | None = None
@@ -99,8 +100,21 @@ def _scaled(data: dict[str, Any], scale: float, max_requests: int) -> dict[str, 
     out["workload"]["max_requests"] = min(max_requests, out["workload"].get("max_requests") or max_requests)
     out["workload"].pop("max_duration_s", None)
     out.pop("sweep", None)
-    out.pop("plan", None)
+    plan = out.pop("plan", None) or {}
+    if plan.get("tolerate_failures", 0):
+        out["faults"] = failed_from_start(out, plan["tolerate_failures"], plan.get("failure_unit", "gpu"))
     return out
+
+
+def failed_from_start(data: dict[str, Any], tolerate: int, unit: str = "gpu") -> dict[str, Any]:
+    """The faults: block of a failure-headroom probe: the last ``tolerate`` GPUs (or nodes) fail at time 0
+    for good, so the probe measures the deployment with them lost (their requests go to the others)."""
+    hardware = data.get("hardware", {})
+    count = int(hardware.get("num_nodes" if unit == "node" else "num_gpus", 1))
+    kind, key = ("node_fail", "node") if unit == "node" else ("gpu_fail", "gpu")
+    events = [{"kind": kind, key: count - 1 - i, "at_s": 0.0} for i in range(tolerate)]
+    # A probe reads only the run's totals: one timeline window keeps the fault summary cheap.
+    return {"events": events, "timeline_window_s": 1e12}
 
 
 def _probe(data: dict[str, Any], source: str, base_dir: Path, scale: float, max_requests: int) -> Probe:
@@ -218,6 +232,15 @@ def candidate_search(
     cap = plan.max_requests_per_probe
     search = plan.rate_search
     seen: dict[float, Probe] = {}
+    if plan.tolerate_failures:
+        hw = scenario.hardware
+        units, per_unit = (hw.num_nodes, hw.num_gpus // hw.num_nodes) if plan.failure_unit == "node" else (hw.num_gpus, 1)
+        if plan.tolerate_failures >= units:
+            result.reason = (f"cannot lose {plan.tolerate_failures} of its {units} {'GPU' if plan.failure_unit == 'gpu' else 'node'}(s) "
+                             f"(plan.tolerate_failures) and still serve")
+            return result
+        if price is not None:
+            result.failure_headroom_usd_per_hour = price * plan.tolerate_failures * per_unit
 
     def probe(scale: float) -> Generator[float, Probe, Probe]:
         if scale not in seen:
@@ -411,6 +434,8 @@ def rank(results: list[CandidateResult], objective: str) -> pd.DataFrame:
             "tbt_p99_at_target_s": r.at_target.tbt_p99_s if r.at_target else None,
             "binding": r.binding, "limit": r.limit, "reason": r.reason, "probes": len(r.probes),
         })
+        if r.failure_headroom_usd_per_hour is not None:
+            rows[-1]["failure_headroom_usd_per_hour"] = r.failure_headroom_usd_per_hour
     table = pd.DataFrame(rows)
     order = {"meets target": 0, "below target": 1, "pruned": 2}
     cost_key = "usd_per_hour" if objective == "cost" else "num_gpus"

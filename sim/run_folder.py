@@ -52,6 +52,8 @@ def write_run_folder(result: SimulationResult, summary: dict[str, Any], out_dir:
         "iterations": _write_table(result.iterations, tmp / "iterations", fmt),
         "resources": _write_table(resources_frame(summary), tmp / "resources", fmt),
     }
+    if "faults" in summary:  # the latency / SLO timeline around the faults (sim/fault_metrics.py)
+        files["timeline"] = _write_table(pd.DataFrame(summary["faults"]["timeline"]), tmp / "timeline", fmt)
     (tmp / "summary.json").write_text(json.dumps({**summary, "files": files}, indent=2, default=_json_default) + "\n")
     if out_dir.exists():
         shutil.rmtree(out_dir)

@@ -5,7 +5,8 @@ Errors name the file, the key path and what was expected (``ScenarioError``), ne
 
 Sections: ``model`` (catalog name or inline spec), ``hardware`` (profile, GPUs, memory split),
 ``workload`` (arrivals, routing, limits, seed), ``policies`` (scheduler, batching, expert cache,
-prefetch, preemption), ``slo`` (latency targets) and ``sweep`` (axes for what-if grids)."""
+prefetch, preemption), ``slo`` (latency targets), ``sweep`` (axes for what-if grids), ``plan``,
+``faults`` (failures and slowdowns, sim/faults.py) and ``checkpoint`` (training-side what-if, sim/checkpoint.py)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from sim.errors import CatalogError, MoesimError, ProfileError, ScenarioError
 from sim.policies.offload_specs import OffloadSpec, SpeculativeSpec, TuneSpec
+from sim.checkpoint import CheckpointSpec
+from sim.faults import FaultsSpec, check_faults
 from sim.policies.specs import (
     BatchingSpec,
     ExpertCacheSpec,
@@ -188,6 +191,10 @@ class PlanSpec(Spec):
     prices: str | None = Field(None, description="Price table YAML (profile -> usd_per_gpu_hour); default shipped.")
     rate_search: RateSearchSpec = Field(default_factory=RateSearchSpec)
     max_requests_per_probe: int = Field(300, gt=0, description="Requests simulated per rate probe.")
+    tolerate_failures: int = Field(
+        0, ge=0, description="GPUs (or nodes) that may be lost: every probe runs with this many failed from the start."
+    )
+    failure_unit: Literal["gpu", "node"] = Field("gpu", description="What tolerate_failures counts: GPUs or whole nodes.")
 
 
 # ---------------------------------------------------------------- the scenario
@@ -206,6 +213,8 @@ class Scenario(Spec):
     sweep: SweepSpec = Field(default_factory=SweepSpec)
     plan: PlanSpec = Field(default_factory=PlanSpec)
     tune: TuneSpec = Field(default_factory=TuneSpec)
+    faults: FaultsSpec = Field(default_factory=FaultsSpec, description="Failures and slowdowns during the run.")
+    checkpoint: CheckpointSpec | None = Field(None, description="Training-side checkpoint what-if (moesim checkpoint).")
 
 
 @dataclass(frozen=True)
@@ -319,6 +328,7 @@ def resolve(scenario: Scenario, source: str, base_dir: Path) -> LoadedScenario:
     from sim.profile import load_profile  # local: the profile module is only needed once resolving
 
     model = _resolve_model(scenario, source)
+    check_faults(scenario.faults, scenario.hardware.num_gpus, scenario.hardware.num_nodes, source)
     try:
         profile_ref = scenario.hardware.profile
         candidate = base_dir / profile_ref

@@ -27,7 +27,8 @@ class RequestState:
 
     waiting -> running (prefill chunks, then one token per decode iteration) -> completed;
     a running request may be preempted back to waiting (its KV dropped or swapped out);
-    a waiting request may be dropped (queue timeout) or rejected at arrival (never fits)."""
+    a waiting request may be dropped (queue timeout) or rejected at arrival (never fits);
+    a request on a GPU that fails returns to waiting on another (KV lost) or is failed (gpu_failed)."""
 
     __slots__ = (
         "request_id", "arrival_s", "prompt_tokens", "output_tokens", "task", "replica",
@@ -126,7 +127,12 @@ class Replica:
         self.preemptions = 0
         self.swap_bytes = 0.0
         self._wakeup: simpy.Event | None = None
-        self.process = env.process(self._serve())
+        # Faults (sim/engine/faults.py): a failed replica serves nothing until restore(); a slowed one
+        # multiplies its compute ops by ``slowdown``.
+        self.alive = True
+        self.slowdown = 1.0
+        self._restored: simpy.Event | None = None
+        self.process = env.process(self._lifecycle())
 
     # ---------------------------------------------------------------- arrivals
 
@@ -253,6 +259,48 @@ class Replica:
         # it is recomputed in chunks rather than left blocking the queue forever.
         return budget if (self.chunked_prefill or req.generated) else 0
 
+    # ---------------------------------------------------------------- faults
+
+    def fail(self) -> list[RequestState]:
+        """The GPU is lost: the iteration in flight is abandoned (its tokens are never emitted), every
+        KV block is gone, and the requests it held (running first, then waiting in queue order) are
+        handed back to the caller, reset to redo their prefill, to be re-queued elsewhere or failed."""
+        if not self.alive:
+            return []
+        self.alive = False
+        self._restored = self.env.event()
+        self.process.interrupt("gpu_failed")
+        held = list(self.running) + [req for _, req in sorted(self.waiting, key=lambda item: item[0])]
+        for req in held:
+            req.context = 0
+            req.prefill_target = req.prompt_tokens + req.generated
+            req.blocks = 0
+            req.swapped = False  # a swapped-out KV copy belonged to this GPU's host buffers: dropped too
+            req.status = "waiting"
+        self.running = []
+        self.waiting = []
+        self.free_blocks = self.budget.kv_blocks
+        self.outstanding = 0
+        return held
+
+    def restore(self) -> None:
+        """Weights and experts are back: serve again (the cache keeps the experts it held)."""
+        if self.alive or self._restored is None:
+            return
+        self.alive = True
+        self._restored.succeed()
+
+    def _lifecycle(self):
+        """Serve; on a failure wait until restored, then serve again from an empty batch."""
+        while True:
+            try:
+                yield from self._serve()
+            except simpy.Interrupt:
+                self._wakeup = None
+                assert self._restored is not None
+                yield self._restored
+                self._restored = None
+
     # ---------------------------------------------------------------- the serving loop
 
     def _serve(self):
@@ -315,6 +363,8 @@ class Replica:
         )
         counts = self.routing.counts(segments)
         plan = self.planner.plan(shape, counts, start_offset_s=self._swap_s(swap_out, swap_in))
+        if self.slowdown != 1.0:
+            plan.op_s = [seconds * self.slowdown for seconds in plan.op_s]
         timing = time_plan(plan)
         if plan.accesses:
             self.accesses.extend(plan.accesses)

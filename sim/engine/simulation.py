@@ -15,10 +15,12 @@ import numpy as np
 import pandas as pd
 import simpy
 
+from sim.engine.faults import FaultInjector
 from sim.engine.iteration import IterationPlanner
 from sim.engine.memory import MemoryBudget, max_request_tokens, plan_memory
 from sim.engine.replica import Replica, RequestState
 from sim.errors import CapacityError, ScenarioError
+from sim.faults import expand_schedule
 from sim.policies.cache import make_cache
 from sim.policies.scheduler import make_scheduler
 from sim.scenario import LoadedScenario
@@ -134,6 +136,8 @@ def simulate(
             )
     batch_limit = policies.batching.max_batch_tokens
     chunked = policies.batching.chunked_prefill
+    injector = _start_faults(loaded, env, replicas, profile, budget, table, finished)
+    dispatch = injector.dispatch if injector is not None else None
 
     def arrivals():
         tasks = table.task
@@ -150,6 +154,8 @@ def simulate(
                 _reject(req, "exceeds_kv_capacity", env.now, finished)
             elif not chunked and req.prompt_tokens > batch_limit:
                 _reject(req, "prompt_exceeds_batch_tokens", env.now, finished)
+            elif dispatch is not None:
+                dispatch(req)
             else:
                 target = min(replicas, key=lambda r: (r.outstanding, r.index))
                 target.submit(req)
@@ -173,7 +179,31 @@ def simulate(
         loaded=loaded, budget=budget, requests=requests, iterations=iterations,
         tbt_samples_s=np.frombuffer(tbt_samples, dtype=np.float64).copy(), replicas=replicas,
         partial=partial, simulated_s=env.now, events=_event_count(env),
-        extra={"table_skipped_rows": table.skipped_rows, "num_arrivals": len(table), **extra},
+        extra={"table_skipped_rows": table.skipped_rows, "num_arrivals": len(table), **extra,
+               **({"faults": injector.summary()} if injector is not None else {})},
+    )
+
+
+def _start_faults(
+    loaded: LoadedScenario, env: simpy.Environment, replicas: list[Replica], profile: Any,
+    budget: MemoryBudget, table: RequestTable, finished: list[RequestState],
+) -> FaultInjector | None:
+    """The fault process (sim/engine/faults.py) when the scenario has faults; it then routes requests."""
+    faults = loaded.scenario.faults
+    if not faults.active:
+        return None
+    hw = loaded.scenario.hardware
+    horizon_s = float(table.arrival_s[-1]) if len(table) else 0.0
+    schedule = expand_schedule(faults, hw.num_gpus, hw.num_nodes, horizon_s)
+
+    def finish(req: RequestState, status: str, reason: str) -> None:
+        _reject(req, reason, env.now, finished)
+        req.status = status
+
+    # A recovering GPU brings back what it held at start: the non-expert weights and its expert slots.
+    return FaultInjector(
+        env=env, replicas=replicas, schedule=schedule, spec=faults, profile=profile, num_nodes=hw.num_nodes,
+        restore_bytes=budget.non_expert_bytes + budget.expert_bytes, finish=finish,
     )
 
 
@@ -234,7 +264,7 @@ def _run(
 def _requests_frame(requests: list[RequestState]) -> pd.DataFrame:
     rows = []
     for r in requests:
-        status = r.status if r.status in ("completed", "rejected", "dropped") else f"unfinished_{r.status}"
+        status = r.status if r.status in ("completed", "rejected", "dropped", "failed") else f"unfinished_{r.status}"
         rows.append(
             (
                 r.request_id, r.replica, r.task, r.arrival_s, r.prompt_tokens, r.output_tokens, r.generated,

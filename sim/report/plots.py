@@ -128,6 +128,53 @@ def iteration_breakdown(iterations: pd.DataFrame) -> str:
     return _png(fig)
 
 
+def fault_timeline(faults: dict[str, Any], slo: dict[str, Any]) -> str:
+    """P50/P99 TTFT and SLO attainment per arrival window, with outages (red: down, orange: restoring)
+    and slowdowns or degraded links (grey) shaded."""
+    rows = pd.DataFrame(faults["timeline"])
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(13, 5.2), sharex=True)
+    if len(rows):
+        mid = (rows["window_start_s"] + rows["window_end_s"]) / 2
+        ax1.plot(mid, rows["ttft_p50_s"].astype(float), marker=".", label="TTFT P50")
+        ax1.plot(mid, rows["ttft_p99_s"].astype(float), marker=".", label="TTFT P99")
+        ax2.plot(mid, rows["slo_attainment"].astype(float), marker=".", color="#2ca02c", label="SLO attainment")
+        lost = (rows["failed"] + rows["rejected"]) / rows["arrived"].replace(0, np.nan)
+        ax2.plot(mid, lost, marker=".", color="#d62728", label="failed or rejected")
+    end = float(rows["window_end_s"].max()) if len(rows) else 1.0
+    for rec in faults["recoveries"]:
+        down_until = rec["restore_started_at_s"] if rec["restore_started_at_s"] is not None else end
+        for ax in (ax1, ax2):
+            ax.axvspan(rec["failed_at_s"], down_until, color="#d62728", alpha=0.12)
+            if rec["restored_at_s"] is not None and rec["restore_started_at_s"] is not None:
+                ax.axvspan(rec["restore_started_at_s"], rec["restored_at_s"], color="#ff7f0e", alpha=0.25)
+    starts = {}
+    for e in faults["events"]:
+        if e["fault"] in ("slow", "link"):
+            key = (e["gpu"], e["fault"], e["origin"])
+            if e["event"] == "start":
+                starts[key] = e["at_s"]
+            elif key in starts:
+                begin = starts.pop(key)
+                for ax in (ax1, ax2):
+                    ax.axvspan(begin, e["at_s"], color="grey", alpha=0.12)
+    for at_s in starts.values():
+        for ax in (ax1, ax2):
+            ax.axvspan(at_s, end, color="grey", alpha=0.12)
+    target = slo.get("targets", {}).get("ttft_p99_s")
+    if target:
+        ax1.axhline(target["target_s"], color="#d62728", linestyle="--", linewidth=1, label="SLO TTFT P99")
+    if slo.get("attainment_target"):
+        ax2.axhline(slo["attainment_target"], color="black", linestyle="--", linewidth=1, label="attainment target")
+    ax1.set_ylabel("TTFT (s)")
+    ax2.set_ylabel("fraction of arrivals")
+    ax2.set_ylim(-0.02, 1.05)
+    ax2.set_xlabel("arrival time (s)")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper right")
+    return _png(fig)
+
+
 # ---------------------------------------------------------------- plans and sweeps
 
 

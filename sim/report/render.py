@@ -65,6 +65,8 @@ def render_run_report(run_dir: Path, out: Path | None = None) -> Path:
         from sim.report.tune_report import decode_breakdown_over_time
 
         figures["offload"] = decode_breakdown_over_time(iterations)
+    if "faults" in summary:
+        figures["faults"] = plots.fault_timeline(summary["faults"], summary["slo"])
     html = _environment().get_template("run.html.j2").render(
         summary=summary,
         figures=figures,
