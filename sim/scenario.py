@@ -30,6 +30,7 @@ from sim.policies.specs import (
     SchedulerSpec,
     FcfsSchedulerSpec,
 )
+from sim.policies.offload_specs import TaskProfileSpec
 from sim.spec import ModelSpec, get_model, with_dtypes
 from sim.work import DTYPE_BYTES
 from sim.workload.arrivals import ArrivalSpec
@@ -137,6 +138,11 @@ class PoliciesSpec(Spec):
     preemption: PreemptionSpec = Field(default_factory=PreemptionSpec)
     expert_cache: ExpertCacheSpec = Field(default_factory=LruCacheSpec)
     prefetch: PrefetchSpec = Field(default_factory=NoPrefetchSpec)
+    tasks: dict[str, TaskProfileSpec] = Field(
+        default_factory=dict,
+        description="Per-task profiles (output length, SLO, insensitive layers) used by eMoE's loading and "
+        "scheduler; added to, and overriding, the defaults (classification, similarity, qa, conversation, summarization).",
+    )
 
 
 class SloTargets(Spec):

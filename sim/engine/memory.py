@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sim.engine.offload import reserved_expert_memory_bytes
 from sim.errors import CapacityError
 from sim.scenario import LoadedScenario, expert_memory_bytes, gpu_memory_bytes
 
@@ -46,7 +47,9 @@ def plan_memory(loaded: LoadedScenario) -> MemoryBudget:
     if scenario.policies.expert_cache.name == "all_resident":
         slots = total_experts
     else:
-        slots = min(total_experts, int(expert_memory_bytes(loaded) // model.expert_bytes))
+        # eMoE's predictor network lives in the expert memory (sim.engine.offload).
+        usable = expert_memory_bytes(loaded) - reserved_expert_memory_bytes(scenario.policies)
+        slots = min(total_experts, int(max(usable, 0.0) // model.expert_bytes))
     expert_bytes = slots * model.expert_bytes
     reserve = scenario.hardware.reserve_fraction * gpu
     non_expert = float(model.non_expert_weight_bytes)

@@ -17,6 +17,7 @@ import simpy
 
 from sim.engine.iteration import IterationPlanner
 from sim.engine.memory import MemoryBudget, max_request_tokens, plan_memory
+from sim.engine.offload import build_emoe_scheduler, build_offload_planner, uses_offload_planner
 from sim.engine.replica import Replica, RequestState
 from sim.errors import CapacityError, ScenarioError
 from sim.policies.cache import make_cache
@@ -93,21 +94,28 @@ def simulate(
     finished: list[RequestState] = []
     tbt_samples = array("d")
     replicas = []
+    offload = uses_offload_planner(policies)
     for index in range(scenario.hardware.num_gpus):
-        cache = make_cache(
+        if offload:  # eMoE and the other offloading policies (sim.engine.offload)
+            planner = build_offload_planner(loaded, profile, budget.expert_slots, record_accesses, index)
+        else:
+            planner = None
+        cache = planner.cache if planner is not None else make_cache(
             cache_spec.name, num_layers=model.num_moe_layers, num_experts=model.num_experts,
             capacity_experts=budget.expert_slots, per_layer=getattr(cache_spec, "scope", "global") == "per_layer",
         )
-        planner = IterationPlanner(
+        planner = planner or IterationPlanner(
             model=model, profile=profile, cache=cache, prefetch=policies.prefetch.name,
             prefetch_predictor=getattr(policies.prefetch, "predictor", "oracle"),
             prefetch_max_experts=getattr(policies.prefetch, "max_experts", None),
             record_accesses=record_accesses,
         )
+        scheduler = (build_emoe_scheduler(loaded, profile) if policies.scheduler.name == "emoe_slo"
+                     else make_scheduler(policies.scheduler))
         replicas.append(
             Replica(
                 index=index, env=env, budget=budget, planner=planner, routing=routing,
-                scheduler=make_scheduler(policies.scheduler), profile=profile,
+                scheduler=scheduler, profile=profile,
                 max_num_seqs=policies.batching.max_num_seqs, max_batch_tokens=policies.batching.max_batch_tokens,
                 chunked_prefill=policies.batching.chunked_prefill, preemption=policies.preemption.mode,
                 queue_timeout_s=policies.batching.queue_timeout_s, on_finish=finished.append,
