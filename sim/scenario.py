@@ -144,6 +144,15 @@ class PoliciesSpec(Spec):
         "scheduler; added to, and overriding, the defaults (classification, similarity, qa, conversation, summarization).",
     )
 
+    @model_validator(mode="after")
+    def _offload_cache_brings_its_own_loading(self) -> "PoliciesSpec":
+        if self.expert_cache.name in ("emoe", "static_hot", "moe_infinity") and self.prefetch.name != "none":
+            raise ValueError(
+                f"expert_cache {self.expert_cache.name} brings its own loading; use prefetch: {{name: none}} "
+                f"(got {self.prefetch.name})"
+            )
+        return self
+
 
 class SloTargets(Spec):
     ttft_p99_s: float | None = Field(None, gt=0, description="P99 time to first token.")

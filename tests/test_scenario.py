@@ -196,7 +196,7 @@ def test_unknown_policy_lists_the_choices(write_scenario, tiny):
     tiny["policies"]["expert_cache"] = {"name": "lruu"}
     path = write_scenario(tiny)
     assert error_of(path) == (
-        f"{path}: policies.expert_cache: unknown 'name' 'lruu'; expected one of 'all_resident', 'lru', 'lfu'"
+        f"{path}: policies.expert_cache: unknown 'name' 'lruu'; expected one of 'all_resident', 'lru', 'lfu', 'emoe', 'static_hot', 'moe_infinity'"
     )
 
 
@@ -500,4 +500,4 @@ def test_json_schema_forbids_unknown_keys_and_requires_model_and_workload():
     # The discriminated unions reach the schema, so editors can complete policy names.
     cache = schema["$defs"]["PoliciesSpec"]["properties"]["expert_cache"]
     assert cache["discriminator"]["propertyName"] == "name"
-    assert set(cache["discriminator"]["mapping"]) == {"all_resident", "lru", "lfu"}
+    assert set(cache["discriminator"]["mapping"]) == {"all_resident", "lru", "lfu", "emoe", "static_hot", "moe_infinity"}

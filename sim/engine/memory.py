@@ -68,7 +68,9 @@ def plan_memory(loaded: LoadedScenario) -> MemoryBudget:
     if blocks < 1:
         raise CapacityError(f"{where}: {free / 1e6:.1f} MB left for the KV cache holds no block of {block_bytes / 1e6:.1f} MB")
     if slots < 1:
-        raise CapacityError(f"{where}: expert memory holds no expert of {model.expert_bytes / 1e9:.2f} GB")
+        predictor = reserved_expert_memory_bytes(scenario.policies)
+        after = f" after the eMoE predictor's {predictor / 1e9:.3f} GB" if predictor else ""
+        raise CapacityError(f"{where}: expert memory holds no expert of {model.expert_bytes / 1e9:.2f} GB{after}")
     return MemoryBudget(
         gpu_bytes=gpu,
         non_expert_bytes=non_expert,

@@ -666,9 +666,6 @@ def build_offload_planner(loaded: Any, profile: HardwareProfile, capacity: int, 
     cache_spec, pf = policies.expert_cache, policies.prefetch
     L, E = model.num_moe_layers, model.num_experts
     total = L * E
-    where = f"{loaded.source}: policies"
-    if cache_spec.name in OFFLOAD_CACHES and pf.name != "none":
-        raise ScenarioError(f"{where}.prefetch: {cache_spec.name} brings its own loading; use prefetch: {{name: none}}")
     seed = int(np.random.SeedSequence(loaded.scenario.workload.seed).spawn(5)[4].generate_state(1)[0])
     residency = None
     matcher = None
