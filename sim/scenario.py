@@ -173,6 +173,11 @@ class SweepSpec(Spec):
     axes: dict[str, list[Any]] = Field(
         default_factory=dict, description="Key path (e.g. 'hardware.expert_memory.fraction') -> values."
     )
+    variants: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Named sets of overrides {label: {key path: value}} that vary together (e.g. an expert cache "
+        "and its prefetch); crossed with the axes, and shown as the column 'variant'.",
+    )
 
 
 class RateSearchSpec(Spec):
@@ -465,15 +470,22 @@ def expand_sweep(data: dict[str, Any], source: str) -> list[tuple[dict[str, Any]
     Each point is validated as a whole scenario, so an axis with a misspelt key path fails here."""
     base = parse_scenario(data, source)
     axes = base.sweep.axes
-    if not axes:
+    variants = base.sweep.variants
+    if not axes and not variants:
         return [({}, base)]
     points: list[tuple[dict[str, Any], Scenario]] = []
     names = list(axes)
-    for values in itertools.product(*(axes[n] for n in names)):
+    for values, variant in itertools.product(itertools.product(*(axes[n] for n in names)), list(variants) or [None]):
         point = dict(zip(names, values))
         point_data = copy.deepcopy(data)
         point_data.pop("sweep", None)
+        if variant is not None:
+            point["variant"] = variant
+            for key_path, value in variants[variant].items():
+                set_key_path(point_data, key_path, value, source, section=f"sweep.variants.{variant}")
         for key_path, value in point.items():
+            if key_path == "variant" and variant is not None:
+                continue
             set_key_path(point_data, key_path, value, source)
         label = ", ".join(f"{k}={v}" for k, v in point.items())
         try:

@@ -88,6 +88,7 @@ def metrics_row(summary: dict[str, Any]) -> dict[str, Any]:
         "belady_hit_rate": summary["expert_cache"].get("belady_hit_rate"),
         "ttft_p50_s": lat["ttft_p50_s"],
         "e2e_p50_s": lat["e2e_p50_s"],
+        "expert_fraction": summary["expert_cache"]["capacity_experts"] / max(summary["expert_cache"]["total_experts"], 1),
         "expert_memory_gb": summary["memory"]["expert_slots_bytes"] / 1e9,
         "gpu_memory_peak_gb": summary["memory"]["peak_total_bytes"] / 1e9,
         "h2d_gb": sum(r["h2d_bytes"] for r in summary["resources"]) / 1e9,

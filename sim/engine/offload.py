@@ -460,44 +460,69 @@ class OffloadPlanner(IterationPlanner):
             "next_layer" if self.prefetch == "next_layer" else "none")
         record = self.record_accesses
         accessed: list[int] = []
+        L = self.num_moe_layers
+        # Without insertions or prefetches the resident set cannot change during the iteration: hits,
+        # residency and the access record are then computed once for all layers (the common eMoE case).
+        static = not insert_misses and prefetch == "none"
         # Demand (what the gate selected) per layer, and what is served (after rerouting), as lists.
-        layer_ids, expert_ids = np.nonzero(used)
-        demand_all = expert_ids.tolist()
-        demand_bounds = np.concatenate(([0], np.cumsum(used.sum(axis=1)))).tolist()
         served_used = served > 0
         s_layers, s_experts = np.nonzero(served_used)
         served_all = s_experts.tolist()
         times_all = expert_s[s_layers, s_experts].tolist()
         served_bounds = np.concatenate(([0], np.cumsum(served_used.sum(axis=1)))).tolist()
+        if static:
+            resident2d = resident.reshape(L, E)
+            n_here = int((used & resident2d).sum())
+            plan.hits += n_here
+            plan.misses += int(used.sum()) - n_here
+            here_all = resident2d[s_layers, s_experts].tolist()
+            if record:
+                accessed = np.flatnonzero(used).tolist()
+            self._tick += L
+            touched = (s_layers * E + s_experts)
+            if len(touched):
+                cache.touch(touched, self._tick)
+        else:
+            layer_ids, expert_ids = np.nonzero(used)
+            demand_all = expert_ids.tolist()
+            demand_bounds = np.concatenate(([0], np.cumsum(used.sum(axis=1)))).tolist()
+        op_s, op_kind, op_load = plan.op_s, plan.op_kind, plan.op_load
         moe_layer = 0
         for layer, is_moe in enumerate(self.layer_is_moe):
             attention_s = attention_sliding_s if self.layer_is_sliding[layer] else attention_full_s
             if not is_moe:
-                plan.add_op(attention_s, "attention")
-                plan.add_op(dense_s, "dense_ffn")
+                op_s.extend((attention_s, dense_s))
+                op_kind.extend(("attention", "dense_ffn"))
+                op_load.extend((-1, -1))
                 continue
             if moe_layer == 0 and prefetch in ("next_layer", "all_next_layer"):
-                self._prefetch_keys(plan, self._next_keys(prefetch, 0, counts), inflight, len(plan.op_s) - 1)
-            plan.add_op(attention_s, "attention")
-            gate_op = plan.add_op(gate_s + shared_s, "gate")
+                self._prefetch_keys(plan, self._next_keys(prefetch, 0, counts), inflight, len(op_s) - 1)
+            op_s.extend((attention_s, gate_s + shared_s))
+            op_kind.extend(("attention", "gate"))
+            op_load.extend((-1, -1))
+            gate_op = len(op_s) - 1
             base = moe_layer * E
-            demand = [base + e for e in demand_all[demand_bounds[moe_layer]: demand_bounds[moe_layer + 1]]]
-            self._tick += 1
-            if record:
-                accessed.extend(demand)
-            n_here = int(resident[demand].sum()) if demand else 0
-            plan.hits += n_here
-            plan.misses += len(demand) - n_here
             lo, hi = served_bounds[moe_layer], served_bounds[moe_layer + 1]
             keys = [base + e for e in served_all[lo:hi]]
             times = times_all[lo:hi]
+            if static:
+                here = here_all[lo:hi]
+            else:
+                demand = [base + e for e in demand_all[demand_bounds[moe_layer]: demand_bounds[moe_layer + 1]]]
+                self._tick += 1
+                if record:
+                    accessed.extend(demand)
+                n_here = int(resident[demand].sum()) if demand else 0
+                plan.hits += n_here
+                plan.misses += len(demand) - n_here
+                here = resident[keys].tolist()
             ready_s = 0.0
             waits: list[tuple[int, float]] = []
             miss_keys: list[int] = []
             miss_times: list[float] = []
-            for key, here, seconds in zip(keys, resident[keys].tolist(), times):
-                if here:
-                    load = inflight.get(key, -1)
+            for key, is_here, seconds in zip(keys, here, times):
+                if is_here:
+                    load = inflight.get(key, -1) if inflight else -1
                     if load < 0:
                         ready_s += seconds
                     else:
@@ -505,12 +530,16 @@ class OffloadPlanner(IterationPlanner):
                 else:
                     miss_keys.append(key)
                     miss_times.append(seconds)
-            plan.prefetch_hits += len(waits)
             if ready_s:
-                plan.add_op(ready_s, "experts")
-            for load, seconds in sorted(waits):
-                plan.add_op(seconds + interference_s, "expert", load)
-            pinned[keys] = True
+                op_s.append(ready_s)
+                op_kind.append("experts")
+                op_load.append(-1)
+            if waits:
+                plan.prefetch_hits += len(waits)
+                for load, seconds in sorted(waits):
+                    plan.add_op(seconds + interference_s, "expert", load)
+            if not static:
+                pinned[keys] = True
             if miss_keys:
                 placed = cache.insert_many(np.asarray(miss_keys, dtype=np.int64), pinned) if insert_misses else 0
                 plan.bypassed += len(miss_keys) - placed
@@ -520,9 +549,10 @@ class OffloadPlanner(IterationPlanner):
                     plan.add_op(seconds + interference_s, "expert", load)
             if prefetch != "none" and moe_layer + 1 < self.num_moe_layers:
                 self._prefetch_keys(plan, self._next_keys(prefetch, moe_layer + 1, counts), inflight, gate_op)
-            if keys:
-                cache.touch(np.asarray(keys, dtype=np.int64), self._tick)
-            pinned[base: base + E] = False
+            if not static:
+                if keys:
+                    cache.touch(np.asarray(keys, dtype=np.int64), self._tick)
+                pinned[base: base + E] = False
             moe_layer += 1
         if record and accessed:
             plan.accesses.append(np.asarray(accessed, dtype=np.int32))

@@ -220,3 +220,31 @@ def sweep_metrics(table: pd.DataFrame, axes: list[str], metrics: list[str]) -> s
     for ax in list(grid.flat)[len(metrics):]:
         ax.axis("off")
     return _png(fig)
+
+
+def offload_tradeoff(table: pd.DataFrame) -> str:
+    """The memory / latency / fidelity trade-off of a policy comparison (sweep with a 'variant' column):
+    against the GPU memory given to experts, each variant's P50 and P99 end-to-end latency, routing
+    fidelity, expert hit rate and bytes moved over the host link."""
+    rows = table[table["expert_memory_gb"].notna()] if "expert_memory_gb" in table else table.iloc[0:0]
+    panels = [("e2e_p50_s", "P50 end-to-end (s)", True), ("e2e_p99_s", "P99 end-to-end (s)", True),
+              ("routing_fidelity", "routing fidelity", False), ("hit_rate", "expert hit rate", False),
+              ("h2d_gb", "host-to-device GB", True), ("output_tokens_per_s", "output tokens / s", False)]
+    fig, grid = plt.subplots(2, 3, figsize=(13, 7), squeeze=False)
+    for ax, (metric, label, log) in zip(grid.flat, panels):
+        if metric not in rows:
+            ax.axis("off")
+            continue
+        for variant, group in rows.groupby("variant", sort=False):
+            group = group.sort_values("expert_memory_gb")
+            ax.plot(group["expert_memory_gb"], group[metric].astype(float), marker="o", markersize=3, label=str(variant))
+        ax.set_xlabel("GPU memory for experts (GB)")
+        ax.set_ylabel(label)
+        if log and (rows[metric].astype(float) > 0).any():
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+    handles, labels = grid[0, 0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, bbox_to_anchor=(0.5, -0.04))
+    fig.tight_layout()
+    return _png(fig)
