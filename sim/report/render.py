@@ -123,7 +123,7 @@ def render_sweep_report(sweep_dir: Path, out: Path | None = None) -> Path:
     metrics = [m for m in SWEEP_METRICS if m in table and table[m].notna().any()]
     figure = plots.sweep_metrics(table, axes, metrics) if axes and metrics else None
     # A policy comparison (variants) also gets the memory / latency / fidelity trade-off.
-    tradeoff = plots.offload_tradeoff(table) if "variant" in axes and "expert_memory_gb" in table else None
+    tradeoff = plots.offload_tradeoff(table) if "variant" in axes and "expert_fraction" in table else None
     shown = table.drop(columns=["key"])
     html = _environment().get_template("sweep.html.j2").render(
         name=sweep_dir.name, axes=axes, columns=list(shown.columns),
