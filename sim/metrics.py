@@ -184,7 +184,7 @@ def _cache(result: SimulationResult) -> dict[str, Any]:
         "routing_fidelity": _routing_fidelity(result),
     }
     planners = [r.planner for r in result.replicas if hasattr(r.planner, "offload_summary")]
-    if planners:  # eMoE and the other offloading policies (sim.engine.offload)
+    if planners:  # eMoE and the other offloading policies (sim.engine.offload_policies)
         out["offload"] = planners[0].offload_summary()
     refusals = sum(getattr(r, "held", 0) for r in result.replicas)
     if refusals:

@@ -30,7 +30,7 @@ from sim.policies.specs import (
     SchedulerSpec,
     FcfsSchedulerSpec,
 )
-from sim.policies.offload_specs import TaskProfileSpec
+from sim.policies.offload_policy_specs import TaskProfileSpec
 from sim.spec import ModelSpec, get_model, with_dtypes
 from sim.work import DTYPE_BYTES
 from sim.workload.arrivals import ArrivalSpec

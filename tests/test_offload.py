@@ -1,4 +1,4 @@
-"""The offloading policy family inside the engine (sim.engine.offload), each rule pinned to a case small
+"""The offloading policy family inside the engine (sim.engine.offload_policies), each rule pinned to a case small
 enough to count by hand: eMoE's Eq. 2 top-L residency and periodic invocation, rerouted misses and their
 routing fidelity, staged fetches, pre-gated / prefetch-all / MoE-Infinity loads, the predictor's own
 memory and time, and Algorithm-1 admission holding or admitting a request inside a run."""
@@ -14,7 +14,7 @@ import pytest
 from engine_fixtures import load, roofline_s, scenario_data, tiny_model, toy_profile, write_toy_profile
 from sim.engine.iteration import BatchShape, time_plan
 from sim.engine.memory import plan_memory
-from sim.engine.offload import (
+from sim.engine.offload_policies import (
     ActivationMatcher,
     ActivationPolicy,
     EmoeResidency,
@@ -27,7 +27,7 @@ from sim.errors import CapacityError, ScenarioError
 from sim.metrics import summarize
 from sim.policies.cache import ExpertCache, LruPolicy
 from sim.policies.emoe import EmoePlanner
-from sim.policies.offload_specs import PredictorModelSpec
+from sim.policies.offload_policy_specs import PredictorModelSpec
 from sim.sweep import metrics_row
 from sim.work import GemmShape
 

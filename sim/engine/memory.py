@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sim.engine.offload import reserved_expert_memory_bytes
+from sim.engine.offload_policies import reserved_expert_memory_bytes
 from sim.errors import CapacityError
 from sim.scenario import LoadedScenario, expert_memory_bytes, gpu_memory_bytes
 
@@ -47,7 +47,7 @@ def plan_memory(loaded: LoadedScenario) -> MemoryBudget:
     if scenario.policies.expert_cache.name == "all_resident":
         slots = total_experts
     else:
-        # eMoE's predictor network lives in the expert memory (sim.engine.offload).
+        # eMoE's predictor network lives in the expert memory (sim.engine.offload_policies).
         usable = expert_memory_bytes(loaded) - reserved_expert_memory_bytes(scenario.policies)
         slots = min(total_experts, int(max(usable, 0.0) // model.expert_bytes))
     expert_bytes = slots * model.expert_bytes

@@ -17,7 +17,7 @@ import simpy
 
 from sim.engine.iteration import IterationPlanner
 from sim.engine.memory import MemoryBudget, max_request_tokens, plan_memory
-from sim.engine.offload import build_emoe_scheduler, build_offload_planner, uses_offload_planner
+from sim.engine.offload_policies import build_emoe_scheduler, build_offload_planner, uses_offload_planner
 from sim.engine.replica import Replica, RequestState
 from sim.errors import CapacityError, ScenarioError
 from sim.policies.cache import make_cache
@@ -96,7 +96,7 @@ def simulate(
     replicas = []
     offload = uses_offload_planner(policies)
     for index in range(scenario.hardware.num_gpus):
-        if offload:  # eMoE and the other offloading policies (sim.engine.offload)
+        if offload:  # eMoE and the other offloading policies (sim.engine.offload_policies)
             planner = build_offload_planner(loaded, profile, budget.expert_slots, record_accesses, index)
         else:
             planner = None

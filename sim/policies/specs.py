@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from sim.policies.offload_specs import (
+from sim.policies.offload_policy_specs import (
     AllNextLayerPrefetchSpec,
     EmoeCacheSpec,
     MoeInfinityCacheSpec,

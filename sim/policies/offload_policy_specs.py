@@ -2,7 +2,7 @@
 and the alternatives it is compared with (static hot experts, MoE-Infinity, pre-gated, prefetch-all).
 
 They join the ``expert_cache`` / ``prefetch`` unions of ``sim.policies.specs``; the engine side is
-``sim.engine.offload``. Defaults that come from a paper say so ([R] read in the paper, [I] our choice)."""
+``sim.engine.offload_policies``. Defaults that come from a paper say so ([R] read in the paper, [I] our choice)."""
 
 from __future__ import annotations
 

@@ -38,7 +38,7 @@ from sim.policies.emoe import (
     evaluate_predictor,
     split_sequences,
 )
-from sim.policies.offload_specs import (
+from sim.policies.offload_policy_specs import (
     DEFAULT_TASK_PROFILES,
     EmoeCacheSpec,
     LearnedPredictorSpec,
