@@ -170,6 +170,19 @@ def print_summary(summary: dict[str, Any], out: Any = None) -> None:
     elif cache.get("belady_note"):
         line += f"; Belady {cache['belady_note']}"
     p(line)
+    line = f"routing      fidelity {cache.get('routing_fidelity', 1.0):.1%} (assignments served by the selected expert)"
+    off = cache.get("offload")
+    if off:
+        line += f"; {off['rerouted']:,} rerouted, {off['staged_loads']:,} staged loads, {off['residency_loads']:,} residency loads"
+        if "prompts" in off:
+            line += f"; eMoE predictor called {off['predictor_calls']} times in {off['prompts']} prompts (every {off['period']})"
+        acc = off.get("predictor_accuracy")
+        if acc and acc.get("top_k_recall") is not None:
+            line += (f"; {acc['variant']} measured top-k precision {acc['top_k_precision']:.1%} / recall "
+                     f"{acc['top_k_recall']:.1%} on {acc['test_tokens']:,} held-out tokens (random {acc['random_precision']:.1%})")
+    if cache.get("admission_refusals"):
+        line += f"; Algorithm-1 admission held requests back {cache['admission_refusals']:,} times"
+    p(line)
     for res in summary["resources"]:
         p(f"GPU {res['replica']}        compute {res['compute_utilization']:.1%} busy, host-to-device "
           f"{res['h2d_utilization']:.1%} busy ({_gb(res['h2d_bytes'])} GB moved), stalled on loads {res['stall_s']:,.1f} s, "

@@ -207,7 +207,14 @@ def _cache(result: SimulationResult) -> dict[str, Any]:
         "hit_rate": hits / total if total else None,
         "prefetch_hits": int(it["prefetch_hits"].sum()) if len(it) else 0,
         "evictions": int(sum(c.evictions for c in caches)),
+        "routing_fidelity": _routing_fidelity(result),
     }
+    planners = [r.planner for r in result.replicas if hasattr(r.planner, "offload_summary")]
+    if planners:  # eMoE and the other offloading policies (sim.engine.offload_policies)
+        out["offload"] = planners[0].offload_summary()
+    refusals = sum(getattr(r, "held", 0) for r in result.replicas)
+    if refusals:
+        out["admission_refusals"] = int(refusals)
     accesses = [r.accesses for r in result.replicas]
     n_access = sum(sum(len(a) for a in acc) for acc in accesses)
     if caches and not caches[0].holds_everything and n_access:
@@ -228,6 +235,16 @@ def _cache(result: SimulationResult) -> dict[str, Any]:
                 else f"skipped: {n_access:,} accesses exceed {BELADY_MAX_ACCESSES:,}"
             )
     return out
+
+
+def _routing_fidelity(result: SimulationResult) -> float:
+    """Token-expert assignments served by the expert the gate selected, over all assignments; 1.0
+    for policies that never reroute (every miss is fetched)."""
+    total = kept = 0
+    for rep in result.replicas:
+        total += getattr(rep.planner, "num_assignments", 0)
+        kept += getattr(rep.planner, "num_kept", 0)
+    return kept / total if total else 1.0
 
 
 def _initial_fill(cache) -> np.ndarray:

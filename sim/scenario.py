@@ -34,6 +34,7 @@ from sim.policies.specs import (
     SchedulerSpec,
     FcfsSchedulerSpec,
 )
+from sim.policies.offload_policy_specs import TaskProfileSpec
 from sim.spec import ModelSpec, get_model, with_dtypes
 from sim.work import DTYPE_BYTES
 from sim.workload.arrivals import ArrivalSpec
@@ -147,6 +148,28 @@ class PoliciesSpec(Spec):
     prefetch: PrefetchSpec = Field(default_factory=NoPrefetchSpec)
     speculative: SpeculativeSpec | None = Field(None, description="Speculative decoding (draft model, k, acceptance).")
     offload: OffloadSpec = Field(default_factory=OffloadSpec, description="CPU attention / CPU experts / pipelining.")
+    tasks: dict[str, TaskProfileSpec] = Field(
+        default_factory=dict,
+        description="Per-task profiles (output length, SLO, insensitive layers) used by eMoE's loading and "
+        "scheduler; added to, and overriding, the defaults (classification, similarity, qa, conversation, summarization).",
+    )
+
+    @model_validator(mode="after")
+    def _offload_cache_brings_its_own_loading(self) -> "PoliciesSpec":
+        if self.expert_cache.name in ("emoe", "static_hot", "moe_infinity") and self.prefetch.name != "none":
+            raise ValueError(
+                f"expert_cache {self.expert_cache.name} brings its own loading; use prefetch: {{name: none}} "
+                f"(got {self.prefetch.name})"
+            )
+        if (self.expert_cache.name in ("emoe", "static_hot", "moe_infinity")
+                or self.prefetch.name in ("pre_gated", "all_next_layer")) and (
+                self.speculative is not None or self.offload.active):
+            raise ValueError(
+                "the expert-offloading policies (expert_cache emoe/static_hot/moe_infinity, prefetch "
+                "pre_gated/all_next_layer) are not combined with speculative decoding or CPU offloading "
+                "(policies.speculative / policies.offload) yet; use one family per scenario"
+            )
+        return self
 
 
 class SloTargets(Spec):
@@ -167,6 +190,11 @@ class SloSpec(SloTargets):
 class SweepSpec(Spec):
     axes: dict[str, list[Any]] = Field(
         default_factory=dict, description="Key path (e.g. 'hardware.expert_memory.fraction') -> values."
+    )
+    variants: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Named sets of overrides {label: {key path: value}} that vary together (e.g. an expert cache "
+        "and its prefetch); crossed with the axes, and shown as the column 'variant'.",
     )
 
 
@@ -478,15 +506,22 @@ def expand_sweep(data: dict[str, Any], source: str) -> list[tuple[dict[str, Any]
     Each point is validated as a whole scenario, so an axis with a misspelt key path fails here."""
     base = parse_scenario(data, source)
     axes = base.sweep.axes
-    if not axes:
+    variants = base.sweep.variants
+    if not axes and not variants:
         return [({}, base)]
     points: list[tuple[dict[str, Any], Scenario]] = []
     names = list(axes)
-    for values in itertools.product(*(axes[n] for n in names)):
+    for values, variant in itertools.product(itertools.product(*(axes[n] for n in names)), list(variants) or [None]):
         point = dict(zip(names, values))
         point_data = copy.deepcopy(data)
         point_data.pop("sweep", None)
+        if variant is not None:
+            point["variant"] = variant
+            for key_path, value in variants[variant].items():
+                set_key_path(point_data, key_path, value, source, section=f"sweep.variants.{variant}")
         for key_path, value in point.items():
+            if key_path == "variant" and variant is not None:
+                continue
             set_key_path(point_data, key_path, value, source)
         label = ", ".join(f"{k}={v}" for k, v in point.items())
         try:

@@ -196,7 +196,7 @@ def test_unknown_policy_lists_the_choices(write_scenario, tiny):
     tiny["policies"]["expert_cache"] = {"name": "lruu"}
     path = write_scenario(tiny)
     assert error_of(path) == (
-        f"{path}: policies.expert_cache: unknown 'name' 'lruu'; expected one of 'all_resident', 'lru', 'lfu'"
+        f"{path}: policies.expert_cache: unknown 'name' 'lruu'; expected one of 'all_resident', 'lru', 'lfu', 'emoe', 'static_hot', 'moe_infinity'"
     )
 
 
@@ -382,6 +382,28 @@ def test_sweep_expands_to_the_grid_in_order(tiny):
         assert scenario.sweep.axes == {}  # a point is one scenario, not another sweep
 
 
+def test_sweep_variants_vary_several_keys_together_crossed_with_the_axes(tiny):
+    tiny["hardware"]["expert_memory"] = {"experts": 2}
+    tiny["sweep"] = {
+        "axes": {"hardware.expert_memory.experts": [2, 4]},
+        "variants": {"lru": {"policies.expert_cache": {"name": "lru"}},
+                     "pre-gated": {"policies.expert_cache": {"name": "lfu"}, "policies.prefetch": {"name": "pre_gated"}}},
+    }
+    points = expand_sweep(tiny, "variants.yaml")
+    assert [values for values, _ in points] == [
+        {"hardware.expert_memory.experts": n, "variant": v} for n in (2, 4) for v in ("lru", "pre-gated")
+    ]
+    pre = points[1][1]
+    assert (pre.policies.expert_cache.name, pre.policies.prefetch.name) == ("lfu", "pre_gated")
+    assert points[0][1].policies.prefetch.name == "none"
+
+
+def test_a_variant_that_breaks_a_rule_names_the_sweep_point(tiny):
+    tiny["sweep"] = {"variants": {"bad": {"policies.expert_cache": {"name": "emoe"}, "policies.prefetch": {"name": "next_layer"}}}}
+    with pytest.raises(ScenarioError, match=r"variants\.yaml: policies: expert_cache emoe brings its own loading.*\[sweep point variant=bad\]"):
+        expand_sweep(tiny, "variants.yaml")
+
+
 def test_no_sweep_is_one_point(tiny):
     points = expand_sweep(tiny, "one.yaml")
     assert len(points) == 1
@@ -500,4 +522,4 @@ def test_json_schema_forbids_unknown_keys_and_requires_model_and_workload():
     # The discriminated unions reach the schema, so editors can complete policy names.
     cache = schema["$defs"]["PoliciesSpec"]["properties"]["expert_cache"]
     assert cache["discriminator"]["propertyName"] == "name"
-    assert set(cache["discriminator"]["mapping"]) == {"all_resident", "lru", "lfu"}
+    assert set(cache["discriminator"]["mapping"]) == {"all_resident", "lru", "lfu", "emoe", "static_hot", "moe_infinity"}

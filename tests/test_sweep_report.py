@@ -159,3 +159,25 @@ def test_report_of_an_infeasible_only_sweep_still_renders(tmp_path):
     run_sweep(_write(tmp_path, data), tmp_path / "out", jobs=1, progress=False)
     html = render_sweep_report(tmp_path / "out").read_text()
     assert "does not fit" in html and "data:image/png" not in html
+
+
+def test_a_policy_comparison_sweep_gets_the_memory_latency_fidelity_tradeoff(tmp_path):
+    """Variants x expert memory: the rows carry routing fidelity (1 for on-demand LRU, below 1 for a
+    rerouting static set), bytes over the host link, and the report adds the trade-off figure."""
+    from sim.report.render import render_sweep_report
+
+    data = json.loads(json.dumps(SWEEP))
+    data["sweep"] = {"axes": {"hardware.expert_memory.experts": [512]},
+                     "variants": {"lru": {"policies.expert_cache": {"name": "lru"}},
+                                  "static-reroute": {"policies.expert_cache": {"name": "static_hot", "miss": "reroute"}}}}
+    table = run_sweep(_write(tmp_path, data), tmp_path / "out", jobs=1, progress=False)
+    assert list(table["variant"]) == ["lru", "static-reroute"]
+    lru, static = table.itertuples()
+    assert lru.routing_fidelity == 1.0 and 0.0 < static.routing_fidelity < 1.0
+    assert lru.h2d_gb > static.h2d_gb  # rerouting loads only the pinned set once
+    assert lru.expert_fraction == pytest.approx(512 / 1024)
+    html = render_sweep_report(tmp_path / "out").read_text()
+    assert "Memory / latency / fidelity trade-off" in html
+    parser = _Images()
+    parser.feed(html)
+    assert len(parser.sources) == 2  # the trade-off and the per-metric figure

@@ -126,6 +126,8 @@ def time_plan(plan: IterationPlan) -> IterationTiming:
 class IterationPlanner:
     """Turns a batch and its routing into an iteration plan, using the profile's latencies only."""
 
+    observes_batches = False  # True: the replica calls observe_batch() before plan() (sim.engine.offload_policies)
+
     def __init__(
         self,
         *,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sim.engine.offload_policies import reserved_expert_memory_bytes
 from sim.errors import CapacityError
 from sim.scenario import LoadedScenario, expert_memory_bytes, gpu_memory_bytes
 
@@ -46,7 +47,9 @@ def plan_memory(loaded: LoadedScenario) -> MemoryBudget:
     if scenario.policies.expert_cache.name == "all_resident":
         slots = total_experts
     else:
-        slots = min(total_experts, int(expert_memory_bytes(loaded) // model.expert_bytes))
+        # eMoE's predictor network lives in the expert memory (sim.engine.offload_policies).
+        usable = expert_memory_bytes(loaded) - reserved_expert_memory_bytes(scenario.policies)
+        slots = min(total_experts, int(max(usable, 0.0) // model.expert_bytes))
     expert_bytes = slots * model.expert_bytes
     reserve = scenario.hardware.reserve_fraction * gpu
     non_expert = float(model.non_expert_weight_bytes)
@@ -65,7 +68,9 @@ def plan_memory(loaded: LoadedScenario) -> MemoryBudget:
     if blocks < 1:
         raise CapacityError(f"{where}: {free / 1e6:.1f} MB left for the KV cache holds no block of {block_bytes / 1e6:.1f} MB")
     if slots < 1:
-        raise CapacityError(f"{where}: expert memory holds no expert of {model.expert_bytes / 1e9:.2f} GB")
+        predictor = reserved_expert_memory_bytes(scenario.policies)
+        after = f" after the eMoE predictor's {predictor / 1e9:.3f} GB" if predictor else ""
+        raise CapacityError(f"{where}: expert memory holds no expert of {model.expert_bytes / 1e9:.2f} GB{after}")
     return MemoryBudget(
         gpu_bytes=gpu,
         non_expert_bytes=non_expert,

@@ -132,6 +132,9 @@ class Replica:
         self.alive = True
         self.slowdown = 1.0
         self._restored: simpy.Event | None = None
+        # Algorithm-1 admission (eMoE's SLO scheduler): a policy with admit() may hold a new request back.
+        self.admit = getattr(scheduler, "admit", None)
+        self.held = 0  # admissions the scheduler refused (counted per refusal)
         self.process = env.process(self._lifecycle())
 
     # ---------------------------------------------------------------- arrivals
@@ -224,8 +227,14 @@ class Replica:
             if chunk and self._grow(req, chunk):
                 batch.append((req, chunk))
                 budget -= chunk
+        held: list[tuple[tuple, RequestState]] = []
         while self.waiting and budget >= 1 and len(batch) < self.max_num_seqs:
             req = self.waiting[0][1]
+            if (self.admit is not None and self.running and not req.swapped and req.generated == 0
+                    and not self.admit(req, self.running, self.env.now)):
+                held.append(heapq.heappop(self.waiting))  # waits; later requests may still be admitted
+                self.held += 1
+                continue
             if req.swapped:
                 if self.budget.blocks_for(req.context) > self.free_blocks:
                     break
@@ -248,6 +257,8 @@ class Replica:
             self.running.append(req)
             batch.append((req, chunk))
             budget -= chunk
+        for item in held:
+            heapq.heappush(self.waiting, item)
         return batch, swap_out, swap_in
 
     def _chunk(self, req: RequestState, budget: int) -> int:
@@ -362,6 +373,8 @@ class Replica:
             num_emitting=emitting,
         )
         counts = self.routing.counts(segments)
+        if self.planner.observes_batches:
+            self.planner.observe_batch(batch, self.running, counts)
         plan = self.planner.plan(shape, counts, start_offset_s=self._swap_s(swap_out, swap_in))
         if self.slowdown != 1.0:
             plan.op_s = [seconds * self.slowdown for seconds in plan.op_s]

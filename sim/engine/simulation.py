@@ -18,6 +18,7 @@ import simpy
 from sim.engine.faults import FaultInjector
 from sim.engine.iteration import IterationPlanner
 from sim.engine.memory import MemoryBudget, max_request_tokens, plan_memory
+from sim.engine.offload_policies import build_emoe_scheduler, build_offload_planner, uses_offload_planner
 from sim.engine.replica import Replica, RequestState
 from sim.errors import CapacityError, ScenarioError
 from sim.faults import expand_schedule
@@ -99,12 +100,17 @@ def simulate(
     finished: list[RequestState] = []
     tbt_samples = array("d")
     replicas = []
+    offload = uses_offload_planner(policies)
     for index in range(scenario.hardware.num_gpus):
-        cache = make_cache(
+        if offload:  # eMoE and the other offloading policies (sim.engine.offload_policies)
+            planner = build_offload_planner(loaded, profile, budget.expert_slots, record_accesses, index)
+        else:
+            planner = None
+        cache = planner.cache if planner is not None else make_cache(
             cache_spec.name, num_layers=model.num_moe_layers, num_experts=model.num_experts,
             capacity_experts=budget.expert_slots, per_layer=getattr(cache_spec, "scope", "global") == "per_layer",
         )
-        planner = (setup.planner_class if setup is not None else IterationPlanner)(
+        planner = planner or (setup.planner_class if setup is not None else IterationPlanner)(
             model=model, profile=profile, cache=cache, prefetch=policies.prefetch.name,
             prefetch_predictor=getattr(policies.prefetch, "predictor", "oracle"),
             prefetch_max_experts=getattr(policies.prefetch, "max_experts", None),
@@ -113,11 +119,13 @@ def simulate(
         replica_class, replica_extra = (
             (setup.replica_class, setup.replica_kwargs(profile, cache)) if setup is not None else (Replica, {})
         )
+        scheduler = (build_emoe_scheduler(loaded, profile) if policies.scheduler.name == "emoe_slo"
+                     else make_scheduler(policies.scheduler))
         replicas.append(
             replica_class(
                 **replica_extra,
                 index=index, env=env, budget=budget, planner=planner, routing=routing,
-                scheduler=make_scheduler(policies.scheduler), profile=profile,
+                scheduler=scheduler, profile=profile,
                 max_num_seqs=policies.batching.max_num_seqs, max_batch_tokens=policies.batching.max_batch_tokens,
                 chunked_prefill=policies.batching.chunked_prefill, preemption=policies.preemption.mode,
                 queue_timeout_s=policies.batching.queue_timeout_s, on_finish=finished.append,

@@ -190,7 +190,7 @@ def make_scheduler(spec: "SchedulerSpec | str") -> SchedulerPolicy:
         return EmoeSloScheduler(
             expected_output_tokens=spec.expected_output_tokens, default_output_tokens=spec.default_output_tokens,
             slo_s=spec.slo_s, default_slo_s=spec.default_slo_s if spec.default_slo_s is not None else float("inf"),
-            expert_load_s=spec.expert_load_s, default_expert_load_s=spec.default_expert_load_s,
-            per_token_s=spec.per_token_s, max_batch_tokens=spec.max_batch_tokens,
+            expert_load_s=spec.expert_load_s, default_expert_load_s=spec.default_expert_load_s or 0.0,
+            per_token_s=spec.per_token_s or 0.0, max_batch_tokens=spec.max_batch_tokens,
         )
     raise TypeError(f"no scheduler for {spec!r}")

@@ -9,6 +9,14 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from sim.policies.offload_policy_specs import (
+    AllNextLayerPrefetchSpec,
+    EmoeCacheSpec,
+    MoeInfinityCacheSpec,
+    PreGatedPrefetchSpec,
+    StaticHotCacheSpec,
+)
+
 
 class Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -54,8 +62,12 @@ class EmoeSloSchedulerSpec(Spec):
     expert_load_s: dict[str, float] = Field(
         default_factory=dict, description="dE: expert loading latency caused by admitting a request of this task."
     )
-    default_expert_load_s: float = Field(0.0, ge=0, description="dE of a task not listed.")
-    per_token_s: float = Field(0.0, ge=0, description="c: average expert compute + communication latency per token.")
+    default_expert_load_s: float | None = Field(
+        None, ge=0, description="dE of a task not listed (none: from the profile, the task's sensitive layers x top_k loads)."
+    )
+    per_token_s: float | None = Field(
+        None, ge=0, description="c: average expert compute + communication latency per token (none: from the profile)."
+    )
     max_batch_tokens: int | None = Field(
         None, gt=0, description="Tmax: admit only while the batch's input tokens stay below this."
     )
@@ -115,7 +127,10 @@ class LfuCacheSpec(Spec):
     scope: Literal["global", "per_layer"] = "global"
 
 
-ExpertCacheSpec = Annotated[AllResidentSpec | LruCacheSpec | LfuCacheSpec, Field(discriminator="name")]
+ExpertCacheSpec = Annotated[
+    AllResidentSpec | LruCacheSpec | LfuCacheSpec | EmoeCacheSpec | StaticHotCacheSpec | MoeInfinityCacheSpec,
+    Field(discriminator="name"),
+]
 
 
 # ---------------------------------------------------------------- prefetch
@@ -138,4 +153,6 @@ class NextLayerPrefetchSpec(Spec):
     max_experts: int | None = Field(None, gt=0, description="At most this many prefetches per layer.")
 
 
-PrefetchSpec = Annotated[NoPrefetchSpec | NextLayerPrefetchSpec, Field(discriminator="name")]
+PrefetchSpec = Annotated[
+    NoPrefetchSpec | NextLayerPrefetchSpec | PreGatedPrefetchSpec | AllNextLayerPrefetchSpec, Field(discriminator="name")
+]

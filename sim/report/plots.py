@@ -267,3 +267,45 @@ def sweep_metrics(table: pd.DataFrame, axes: list[str], metrics: list[str]) -> s
     for ax in list(grid.flat)[len(metrics):]:
         ax.axis("off")
     return _png(fig)
+
+
+def offload_tradeoff(table: pd.DataFrame) -> str:
+    """The memory / latency / fidelity trade-off of a policy comparison (a sweep with a 'variant' column):
+    against the share of the model's routed experts that fit in the expert memory, each variant's
+    latency, throughput, routing fidelity, hit rate, bytes moved over the host link and peak GPU memory."""
+    rows = table[table["expert_fraction"].notna()] if "expert_fraction" in table else table.iloc[0:0]
+    panels = [("e2e_p50_s", "P50 end-to-end (s)", True), ("e2e_p99_s", "P99 end-to-end (s)", True),
+              ("ttft_p99_s", "P99 TTFT (s)", True), ("output_tokens_per_s", "output tokens / s", False),
+              ("routing_fidelity", "routing fidelity", False), ("hit_rate", "expert hit rate", False),
+              ("h2d_gb", "host-to-device GB (0 not drawn)", True), ("gpu_memory_peak_gb", "peak GPU memory (GB)", False)]
+    fig, grid = plt.subplots(2, 4, figsize=(16, 7), squeeze=False)
+    colours = plt.get_cmap("tab20")
+    styles = ["-", "--", "-.", ":"]
+    for ax, (metric, label, log) in zip(grid.flat, panels):
+        if metric not in rows:
+            ax.axis("off")
+            continue
+        for n, (variant, group) in enumerate(rows.groupby("variant", sort=False)):
+            group = group.sort_values("expert_fraction")
+            y = group[metric].astype(float)
+            if log:
+                y = y.where(y > 0)
+            style = dict(label=str(variant), color=colours(n % 20), linestyle=styles[(n // 10) % len(styles)])
+            if group["expert_fraction"].nunique() == 1 and len(group) > 1:
+                # A reference that ignores the expert budget (all resident): one horizontal line.
+                if y.notna().any():
+                    ax.axhline(float(y.iloc[0]), linewidth=1.5, **{**style, "linestyle": "--"})
+                else:
+                    ax.plot([], [], **style)
+                continue
+            ax.plot(group["expert_fraction"] * 100, y, marker="o", markersize=3, **style)
+        ax.set_xlabel("routed experts that fit (%)")
+        ax.set_ylabel(label)
+        if log and (rows[metric].astype(float) > 0).any():
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+    handles, labels = grid[0, 0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, bbox_to_anchor=(0.5, -0.06))
+    fig.tight_layout()
+    return _png(fig)

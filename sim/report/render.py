@@ -117,7 +117,8 @@ def render_plan_report(plan_dir: Path, out: Path | None = None) -> Path:
     return _write(html, Path(out) if out else plan_dir / "report.html")
 
 
-SWEEP_METRICS = ["requests_per_s", "output_tokens_per_s", "ttft_p99_s", "tbt_p99_s", "e2e_p99_s", "hit_rate", "slo_attainment", "preemptions"]
+SWEEP_METRICS = ["requests_per_s", "output_tokens_per_s", "ttft_p99_s", "tbt_p99_s", "e2e_p99_s", "hit_rate", "slo_attainment", "preemptions",
+                 "e2e_p50_s", "routing_fidelity", "h2d_gb"]
 
 
 def render_sweep_report(sweep_dir: Path, out: Path | None = None) -> Path:
@@ -131,10 +132,12 @@ def render_sweep_report(sweep_dir: Path, out: Path | None = None) -> Path:
     axes = columns[columns.index("point") + 1: columns.index("key")]  # sweep.csv: point, axes..., key, metrics...
     metrics = [m for m in SWEEP_METRICS if m in table and table[m].notna().any()]
     figure = plots.sweep_metrics(table, axes, metrics) if axes and metrics else None
+    # A policy comparison (variants) also gets the memory / latency / fidelity trade-off.
+    tradeoff = plots.offload_tradeoff(table) if "variant" in axes and "expert_fraction" in table else None
     shown = table.drop(columns=["key"])
     html = _environment().get_template("sweep.html.j2").render(
         name=sweep_dir.name, axes=axes, columns=list(shown.columns),
         rows=[["-" if pd.isna(v) else (f"{v:.4g}" if isinstance(v, float) else str(v)) for v in row] for row in shown.itertuples(index=False)],
-        figure=figure, version=__version__, sweep_dir=str(sweep_dir),
+        figure=figure, tradeoff=tradeoff, version=__version__, sweep_dir=str(sweep_dir),
     )
     return _write(html, Path(out) if out else sweep_dir / "report.html")
