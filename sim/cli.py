@@ -170,10 +170,22 @@ def print_summary(summary: dict[str, Any], out: Any = None) -> None:
         line += f"; Belady {cache['belady_note']}"
     p(line)
     for res in summary["resources"]:
+        if "links_busy_s" in res:
+            p(f"replica {res['replica']}    compute {res['compute_utilization']:.1%} busy, links {res['links_utilization']:.1%} busy, "
+              f"waiting for all-to-all {res['stall_s']:,.1f} s, {res['iterations']:,} iterations")
+            continue
         p(f"GPU {res['replica']}        compute {res['compute_utilization']:.1%} busy, host-to-device "
           f"{res['h2d_utilization']:.1%} busy ({_gb(res['h2d_bytes'])} GB moved), stalled on loads {res['stall_s']:,.1f} s, "
           f"{res['iterations']:,} iterations")
     p(f"preemptions  {summary['preemptions']:,}")
+    ep = summary.get("expert_parallel")
+    if ep:
+        tot = ep["totals_s"]
+        p(f"expert par.  dp {ep['dp']} x ep {ep['ep']} x tp {ep['tp']} over {ep['intra_node']}, placement {ep['placement']}, "
+          f"capacity {ep['capacity']}, overlap {ep['overlap']}: MoE-layer seconds attention {tot['attention_s']:,.2f}, "
+          f"experts {tot['expert_compute_s']:,.2f} (straggler wait {tot['straggler_wait_s']:,.2f}), dispatch "
+          f"{tot['dispatch_s']:,.2f}, combine {tot['combine_s']:,.2f}, exposed comm {ep['exposed_comm_s']:,.2f}; "
+          f"imbalance max/mean {ep['mean_imbalance']:.2f}; dropped {ep['dropped_fraction']:.1%}, rerouted {ep['rerouted_fraction']:.1%}")
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import simpy
 
+from sim.engine.expert_parallel import build_group, group_shape, plan_memory_ep
 from sim.engine.iteration import IterationPlanner
 from sim.engine.memory import MemoryBudget, max_request_tokens, plan_memory
 from sim.engine.replica import Replica, RequestState
@@ -76,7 +77,9 @@ def simulate(
             gpu_to_gpu_gbps=links.gpu_to_gpu_gbps,
             node_to_node_gbps=links.node_to_node_gbps,
         )
-    budget = plan_memory(loaded)
+    dp, ep, tp = group_shape(loaded)
+    expert_parallel = ep * tp > 1  # a replica spans several GPUs: sim.engine.expert_parallel plans it
+    budget = plan_memory_ep(loaded) if expert_parallel else plan_memory(loaded)
     seeds = np.random.SeedSequence(scenario.workload.seed).spawn(2)
     arrivals_rng, routing_rng = (np.random.default_rng(s) for s in seeds)
     table = build_request_table(loaded, arrivals_rng)
@@ -93,7 +96,20 @@ def simulate(
     finished: list[RequestState] = []
     tbt_samples = array("d")
     replicas = []
-    for index in range(scenario.hardware.num_gpus):
+    for index in range(dp):
+        if expert_parallel:
+            ep_planner, ep_routing = build_group(loaded, profile, routing, index)
+            replicas.append(
+                Replica(
+                    index=index, env=env, budget=budget, planner=ep_planner, routing=ep_routing,
+                    scheduler=make_scheduler(policies.scheduler), profile=profile,
+                    max_num_seqs=policies.batching.max_num_seqs, max_batch_tokens=policies.batching.max_batch_tokens,
+                    chunked_prefill=policies.batching.chunked_prefill, preemption=policies.preemption.mode,
+                    queue_timeout_s=policies.batching.queue_timeout_s, on_finish=finished.append,
+                    tbt_samples=tbt_samples,
+                )
+            )
+            continue
         cache = make_cache(
             cache_spec.name, num_layers=model.num_moe_layers, num_experts=model.num_experts,
             capacity_experts=budget.expert_slots, per_layer=getattr(cache_spec, "scope", "global") == "per_layer",
