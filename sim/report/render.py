@@ -61,6 +61,9 @@ def render_run_report(run_dir: Path, out: Path | None = None) -> Path:
         "utilisation": plots.utilisation_over_time(iterations),
         "breakdown": plots.iteration_breakdown(iterations),
     }
+    if "expert_parallel" in summary:
+        figures["ep_breakdown"] = plots.ep_layer_breakdown(_read_table(run_dir, "ep_layers"))
+        figures["ep_heatmap"] = plots.ep_imbalance_heatmap(_read_table(run_dir, "ep_device_tokens"))
     html = _environment().get_template("run.html.j2").render(
         summary=summary,
         figures=figures,
@@ -107,7 +110,8 @@ def render_plan_report(plan_dir: Path, out: Path | None = None) -> Path:
     return _write(html, Path(out) if out else plan_dir / "report.html")
 
 
-SWEEP_METRICS = ["requests_per_s", "output_tokens_per_s", "ttft_p99_s", "tbt_p99_s", "e2e_p99_s", "hit_rate", "slo_attainment", "preemptions"]
+SWEEP_METRICS = ["requests_per_s", "output_tokens_per_s", "ttft_p99_s", "tbt_p99_s", "e2e_p99_s", "hit_rate", "slo_attainment", "preemptions",
+                 "ep_moe_s_per_kpair", "ep_dropped_fraction", "ep_exposed_comm_s"]
 
 
 def render_sweep_report(sweep_dir: Path, out: Path | None = None) -> Path:
@@ -121,10 +125,15 @@ def render_sweep_report(sweep_dir: Path, out: Path | None = None) -> Path:
     axes = columns[columns.index("point") + 1: columns.index("key")]  # sweep.csv: point, axes..., key, metrics...
     metrics = [m for m in SWEEP_METRICS if m in table and table[m].notna().any()]
     figure = plots.sweep_metrics(table, axes, metrics) if axes and metrics else None
+    gamma_axes = [a for a in axes if a.endswith(".gamma")]
+    if gamma_axes and "ep_moe_s_per_kpair" in table and table["ep_moe_s_per_kpair"].notna().any():
+        speedup = plots.speedup_vs_gamma(table, gamma_axes[0], [a for a in axes if a != gamma_axes[0]])
+    else:
+        speedup = None
     shown = table.drop(columns=["key"])
     html = _environment().get_template("sweep.html.j2").render(
         name=sweep_dir.name, axes=axes, columns=list(shown.columns),
         rows=[["-" if pd.isna(v) else (f"{v:.4g}" if isinstance(v, float) else str(v)) for v in row] for row in shown.itertuples(index=False)],
-        figure=figure, version=__version__, sweep_dir=str(sweep_dir),
+        figure=figure, speedup=speedup, version=__version__, sweep_dir=str(sweep_dir),
     )
     return _write(html, Path(out) if out else sweep_dir / "report.html")
