@@ -116,18 +116,23 @@ class ExpertParallelRouting:
             groups[seen[r] % M][r].append(seg)  # alternate a rank's sequences over micro-batches
             seen[r] += 1
         out = []
+        grouped = getattr(self.routing, "counts_by_group", None)
         for m in range(M):
-            works, counts = [], []
-            for r in range(R):
-                segs = groups[m][r]
-                work = _rank_work(segs)
-                if self.scored:
+            works = [_rank_work(groups[m][r]) for r in range(R)]
+            if self.scored:
+                counts = []
+                for work in works:
                     work.cand, work.score, c = self._scored(work.tokens)
-                else:
-                    c = self.routing.counts(segs)
-                works.append(work)
-                counts.append(c)
-            out.append(MicroBatch(ranks=works, counts_src=np.stack(counts)))
+                    counts.append(c)
+                counts_src = np.stack(counts)
+            elif grouped is not None:
+                # One draw for all ranks (per-rank calls would repeat the source's per-call work R times).
+                segs = [seg for r in range(R) for seg in groups[m][r]]
+                owners = [r for r in range(R) for _ in groups[m][r]]
+                counts_src = grouped(segs, owners, R)
+            else:
+                counts_src = np.stack([self.routing.counts(groups[m][r]) for r in range(R)])
+            out.append(MicroBatch(ranks=works, counts_src=counts_src))
         return out
 
     def _scored(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -341,7 +346,9 @@ class ExpertParallelPlanner:
         flows = np.einsum("sle,led->lsd", kept, share) * self.token_bytes  # [L, R(src), R(dst)]
         gpu_flows = self._gpu_bytes(flows)
         dispatch = self.topology.all_to_all_s(gpu_flows)
-        combine = self.topology.all_to_all_s(np.swapaxes(gpu_flows, -1, -2))
+        # Combine sends the same bytes back: the transpose swaps each port's in and out and keeps the
+        # per-node bridge and NIC totals, so it lasts exactly as long as the dispatch.
+        combine = dispatch
         st = self.stats
         st.attention_s += max(att_full)
         st.gate_s += max(gate)
@@ -396,26 +403,50 @@ class ExpertParallelPlanner:
 
     def _plan_sequential(self, plan: IterationPlan, costs: list[_Costs]) -> None:
         """No overlap (one micro-batch) or two-micro-batch overlap: while one micro-batch's tokens are
-        on the links, the other's attention, gate and experts run."""
+        on the links, the other's attention, gate and experts run. (Hot loop: lists filled directly.)"""
         M = len(costs)
+        op_s, op_kind, op_load = plan.op_s, plan.op_kind, plan.op_load
+        load_s, issue_after, is_prefetch = plan.load_s, plan.load_issue_after, plan.load_is_prefetch
         prev = [-1] * M  # combine each micro-batch's next layer waits for
+        sliding = self.base.layer_is_sliding
+        experts = [c.expert.tolist() for c in costs]
+        dispatch = [c.dispatch.tolist() for c in costs]
+        combine = [c.combine.tolist() for c in costs]
         moe = 0
         for layer, is_moe in enumerate(self.base.layer_is_moe):
             if not is_moe:
                 for m, c in enumerate(costs):
-                    plan.add_op(self._attention(c, layer), "attention", prev[m])
-                    plan.add_op(c.dense, "dense_ffn")
+                    op_s.extend((c.attention_sliding if sliding[layer] else c.attention_full, c.dense))
+                    op_kind.extend(("attention", "dense_ffn"))
+                    op_load.extend((prev[m], -1))
                     prev[m] = -1
                 continue
             disp = [-1] * M
             for m, c in enumerate(costs):
-                plan.add_op(self._attention(c, layer), "attention", prev[m])
-                g = plan.add_op(c.gate, "gate")
-                disp[m] = self._comm(plan, c.dispatch[moe], g)
-                plan.add_op(c.shared, "shared")
-            for m, c in enumerate(costs):
-                x = plan.add_op(float(c.expert[moe]), "experts", disp[m])
-                prev[m] = self._comm(plan, c.combine[moe], x)
+                op_s.extend((c.attention_sliding if sliding[layer] else c.attention_full, c.gate))
+                op_kind.extend(("attention", "gate"))
+                op_load.extend((prev[m], -1))
+                d = dispatch[m][moe]
+                if d > 0:
+                    disp[m] = len(load_s)
+                    load_s.append(d)
+                    issue_after.append(len(op_s) - 1)
+                    is_prefetch.append(False)
+                op_s.append(c.shared)
+                op_kind.append("shared")
+                op_load.append(-1)
+            for m in range(M):
+                op_s.append(experts[m][moe])
+                op_kind.append("experts")
+                op_load.append(disp[m])
+                cb = combine[m][moe]
+                if cb > 0:
+                    prev[m] = len(load_s)
+                    load_s.append(cb)
+                    issue_after.append(len(op_s) - 1)
+                    is_prefetch.append(False)
+                else:
+                    prev[m] = -1
             moe += 1
         if max(prev) >= 0:
             plan.add_op(0.0, "sync", max(prev))
