@@ -314,3 +314,14 @@ def test_scored_capacity_needs_generated_routing(tmp_path):
     data["workload"]["routing"] = {"kind": "markov", "family": "mixtral"}
     with pytest.raises(ScenarioError, match="capacity: reroute needs per-token gate scores"):
         load(data, tmp_path)
+
+
+def test_tensor_parallel_ranks_over_two_nodes_run_end_to_end(tmp_path):
+    """dp 1 x ep 2 x tp 2 on 2 nodes of 2 GPUs: the all-to-all crosses the NICs, attention all-reduces
+    inside each rank; every request completes and dispatch bytes are counted."""
+    hw = {"num_gpus": 4, "num_nodes": 2, "parallelism": {"ep": 2, "tp": 2}}
+    res = simulate(load(_ep_data(tmp_path, hw, max_requests=6, output_tokens=4, rate_per_s=50.0), tmp_path))
+    planner = res.replicas[0].planner
+    assert (res.requests["status"] == "completed").all()
+    assert planner.topology.node_of.tolist() == [0, 0, 1, 1]
+    assert planner.stats.dispatch_bytes > 0 and planner.stats.dispatch_s.sum() > 0
