@@ -325,3 +325,26 @@ def test_tensor_parallel_ranks_over_two_nodes_run_end_to_end(tmp_path):
     assert (res.requests["status"] == "completed").all()
     assert planner.topology.node_of.tolist() == [0, 0, 1, 1]
     assert planner.stats.dispatch_bytes > 0 and planner.stats.dispatch_s.sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["uniform", "markov", "replay"])
+def test_grouped_routing_counts_give_each_rank_its_own_tokens(kind, tmp_path):
+    """Each group's counts sum to its tokens x top_k per layer; for the Markov source one group is
+    exactly ``counts`` (same draws, same order)."""
+    from sim.workload.routing import MarkovRouting, RecordedSequence, ReplayedRouting, UniformRouting, build_routing
+
+    segments = [(0, 0, 1), (1, 5, 1), (2, 0, 40), (3, 2, 1), (4, 0, 3)]
+    groups = [0, 1, 1, 2, 0]
+    if kind == "replay":
+        rng = np.random.default_rng(0)
+        seqs = [RecordedSequence(str(i), np.argsort(rng.random((50, 3, 8)), axis=2)[:, :, :2]) for i in range(3)]
+        make = lambda: ReplayedRouting(seqs, 8)  # noqa: E731
+    else:
+        spec = UniformRouting() if kind == "uniform" else MarkovRouting(kind="markov", family="mixtral")
+        make = lambda: build_routing(spec, num_layers=3, num_experts=8, top_k=2,  # noqa: E731
+                                     rng=np.random.default_rng(7), base_dir=tmp_path)
+    grouped = make().counts_by_group(segments, groups, 3)
+    tokens = np.array([1 + 3, 1 + 40, 1])
+    assert grouped.sum(axis=2).tolist() == (2 * tokens[:, None] * np.ones((1, 3), dtype=int)).tolist()
+    if kind == "markov":
+        assert make().counts(segments).tolist() == make().counts_by_group(segments, [0] * 5, 1)[0].tolist()
