@@ -348,3 +348,27 @@ def test_grouped_routing_counts_give_each_rank_its_own_tokens(kind, tmp_path):
     assert grouped.sum(axis=2).tolist() == (2 * tokens[:, None] * np.ones((1, 3), dtype=int)).tolist()
     if kind == "markov":
         assert make().counts(segments).tolist() == make().counts_by_group(segments, [0] * 5, 1)[0].tolist()
+
+
+def test_threshold_drop_on_replayed_real_mixtral_routing_uses_the_trace_scores(tmp_path):
+    """Real Mixtral-8x7B top-2 routing (GSM8K, ../shared, no licence: read, never copied) with its gate
+    scores: a threshold of 0.5 on the renormalised top-2 scores drops every pair but the top-1 (ties kept),
+    so at most half the pairs survive; 0.01 keeps almost all."""
+    from pathlib import Path
+
+    trace = (Path(__file__).resolve().parents[2] / "shared" / "data" / "expert_routing"
+             / "mixtral_8x7b_per_token_speculative_moe" / "gsm8k_2_routing.jsonl")
+    mixtral = {"name": "mixtral-8x7b"}
+    fractions = []
+    for threshold in (0.5, 0.01):
+        data = _ep_data(tmp_path, {"num_gpus": 8, "parallelism": {"ep": 8}, "gpu_memory_bytes": None},
+                        {"expert_parallel": {"capacity": {"name": "threshold", "threshold": threshold, "load_aware": False}}},
+                        max_requests=4, output_tokens=3, prompt_tokens=4, rate_per_s=50.0)
+        data["model"] = mixtral
+        data["hardware"] = {"profile": "h100-80gb", "num_gpus": 8, "parallelism": {"ep": 8}}
+        data["workload"]["routing"] = {"kind": "replay", "path": str(trace), "format": "jsonl"}
+        res = simulate(load(data, tmp_path))
+        st_ = res.replicas[0].planner.stats
+        fractions.append(st_.dropped_pairs / st_.routed_pairs)
+    assert 0.45 <= fractions[0] <= 0.5
+    assert fractions[1] < 0.05

@@ -35,14 +35,14 @@ from sim.engine.iteration import BatchShape, IterationPlan, IterationPlanner
 from sim.engine.memory import MemoryBudget
 from sim.engine.placement import ExpertPlacement
 from sim.engine.topology import Topology, build_topology
-from sim.errors import CapacityError, ScenarioError
+from sim.errors import CapacityError, ScenarioError, TraceError
 from sim.policies.cache import make_cache
 from sim.policies.capacity import capacity, expanded_drop, reroute, threshold_drop, token_drop
 from sim.policies.ep_specs import ExpertParallelSpec
 from sim.profile import HardwareProfile
 from sim.spec import ModelSpec
 from sim.work import DTYPE_BYTES, ExpertShape
-from sim.workload.routing import GeneratedRouting, MarkovGeneratedRouting, RoutingSource, Segment
+from sim.workload.routing import GeneratedRouting, MarkovGeneratedRouting, ReplayedRouting, RoutingSource, Segment
 
 SCORED_CAPACITY = ("reroute", "expanded_drop", "threshold")
 
@@ -82,8 +82,13 @@ class ExpertParallelRouting:
         self.num_microbatches = num_microbatches
         self.top_k = top_k
         self.scored = scored
-        if scored and (not isinstance(routing, GeneratedRouting) or isinstance(routing, MarkovGeneratedRouting)):
-            raise ValueError("scored routing needs a uniform or zipf routing source")
+        self._replay_scores = isinstance(routing, ReplayedRouting)
+        if self._replay_scores and scored and any(s.gates is None for s in routing.sequences):
+            raise TraceError("the replayed routing trace has no gate scores; a threshold drop needs them")
+        if scored and not self._replay_scores and (
+            not isinstance(routing, GeneratedRouting) or isinstance(routing, MarkovGeneratedRouting)
+        ):
+            raise ValueError("scored routing needs a uniform or zipf routing source, or a replay with gate scores")
         self._rank_of: dict[int, int] = {}
 
     def _assign(self, segments: list[Segment]) -> list[int]:
@@ -121,8 +126,11 @@ class ExpertParallelRouting:
             works = [_rank_work(groups[m][r]) for r in range(R)]
             if self.scored:
                 counts = []
-                for work in works:
-                    work.cand, work.score, c = self._scored(work.tokens)
+                for r, work in enumerate(works):
+                    if self._replay_scores:
+                        work.cand, work.score, c = self._scored_replay(groups[m][r])
+                    else:
+                        work.cand, work.score, c = self._scored(work.tokens)
                     counts.append(c)
                 counts_src = np.stack(counts)
             elif grouped is not None:
@@ -146,6 +154,22 @@ class ExpertParallelRouting:
         flat = cand[:, :, : self.top_k] + (np.arange(L) * E)[None, :, None]
         counts = np.bincount(flat.ravel(), minlength=L * E).reshape(L, E)
         return cand, score, counts
+
+
+    def _scored_replay(self, segments: list[Segment]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The recorded top-k ids and gate scores of a rank's tokens ([tokens, layers, top_k]): enough for
+        a threshold drop, which looks at the top-k only."""
+        L, E, k = self.num_layers, self.num_experts, self.top_k
+        src: ReplayedRouting = self.routing  # type: ignore[assignment]
+        ids, scores = [np.zeros((0, L, k), dtype=np.int64)], [np.zeros((0, L, k))]
+        for rid, start, n in segments:
+            seq = src.sequences[rid % len(src.sequences)]
+            pos = (start + np.arange(n)) % seq.experts.shape[0]
+            ids.append(seq.experts[pos])
+            scores.append(seq.gates[pos])  # type: ignore[index]
+        cand, score = np.concatenate(ids), np.concatenate(scores)
+        flat = cand + (np.arange(L) * E)[None, :, None]
+        return cand, score, np.bincount(flat.ravel(), minlength=L * E).reshape(L, E)
 
 
 def _rank_work(segments: list[Segment]) -> RankWork:
@@ -299,8 +323,9 @@ class ExpertParallelPlanner:
         for r, w in enumerate(mb.ranks):
             if w.tokens == 0:
                 continue
-            cand = (w.cand + offsets).reshape(-1, E)
-            score = w.score.reshape(-1, E)
+            C = w.cand.shape[2]  # every expert (generated scores), or the top-k (a replayed trace)
+            cand = (w.cand + offsets).reshape(-1, C)
+            score = w.score.reshape(-1, C)
             cap = int(capacity(getattr(cap_spec, "gamma", 1.0), self.top_k, w.tokens, E))
             if cap_spec.name == "reroute":
                 out = reroute(cand, score, self.top_k, cap, cap_spec.rounds, L * E)
@@ -540,11 +565,14 @@ def check_expert_parallel(loaded) -> None:
             f"{src}: policies.expert_parallel.activation_dtype: unknown dtype {spec.activation_dtype!r}; "
             f"expected one of {sorted(DTYPE_BYTES)}"
         )
-    if spec.capacity.name in SCORED_CAPACITY and scenario.workload.routing.kind not in ("uniform", "zipf"):
+    kind = scenario.workload.routing.kind
+    if spec.capacity.name in SCORED_CAPACITY and kind not in ("uniform", "zipf") and not (
+        kind == "replay" and spec.capacity.name == "threshold"
+    ):
         raise ScenarioError(
             f"{src}: policies.expert_parallel.capacity: {spec.capacity.name} needs per-token gate scores over every "
-            f"expert, which only generated uniform/zipf routing provides (got routing kind "
-            f"{scenario.workload.routing.kind!r}); use drop, which needs counts only"
+            f"expert, which only generated uniform/zipf routing provides (got routing kind {kind!r}; a replayed "
+            f"trace with gate scores serves threshold); use drop, which needs counts only"
         )
     plan_memory_ep(loaded)
 
@@ -596,10 +624,13 @@ def build_group(loaded, profile: HardwareProfile, routing: RoutingSource, replic
                                 num_experts=loaded.model.num_experts, num_ranks=ep)
     planner = ExpertParallelPlanner(model=loaded.model, profile=profile, spec=spec, topology=topology, ep=ep, tp=tp,
                                     placement=placement)
-    ep_routing = ExpertParallelRouting(
-        routing, num_ranks=ep, num_microbatches=2 if spec.overlap.name == "two_microbatch" else 1,
-        top_k=loaded.model.top_k, scored=spec.capacity.name in SCORED_CAPACITY,
-    )
+    try:
+        ep_routing = ExpertParallelRouting(
+            routing, num_ranks=ep, num_microbatches=2 if spec.overlap.name == "two_microbatch" else 1,
+            top_k=loaded.model.top_k, scored=spec.capacity.name in SCORED_CAPACITY,
+        )
+    except (TraceError, ValueError) as exc:
+        raise ScenarioError(f"{loaded.source}: workload.routing: {exc}") from None
     return planner, ep_routing
 
 

@@ -508,10 +508,12 @@ def zipf_weights(num_layers: int, num_experts: int, exponent: float, rng: np.ran
 
 @dataclass(frozen=True)
 class RecordedSequence:
-    """Routing of one recorded sequence: expert ids [tokens, layers, top_k]."""
+    """Routing of one recorded sequence: expert ids [tokens, layers, top_k] and, when the trace has
+    them, their gate scores of the same shape (capacity policies that drop by score use them)."""
 
     name: str
     experts: np.ndarray
+    gates: np.ndarray | None = None
 
 
 class ReplayedRouting:
@@ -575,7 +577,13 @@ def _replayed(path: Path, trace, num_layers: int, num_experts: int, top_k: int) 
         )
     if not trace.sequences:
         raise TraceError(f"{path}: no token has routing for all {num_layers} layers")
-    sequences = [RecordedSequence(name=str(s.request_id), experts=s.experts.astype(np.int64)) for s in trace.sequences]
+    sequences = [
+        RecordedSequence(
+            name=str(s.request_id), experts=s.experts.astype(np.int64),
+            gates=None if s.gates is None or np.isnan(s.gates).any() else s.gates.astype(np.float64),
+        )
+        for s in trace.sequences
+    ]
     return ReplayedRouting(sequences, num_experts)
 
 
