@@ -372,3 +372,29 @@ def test_threshold_drop_on_replayed_real_mixtral_routing_uses_the_trace_scores(t
         fractions.append(st_.dropped_pairs / st_.routed_pairs)
     assert 0.45 <= fractions[0] <= 0.5
     assert fractions[1] < 0.05
+
+
+def test_run_and_sweep_reports_show_the_expert_parallel_figures(tmp_path):
+    import pandas as pd
+
+    from sim.metrics import summarize
+    from sim.report.render import render_run_report, render_sweep_report
+    from sim.run_folder import write_run_folder
+
+    hw = {"num_gpus": 4, "parallelism": {"ep": 4}}
+    res = simulate(load(_ep_data(tmp_path, hw, {"expert_parallel": {"capacity": {"name": "drop", "gamma": 1.0}}},
+                                 max_requests=6, output_tokens=4, rate_per_s=50.0), tmp_path))
+    summary = summarize(res)
+    ep = summary["expert_parallel"]
+    assert (ep["dp"], ep["ep"], ep["tp"]) == (1, 4, 1) and ep["routed_pairs"] > 0
+    folder = write_run_folder(res, summary, tmp_path / "run")
+    layers = pd.read_csv(folder / "ep_layers.csv")
+    assert len(layers) == 3 and (layers["dispatch_s"] > 0).all()
+    html = render_run_report(folder).read_text()
+    assert "Expert parallelism" in html and 'alt="imbalance heatmap"' in html and 'alt="per-layer time breakdown"' in html
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    pd.DataFrame({"point": [0, 1], "policies.expert_parallel.capacity.gamma": [1.0, 1000.0], "key": ["a", "b"],
+                  "requests_per_s": [2.0, 1.0], "ep_moe_s_per_kpair": [0.5, 1.0], "ep_dropped_fraction": [0.1, 0.0]}
+                 ).to_csv(sweep / "sweep.csv", index=False)
+    assert 'alt="speedup against gamma"' in render_sweep_report(sweep).read_text()
