@@ -184,6 +184,10 @@ def print_summary(summary: dict[str, Any], out: Any = None) -> None:
         line += f"; Algorithm-1 admission held requests back {cache['admission_refusals']:,} times"
     p(line)
     for res in summary["resources"]:
+        if "links_busy_s" in res:
+            p(f"replica {res['replica']}    compute {res['compute_utilization']:.1%} busy, links {res['links_utilization']:.1%} busy, "
+              f"waiting for all-to-all {res['stall_s']:,.1f} s, {res['iterations']:,} iterations")
+            continue
         p(f"GPU {res['replica']}        compute {res['compute_utilization']:.1%} busy, host-to-device "
           f"{res['h2d_utilization']:.1%} busy ({_gb(res['h2d_bytes'])} GB moved), stalled on loads {res['stall_s']:,.1f} s, "
           f"{res['iterations']:,} iterations")
@@ -203,6 +207,14 @@ def print_summary(summary: dict[str, Any], out: Any = None) -> None:
           f"GPU MoE {_fmt_s(b['gpu_moe_s'])}, GPU other {_fmt_s(b['gpu_other_s'])}, CPU attention "
           f"{_fmt_s(b['cpu_attention_s'])}, CPU experts {_fmt_s(b['cpu_experts_s'])}, activations "
           f"{_fmt_s(b['act_transfer_s'])}, draft {_fmt_s(b['draft_s'])}")
+    ep = summary.get("expert_parallel")
+    if ep:
+        tot = ep["totals_s"]
+        p(f"expert par.  dp {ep['dp']} x ep {ep['ep']} x tp {ep['tp']} over {ep['intra_node']}, placement {ep['placement']}, "
+          f"capacity {ep['capacity']}, overlap {ep['overlap']}: MoE-layer seconds attention {tot['attention_s']:,.2f}, "
+          f"experts {tot['expert_compute_s']:,.2f} (straggler wait {tot['straggler_wait_s']:,.2f}), dispatch "
+          f"{tot['dispatch_s']:,.2f}, combine {tot['combine_s']:,.2f}, exposed comm {ep['exposed_comm_s']:,.2f}; "
+          f"imbalance max/mean {ep['mean_imbalance']:.2f}; dropped {ep['dropped_fraction']:.1%}, rerouted {ep['rerouted_fraction']:.1%}")
     if "faults" in summary:
         print_faults(summary["faults"], p)
 

@@ -14,7 +14,7 @@ import pandas as pd
 import yaml
 
 from sim.engine.simulation import SimulationResult
-from sim.metrics import resources_frame
+from sim.metrics import expert_parallel_tables, resources_frame
 from sim.scenario import resolved_dict, resolved_facts
 
 
@@ -54,6 +54,10 @@ def write_run_folder(result: SimulationResult, summary: dict[str, Any], out_dir:
     }
     if "faults" in summary:  # the latency / SLO timeline around the faults (sim/fault_metrics.py)
         files["timeline"] = _write_table(pd.DataFrame(summary["faults"]["timeline"]), tmp / "timeline", fmt)
+    ep_tables = expert_parallel_tables(result)
+    if ep_tables is not None:
+        files["ep_layers"] = _write_table(ep_tables[0], tmp / "ep_layers", fmt)
+        files["ep_device_tokens"] = _write_table(ep_tables[1], tmp / "ep_device_tokens", fmt)
     (tmp / "summary.json").write_text(json.dumps({**summary, "files": files}, indent=2, default=_json_default) + "\n")
     if out_dir.exists():
         shutil.rmtree(out_dir)

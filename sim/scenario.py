@@ -24,6 +24,7 @@ from sim.errors import CatalogError, MoesimError, ProfileError, ScenarioError
 from sim.policies.offload_specs import OffloadSpec, SpeculativeSpec, TuneSpec
 from sim.checkpoint import CheckpointSpec
 from sim.faults import FaultsSpec, check_faults
+from sim.policies.ep_specs import ExpertParallelSpec, ParallelismSpec, TopologySpec
 from sim.policies.specs import (
     BatchingSpec,
     ExpertCacheSpec,
@@ -102,7 +103,7 @@ class LinkOverrides(Spec):
 
 class HardwareSpec(Spec):
     profile: str = Field("h100-80gb", description="A shipped profile name (`moesim profiles`) or a YAML path.")
-    num_gpus: int = Field(1, ge=1, description="GPUs in total; each GPU serves one data-parallel replica.")
+    num_gpus: int = Field(1, ge=1, description="GPUs in total; each data-parallel replica has parallelism.ep x parallelism.tp of them (default 1).")
     num_nodes: int = Field(1, ge=1)
     gpu_memory_bytes: float | None = Field(None, gt=0, description="Usable GPU memory; default: the profile's.")
     expert_memory: ExpertMemory = Field(default_factory=lambda: ExpertMemory(all=True))
@@ -115,11 +116,25 @@ class HardwareSpec(Spec):
                           "`moesim calibrate --device cpu`): its attention_decode and expert_ffn give CPU latencies. "
                           "Required when attention, experts or the draft model run on the CPU.")
     links: LinkOverrides = Field(default_factory=LinkOverrides)
+    parallelism: ParallelismSpec = Field(default_factory=ParallelismSpec)
+    topology: TopologySpec = Field(default_factory=TopologySpec)
 
     @model_validator(mode="after")
     def _gpus_divide(self) -> "HardwareSpec":
         if self.num_gpus % self.num_nodes:
             raise ValueError(f"num_gpus ({self.num_gpus}) must be a multiple of num_nodes ({self.num_nodes})")
+        par = self.parallelism
+        group = par.ep * par.tp
+        if par.dp is not None and par.dp * group != self.num_gpus:
+            raise ValueError(
+                f"parallelism: dp x ep x tp = {par.dp} x {par.ep} x {par.tp} = {par.dp * group} "
+                f"must equal num_gpus ({self.num_gpus})"
+            )
+        if self.num_gpus % group:
+            raise ValueError(
+                f"parallelism: ep x tp = {par.ep} x {par.tp} = {group} GPUs per replica does not divide "
+                f"num_gpus ({self.num_gpus})"
+            )
         return self
 
 
@@ -170,6 +185,7 @@ class PoliciesSpec(Spec):
                 "(policies.speculative / policies.offload) yet; use one family per scenario"
             )
         return self
+    expert_parallel: ExpertParallelSpec = Field(default_factory=ExpertParallelSpec)
 
 
 class SloTargets(Spec):
@@ -374,6 +390,9 @@ def resolve(scenario: Scenario, source: str, base_dir: Path) -> LoadedScenario:
     loaded = LoadedScenario(scenario=scenario, model=model, profile=profile, source=source, base_dir=base_dir,
                             host_profile=host_profile)
     check_memory_fits(loaded)
+    from sim.engine.expert_parallel import check_expert_parallel  # local: engine module, needed only here
+
+    check_expert_parallel(loaded)
     return loaded
 
 
@@ -403,7 +422,8 @@ def expert_memory_bytes(loaded: LoadedScenario) -> float:
     """Bytes per GPU reserved for routed experts."""
     em = loaded.scenario.hardware.expert_memory
     if em.all:
-        return float(loaded.model.routed_expert_bytes_total)
+        par = loaded.scenario.hardware.parallelism  # expert parallelism spreads them over ep x tp GPUs
+        return float(loaded.model.routed_expert_bytes_total) / (par.ep * par.tp)
     if em.bytes is not None:
         return float(em.bytes)
     if em.experts is not None:

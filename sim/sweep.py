@@ -95,6 +95,24 @@ def metrics_row(summary: dict[str, Any]) -> dict[str, Any]:
         "slo_attainment": summary["slo"]["attainment"],
         "slo_met": summary["slo"]["met"],
         "preemptions": summary["preemptions"],
+        **_expert_parallel_row(summary),
+    }
+
+
+def _expert_parallel_row(summary: dict[str, Any]) -> dict[str, Any]:
+    """Expert-parallel columns (absent for single-GPU replicas)."""
+    ep = summary.get("expert_parallel")
+    if not ep:
+        return {}
+    tot = ep["totals_s"]
+    moe_s = tot["expert_compute_s"] + tot["dispatch_s"] + tot["combine_s"]
+    return {
+        "ep_moe_s_per_kpair": 1e3 * moe_s / ep["routed_pairs"] if ep["routed_pairs"] else None,
+        "ep_dropped_fraction": ep["dropped_fraction"],
+        "ep_rerouted_fraction": ep["rerouted_fraction"],
+        "ep_straggler_wait_s": tot["straggler_wait_s"],
+        "ep_exposed_comm_s": ep["exposed_comm_s"],
+        "ep_imbalance": ep["mean_imbalance"],
     }
 
 

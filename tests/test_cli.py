@@ -368,3 +368,12 @@ def _with_func(parser, func):
         for sub in action.choices.values():
             sub.set_defaults(func=func)
     return parser
+
+
+def test_scenario_check_ep_that_does_not_divide_the_gpus_is_one_line_exit_2(capsys, write_scenario, tiny):
+    tiny["hardware"] = {**tiny.get("hardware", {}), "num_gpus": 8, "parallelism": {"ep": 3}}
+    path = write_scenario(tiny)
+    code, out, err = run(capsys, "scenario", "check", str(path))
+    assert (code, out) == (2, "")
+    assert err == (f"moesim: error: {path}: hardware: parallelism: ep x tp = 3 x 1 = 3 GPUs per replica does not "
+                   f"divide num_gpus (8)\n")

@@ -373,7 +373,7 @@ class Replica:
             num_emitting=emitting,
         )
         counts = self.routing.counts(segments)
-        if self.planner.observes_batches:
+        if getattr(self.planner, "observes_batches", False):
             self.planner.observe_batch(batch, self.running, counts)
         plan = self.planner.plan(shape, counts, start_offset_s=self._swap_s(swap_out, swap_in))
         if self.slowdown != 1.0:

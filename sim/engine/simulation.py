@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import simpy
 
+from sim.engine.expert_parallel import build_group, group_shape, plan_memory_ep
 from sim.engine.faults import FaultInjector
 from sim.engine.iteration import IterationPlanner
 from sim.engine.memory import MemoryBudget, max_request_tokens, plan_memory
@@ -83,7 +84,18 @@ def simulate(
     from sim.engine.offload import build_offload_setup
 
     setup = build_offload_setup(loaded, profile)
-    budget = setup.budget if setup is not None else plan_memory(loaded)
+    dp, ep, tp = group_shape(loaded)
+    expert_parallel = ep * tp > 1  # a replica spans several GPUs: sim.engine.expert_parallel plans it
+    if expert_parallel and (setup is not None or uses_offload_planner(scenario.policies) or scenario.faults.active):
+        raise ScenarioError(
+            f"{loaded.source}: hardware.parallelism: expert/tensor parallelism (ep {ep} x tp {tp}) is not combined "
+            f"with expert offloading policies, speculative decoding / CPU offloading or faults yet; "
+            f"use one of them per scenario"
+        )
+    if expert_parallel:
+        budget = plan_memory_ep(loaded)
+    else:
+        budget = setup.budget if setup is not None else plan_memory(loaded)
     seeds = np.random.SeedSequence(scenario.workload.seed).spawn(2)
     arrivals_rng, routing_rng = (np.random.default_rng(s) for s in seeds)
     table = build_request_table(loaded, arrivals_rng)
@@ -101,7 +113,20 @@ def simulate(
     tbt_samples = array("d")
     replicas = []
     offload = uses_offload_planner(policies)
-    for index in range(scenario.hardware.num_gpus):
+    for index in range(dp):
+        if expert_parallel:
+            ep_planner, ep_routing = build_group(loaded, profile, routing, index)
+            replicas.append(
+                Replica(
+                    index=index, env=env, budget=budget, planner=ep_planner, routing=ep_routing,
+                    scheduler=make_scheduler(policies.scheduler), profile=profile,
+                    max_num_seqs=policies.batching.max_num_seqs, max_batch_tokens=policies.batching.max_batch_tokens,
+                    chunked_prefill=policies.batching.chunked_prefill, preemption=policies.preemption.mode,
+                    queue_timeout_s=policies.batching.queue_timeout_s, on_finish=finished.append,
+                    tbt_samples=tbt_samples,
+                )
+            )
+            continue
         if offload:  # eMoE and the other offloading policies (sim.engine.offload_policies)
             planner = build_offload_planner(loaded, profile, budget.expert_slots, record_accesses, index)
         else:

@@ -309,3 +309,67 @@ def offload_tradeoff(table: pd.DataFrame) -> str:
         fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, bbox_to_anchor=(0.5, -0.06))
     fig.tight_layout()
     return _png(fig)
+
+
+# ---------------------------------------------------------------- expert parallelism
+
+
+def ep_layer_breakdown(layers: pd.DataFrame) -> str:
+    """Per MoE layer, where the group's time went (summed over iterations): attention, gate and shared
+    expert, expert compute of the mean rank, waiting for the slowest rank, dispatch and combine."""
+    fig, ax = plt.subplots(figsize=(13, 3.6))
+    x = layers["moe_layer"].to_numpy()
+    parts = [
+        ("attention", layers["attention_s"]),
+        ("gate + shared", layers["gate_s"] + layers["shared_s"]),
+        ("expert compute (mean rank)", layers["expert_compute_s"] - layers["straggler_wait_s"]),
+        ("straggler wait", layers["straggler_wait_s"]),
+        ("dispatch", layers["dispatch_s"]),
+        ("combine", layers["combine_s"]),
+    ]
+    bottom = np.zeros(len(x))
+    for label, values in parts:
+        v = np.asarray(values, dtype=float)
+        ax.bar(x, v, bottom=bottom, label=label, width=0.8)
+        bottom += v
+    ax.set_xlabel("MoE layer")
+    ax.set_ylabel("seconds (sum over iterations)")
+    ax.set_title("Per-layer time breakdown (communication shown whole; overlap hides part of it)", fontsize=9)
+    ax.legend(fontsize=7, ncol=3)
+    ax.grid(alpha=0.3, axis="y")
+    return _png(fig)
+
+
+def ep_imbalance_heatmap(device_tokens: pd.DataFrame) -> str:
+    """Token-expert pairs computed per (MoE layer, rank), divided by the layer's mean over ranks."""
+    tokens = device_tokens.drop(columns=["moe_layer"]).to_numpy(dtype=float)
+    ratio = tokens / np.maximum(tokens.mean(axis=1, keepdims=True), 1e-12)
+    fig, ax = plt.subplots(figsize=(min(13, 3 + 0.5 * tokens.shape[1]), 0.5 + 0.18 * tokens.shape[0] + 1))
+    im = ax.imshow(ratio, aspect="auto", cmap="magma", interpolation="nearest")
+    ax.set_xlabel("rank")
+    ax.set_ylabel("MoE layer")
+    ax.set_title("Load per rank / mean (1 = balanced)", fontsize=9)
+    fig.colorbar(im, ax=ax)
+    return _png(fig)
+
+
+def speedup_vs_gamma(table: pd.DataFrame, gamma_axis: str, other_axes: list[str]) -> str:
+    """MoE-layer speedup against gamma (relative to the largest gamma of each line) and the dropped fraction."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 3.6))
+    groups = list(table.groupby(other_axes, sort=False)) if other_axes else [((), table)]
+    for key, rows in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        rows = rows.sort_values(gamma_axis)
+        label = ", ".join(f"{a.rsplit('.', 1)[-1]}={v}" for a, v in zip(other_axes, key)) or "speedup"
+        per_pair = rows["ep_moe_s_per_kpair"].astype(float).to_numpy()
+        gamma = rows[gamma_axis].astype(float).to_numpy()
+        left.plot(gamma, per_pair[-1] / per_pair, marker="o", label=label)
+        right.plot(gamma, rows["ep_dropped_fraction"].astype(float) * 100, marker="o", label=label)
+    for ax, ylabel in ((left, "MoE-layer speedup vs largest gamma"), (right, "token-expert pairs dropped (%)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("gamma (capacity factor)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if len(groups) > 1:
+            ax.legend(fontsize=7)
+    return _png(fig)

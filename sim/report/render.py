@@ -67,6 +67,9 @@ def render_run_report(run_dir: Path, out: Path | None = None) -> Path:
         figures["offload"] = decode_breakdown_over_time(iterations)
     if "faults" in summary:
         figures["faults"] = plots.fault_timeline(summary["faults"], summary["slo"])
+    if "expert_parallel" in summary:
+        figures["ep_breakdown"] = plots.ep_layer_breakdown(_read_table(run_dir, "ep_layers"))
+        figures["ep_heatmap"] = plots.ep_imbalance_heatmap(_read_table(run_dir, "ep_device_tokens"))
     html = _environment().get_template("run.html.j2").render(
         summary=summary,
         figures=figures,
@@ -118,7 +121,7 @@ def render_plan_report(plan_dir: Path, out: Path | None = None) -> Path:
 
 
 SWEEP_METRICS = ["requests_per_s", "output_tokens_per_s", "ttft_p99_s", "tbt_p99_s", "e2e_p99_s", "hit_rate", "slo_attainment", "preemptions",
-                 "e2e_p50_s", "routing_fidelity", "h2d_gb"]
+                 "e2e_p50_s", "routing_fidelity", "h2d_gb", "ep_moe_s_per_kpair", "ep_dropped_fraction", "ep_exposed_comm_s"]
 
 
 def render_sweep_report(sweep_dir: Path, out: Path | None = None) -> Path:
@@ -134,10 +137,15 @@ def render_sweep_report(sweep_dir: Path, out: Path | None = None) -> Path:
     figure = plots.sweep_metrics(table, axes, metrics) if axes and metrics else None
     # A policy comparison (variants) also gets the memory / latency / fidelity trade-off.
     tradeoff = plots.offload_tradeoff(table) if "variant" in axes and "expert_fraction" in table else None
+    gamma_axes = [a for a in axes if a.endswith(".gamma")]
+    if gamma_axes and "ep_moe_s_per_kpair" in table and table["ep_moe_s_per_kpair"].notna().any():
+        speedup = plots.speedup_vs_gamma(table, gamma_axes[0], [a for a in axes if a != gamma_axes[0]])
+    else:
+        speedup = None
     shown = table.drop(columns=["key"])
     html = _environment().get_template("sweep.html.j2").render(
         name=sweep_dir.name, axes=axes, columns=list(shown.columns),
         rows=[["-" if pd.isna(v) else (f"{v:.4g}" if isinstance(v, float) else str(v)) for v in row] for row in shown.itertuples(index=False)],
-        figure=figure, tradeoff=tradeoff, version=__version__, sweep_dir=str(sweep_dir),
+        figure=figure, tradeoff=tradeoff, speedup=speedup, version=__version__, sweep_dir=str(sweep_dir),
     )
     return _write(html, Path(out) if out else sweep_dir / "report.html")

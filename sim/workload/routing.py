@@ -159,6 +159,21 @@ class GeneratedRouting:
         drawn = self._rng.multinomial(n * self.top_k, pvals)
         return np.minimum(drawn, n)
 
+    def counts_by_group(self, segments: Sequence[Segment], groups: Sequence[int], num_groups: int) -> np.ndarray:
+        """Counts [group, layer, expert] when segment i belongs to ``groups[i]`` (expert parallelism:
+        the rank holding the sequence); one draw for all groups where ``counts`` would draw once."""
+        L, E = self.num_layers, self.num_experts
+        sizes = np.zeros(num_groups, dtype=np.int64)
+        for seg, g in zip(segments, groups):
+            sizes[g] += seg[2]
+        n = int(sizes.sum())
+        if n <= EXACT_TOKENS_MAX and self.top_k < E and n:
+            picks = self._top_k(self._rng, n)
+            token_group = np.repeat(np.arange(num_groups), sizes)
+            flat = picks + (np.arange(L) * E)[None, :, None] + (token_group * L * E)[:, None, None]
+            return np.bincount(flat.ravel(), minlength=num_groups * L * E).reshape(num_groups, L, E)
+        return np.stack([self.counts([(0, 0, int(m))]) for m in sizes])
+
 
 def _alias_tables(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Walker/Vose alias tables per row of p [rows, n]: draw column j uniformly, keep it with
@@ -272,13 +287,19 @@ class MarkovGeneratedRouting(GeneratedRouting):
         return None if hot is None else hot[0]
 
     def counts(self, segments: Sequence[Segment]) -> np.ndarray:
+        return self.counts_by_group(segments, [0] * len(segments), 1)[0]
+
+    def counts_by_group(self, segments: Sequence[Segment], groups: Sequence[int], num_groups: int) -> np.ndarray:
+        """Counts [group, layer, expert], segment i in group ``groups[i]`` (see GeneratedRouting)."""
         L, E = self.num_layers, self.num_experts
-        total = np.zeros(L * E, dtype=np.int64)
+        total = np.zeros(num_groups * L * E, dtype=np.int64)
+        group_of = {seg[0]: g for seg, g in zip(segments, groups)}
         small = [seg for seg in segments if 0 < seg[2] <= EXACT_TOKENS_MAX]
         for request_id, start, n in segments:
             if n > EXACT_TOKENS_MAX:
                 drawn = self._rng.multinomial(n * self.top_k, (self._inclusion / self.top_k))
-                total += np.minimum(drawn, n).ravel()
+                base = group_of[request_id] * L * E
+                total[base : base + L * E] += np.minimum(drawn, n).ravel()
                 hot = self._hot_of(request_id)
                 last = self._draw(self._rng, None, np.zeros(1, dtype=bool), None if hot is None else hot[None])[0]
                 self._state[request_id] = (start + n, last, hot)
@@ -299,10 +320,14 @@ class MarkovGeneratedRouting(GeneratedRouting):
                         hots.append(st[2] if st is not None else self._hot_of(request_id))
                 hot = None if hots is None else np.stack(hots)
                 picks = self._draw(self._rng, prev, has_prev, hot)
-                total += np.bincount((picks + offs).ravel(), minlength=L * E)
+                if num_groups == 1:
+                    total += np.bincount((picks + offs).ravel(), minlength=L * E)
+                else:
+                    goffs = np.array([group_of[seg[0]] * L * E for seg in active])[:, None, None]
+                    total += np.bincount((picks + offs + goffs).ravel(), minlength=num_groups * L * E)
                 for i, (request_id, start, _n) in enumerate(active):
                     self._state[request_id] = (start + j + 1, picks[i], None if hot is None else hot[i])
-        return total.reshape(L, E)
+        return total.reshape(num_groups, L, E)
 
     def sequence(self, num_tokens: int) -> np.ndarray:
         """Expert ids [tokens, layers, top_k] for one request, token by token (for statistics)."""
@@ -483,10 +508,12 @@ def zipf_weights(num_layers: int, num_experts: int, exponent: float, rng: np.ran
 
 @dataclass(frozen=True)
 class RecordedSequence:
-    """Routing of one recorded sequence: expert ids [tokens, layers, top_k]."""
+    """Routing of one recorded sequence: expert ids [tokens, layers, top_k] and, when the trace has
+    them, their gate scores of the same shape (capacity policies that drop by score use them)."""
 
     name: str
     experts: np.ndarray
+    gates: np.ndarray | None = None
 
 
 class ReplayedRouting:
@@ -513,6 +540,10 @@ class ReplayedRouting:
         picks = np.concatenate(chunks)
         flat = picks + (np.arange(L) * E)[None, :, None]
         return np.bincount(flat.ravel(), minlength=L * E).reshape(L, E)
+
+    def counts_by_group(self, segments: Sequence[Segment], groups: Sequence[int], num_groups: int) -> np.ndarray:
+        """Counts [group, layer, expert], segment i in group ``groups[i]`` (see GeneratedRouting)."""
+        return np.stack([self.counts([s for s, g in zip(segments, groups) if g == k]) for k in range(num_groups)])
 
 
 def load_routing_jsonl(path: Path, spec: ReplayRouting, *, num_layers: int, num_experts: int, top_k: int) -> ReplayedRouting:
@@ -546,7 +577,13 @@ def _replayed(path: Path, trace, num_layers: int, num_experts: int, top_k: int) 
         )
     if not trace.sequences:
         raise TraceError(f"{path}: no token has routing for all {num_layers} layers")
-    sequences = [RecordedSequence(name=str(s.request_id), experts=s.experts.astype(np.int64)) for s in trace.sequences]
+    sequences = [
+        RecordedSequence(
+            name=str(s.request_id), experts=s.experts.astype(np.int64),
+            gates=None if s.gates is None or np.isnan(s.gates).any() else s.gates.astype(np.float64),
+        )
+        for s in trace.sequences
+    ]
     return ReplayedRouting(sequences, num_experts)
 
 
