@@ -174,6 +174,11 @@ def print_summary(summary: dict[str, Any], out: Any = None) -> None:
           f"{res['h2d_utilization']:.1%} busy ({_gb(res['h2d_bytes'])} GB moved), stalled on loads {res['stall_s']:,.1f} s, "
           f"{res['iterations']:,} iterations")
     p(f"preemptions  {summary['preemptions']:,}")
+    outside = summary.get("profile_outside_measured") or {}
+    if outside:
+        ops = ", ".join(f"{op} ({n:,} lookups)" for op, n in sorted(outside.items()))
+        p(f"warning      the scenario asked profile {summary['profile']} outside its measured range for {ops}: "
+          f"those latencies are extrapolated (roofline), not measured")
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:

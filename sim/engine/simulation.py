@@ -77,6 +77,7 @@ def simulate(
             node_to_node_gbps=links.node_to_node_gbps,
         )
     budget = plan_memory(loaded)
+    outside_before = profile.extrapolated_counts()  # lookups beyond measured data (warned once in the summary)
     seeds = np.random.SeedSequence(scenario.workload.seed).spawn(2)
     arrivals_rng, routing_rng = (np.random.default_rng(s) for s in seeds)
     table = build_request_table(loaded, arrivals_rng)
@@ -158,7 +159,9 @@ def simulate(
         loaded=loaded, budget=budget, requests=requests, iterations=iterations,
         tbt_samples_s=np.frombuffer(tbt_samples, dtype=np.float64).copy(), replicas=replicas,
         partial=partial, simulated_s=env.now, events=_event_count(env),
-        extra={"table_skipped_rows": table.skipped_rows, "num_arrivals": len(table)},
+        extra={"table_skipped_rows": table.skipped_rows, "num_arrivals": len(table),
+               "profile_outside_measured": {k: v - outside_before.get(k, 0) for k, v in
+                                            profile.extrapolated_counts().items() if v > outside_before.get(k, 0)}},
     )
 
 
