@@ -189,7 +189,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
             tasks = _dedup([*tasks, *calibration_tasks(runtime_spec(), threads=args.threads)])
         budget = (Budget(max_repeats=15, time_s=0.3, clock=args.cpu_clock) if args.quick
-                  else Budget(max_repeats=30, time_s=1.0, clock=args.cpu_clock))
+                  else Budget(max_repeats=20, time_s=0.5, clock=args.cpu_clock))
         runs = _read_runs(env_path) if points_path.exists() and not args.fresh else []
         runs.append(env)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -55,6 +55,7 @@ COLD_BYTES = 128 * 2**20  # 4x this machine's 32 MiB L3 (and > an H100's 50 MB L
 QUICK_TOKENS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256, 512)
 FULL_TOKENS = (*range(1, 17), 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 QUICK_GEMM_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+FULL_GEMM_TOKENS = (*QUICK_GEMM_TOKENS, 1024, 2048)  # projections and routers are smooth: a log-2 grid suffices
 QUICK_DECODE = {"batch": (1, 4, 16), "context": (256, 1024, 4096)}
 FULL_DECODE = {"batch": (1, 2, 4, 8, 16, 32), "context": (128, 512, 2048, 8192)}
 QUICK_CPU_DECODE = {"batch": (1, 16), "context": (256, 4096)}  # the other thread counts' corners (quick)
@@ -120,7 +121,7 @@ def build_plan(
 ) -> list[Task]:
     """Every point a calibration measures, grouped by shape so buffers are built once per shape."""
     tokens = QUICK_TOKENS if quick else FULL_TOKENS
-    gemm_tokens = QUICK_GEMM_TOKENS if quick else FULL_TOKENS
+    gemm_tokens = QUICK_GEMM_TOKENS if quick else FULL_GEMM_TOKENS
     tasks: list[Task] = []
     for dtype in dtypes:
         tasks.append(Task.of("peak_gemm", dtype, threads, hidden=2048))
@@ -151,7 +152,7 @@ def build_plan(
     # the first model's routed expert shape, by number of experts and tokens per expert.
     grouped = QUICK_GROUPED if quick else FULL_GROUPED
     for dtype in dtypes[:1]:
-        for spec in models[:1] if quick else models:
+        for spec in models[:1] if quick else models[:2]:
             shape = spec.expert_shape
             for e in grouped["num_experts"]:
                 if e * shape.hidden * shape.ffn * shape.num_matrices * 2 > MAX_GROUPED_WEIGHT_BYTES:
