@@ -43,16 +43,30 @@ def register(sub: Any) -> None:
     p.add_argument("--fit-only", action="store_true", help="measure nothing; refit the existing points file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--note", help="free text for the profile's provenance (e.g. what else ran on the machine)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted calibration from its points file (an error if there is none); "
+                        "a rerun without --fresh resumes as well")
+    p.add_argument("--collectives", default="auto", choices=("auto", "nccl", "gloo", "none"),
+                   help="all-to-all / all-reduce: auto = NCCL when 2+ GPUs are visible, else skipped (said in the "
+                        "profile); gloo = 2 CPU processes, a test path of the measuring code (default: auto)")
+    p.add_argument("--cpu-clock", default="wall", choices=("wall", "thread"),
+                   help="CPU timing at 1 thread: wall (perf_counter_ns, default) or thread (the thread's CPU time, "
+                        "time_thread_ns: far less disturbed by other processes on a shared machine)")
+    p.add_argument("--no-overheads", action="store_true",
+                   help="skip the per-layer / per-expert / per-iteration overhead and load-interference terms "
+                        "measured on the CPU runtime (calibrate.overhead)")
     p.set_defaults(func=cmd_calibrate)
 
     pr = sub.add_parser("profile", help="show a hardware profile's fits, or compare two profiles")
     prs = pr.add_subparsers(dest="profile_command", metavar="ACTION")
     q = prs.add_parser("show", help="hardware, links and each operation's model and fit error")
     q.add_argument("profile", metavar="PROFILE", help="shipped name or YAML path")
+    q.add_argument("--html", metavar="OUT", help="also write an HTML page: measured points vs fitted curves per op")
     q.set_defaults(func=cmd_profile_show)
     q = prs.add_parser("compare", help="relative difference of B's lookups from A's at A's and B's measured sizes")
     q.add_argument("a", metavar="A")
     q.add_argument("b", metavar="B")
+    q.add_argument("--html", metavar="OUT", help="also write an HTML page: both profiles' points and curves per op")
     q.set_defaults(func=cmd_profile_compare)
     _register_profile_import(prs)
     pr.set_defaults(func=lambda a: (pr.print_help(sys.stderr), 2)[1])
@@ -141,34 +155,56 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if out.suffix not in (".yaml", ".yml"):
         raise CalibrationError(f"--out {args.out}: a profile is a .yaml file")
     points_path = points_path_for(out)
+    if args.resume and args.fresh:
+        raise CalibrationError("--resume and --fresh contradict each other: --fresh discards the points --resume continues")
+    if args.resume and not points_path.exists():
+        raise CalibrationError(f"--resume: {points_path} does not exist, so there is nothing to resume; "
+                               f"run without --resume to start")
     import torch
 
+    from calibrate.collectives import plan_collectives
     from calibrate.environment import collect_environment, load_average
-    from calibrate.measure import build_plan, read_points, run_tasks
+    from calibrate.measure import _dedup, build_plan, read_points, run_tasks
     from calibrate.timing import Budget
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise CalibrationError(f"--device cuda: no CUDA device is available (torch {torch.__version__}); "
                                f"use --device cpu")
+    gpu_count = torch.cuda.device_count() if args.device == "cuda" else 0
+    backend, world_sizes, coll_why = plan_collectives(args.collectives, device=args.device, gpu_count=gpu_count)
+    overheads = args.device == "cpu" and not args.no_overheads
     torch.set_num_threads(args.threads)
     env = collect_environment(args.device, args.threads)
+    env["cpu_clock"] = args.cpu_clock
     device_name = env.get("gpu_name") if args.device == "cuda" else env["cpu_model"]
     env_path = _env_path_for(out)
+    overheads_path = out.with_name(out.name.removesuffix(".yaml").removesuffix(".yml") + ".overheads.json")
     started = time.perf_counter()
+    measured_now = 0
     if not args.fit_only:
         tasks = build_plan(models, quick=args.quick, device=args.device, threads=args.threads, dtypes=dtypes)
-        budget = Budget(max_repeats=15, time_s=0.3) if args.quick else Budget(max_repeats=30, time_s=1.0)
+        if overheads:  # the runtime model's shapes, so its overhead residuals are fitted against measured tables
+            from calibrate.overhead import runtime_spec
+            from calibrate.validate import calibration_tasks
+
+            tasks = _dedup([*tasks, *calibration_tasks(runtime_spec(), threads=args.threads)])
+        budget = (Budget(max_repeats=15, time_s=0.3, clock=args.cpu_clock) if args.quick
+                  else Budget(max_repeats=20, time_s=0.5, clock=args.cpu_clock))
         runs = _read_runs(env_path) if points_path.exists() and not args.fresh else []
         runs.append(env)
         out.parent.mkdir(parents=True, exist_ok=True)
         env_path.write_text(json.dumps({"runs": runs}, indent=1), encoding="utf-8")
+        if args.fresh and overheads_path.exists():
+            overheads_path.unlink()
         try:
             result = run_tasks(tasks, points_path, device=args.device, device_name=str(device_name), budget=budget,
                                progress=not args.no_progress, fresh=args.fresh)
+            measured_now = result.measured
+            measured_now += _measure_collectives(backend, world_sizes, points_path, str(device_name), args)
         except KeyboardInterrupt:
             kept = len(read_points(points_path))
-            print(f"moesim: interrupted: {kept} points kept in {points_path}; run the same command again to resume",
-                  file=sys.stderr)
+            print(f"moesim: interrupted: {kept} points kept in {points_path}; run the same command again "
+                  f"(or add --resume) to continue", file=sys.stderr)
             return 130
         resumed = f", {result.skipped} resumed from {points_path}" if result.skipped else ""
         print(f"measured {result.measured} points in {time.perf_counter() - started:.0f} s{resumed} "
@@ -179,11 +215,79 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     runs = _read_runs(env_path) or [env]
     environment = dict(runs[0])
     environment["load_average_at_end"] = list(load_average())
+    environment["collectives"] = ({"backend": backend, "provenance": coll_why} if backend
+                                  else {"backend": "none", "skipped": coll_why})
     if len(runs) > 1:
         environment["resumed_runs"] = [r.get("started_at") for r in runs[1:]]
-    write_profile(points, environment, out=out, name=args.name or out.stem, threads=args.threads,
-                  points_path=points_path, extra_provenance={"note": args.note} if args.note else None)
+    extra = {"note": args.note} if args.note else {}
+    name = args.name or out.stem
+    write_profile(points, environment, out=out, name=name, threads=args.threads, points_path=points_path,
+                  extra_provenance={**extra, "overheads": "not measured yet" if overheads else _no_overheads_why(args)},
+                  quiet=overheads)
+    if not overheads:
+        return 0
+    try:
+        ops, prov = _overhead_terms(out, overheads_path, reuse=measured_now == 0, args=args)
+    except KeyboardInterrupt:
+        print(f"moesim: interrupted while measuring the overhead terms: {len(points)} points kept in {points_path} "
+              f"(the profile {out} has no overhead terms yet); run the same command again to measure them",
+              file=sys.stderr)
+        return 130
+    environment["load_average_at_end"] = list(load_average())
+    write_profile(points, environment, out=out, name=name, threads=args.threads, points_path=points_path,
+                  extra_provenance={**extra, "overheads": prov}, extra_operations=ops)
+    print(f"calibration took {time.perf_counter() - started:.0f} s", file=sys.stderr)
     return 0
+
+
+def _no_overheads_why(args: argparse.Namespace) -> str:
+    if args.device != "cpu":
+        return ("skipped: the overhead terms are measured on the CPU runtime (calibrate.runtime); a CUDA runtime "
+                "is not part of moesim")
+    return "skipped: --no-overheads"
+
+
+def _measure_collectives(backend: str | None, world_sizes: list[int], points_path: Path, device_name: str,
+                         args: argparse.Namespace) -> int:
+    """Measure the collectives not yet in the points file; returns how many points were added."""
+    if backend is None:
+        return 0
+    from calibrate.collectives import GLOO_SIZES_BYTES, NCCL_SIZES_BYTES, measure_collectives
+    from calibrate.measure import append_points, read_points
+
+    done = {int(r["num_ranks"]) for r in read_points(points_path) if r["op"] in ("all_to_all", "all_reduce")}
+    added = 0
+    for n in world_sizes:
+        if n in done:
+            continue
+        print(f"collectives: {backend}, {n} ranks ...", file=sys.stderr)
+        sizes = GLOO_SIZES_BYTES if backend == "gloo" else NCCL_SIZES_BYTES
+        rows = measure_collectives(backend=backend, world_size=n, sizes_bytes=sizes, repeats=5 if args.quick else 20,
+                                   device_name=device_name, threads=args.threads)
+        append_points(points_path, rows)
+        added += len(rows)
+    return added
+
+
+def _overhead_terms(out: Path, overheads_path: Path, *, reuse: bool,
+                    args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The overhead operations and their provenance: measured on the CPU runtime against the kernels-only
+    profile just written to ``out``, or (``reuse``: nothing was re-measured) read back from ``overheads_path``."""
+    from calibrate.overhead import measure_overheads, runtime_spec
+    from sim.profile import load_profile
+
+    if reuse and overheads_path.exists():
+        saved = json.loads(overheads_path.read_text(encoding="utf-8"))
+        print(f"overheads: reused from {overheads_path} (no point was re-measured)", file=sys.stderr)
+        return saved["operations"], saved["provenance"]
+    spec = runtime_spec()
+    print(f"overheads: measuring the runtime's per-layer / per-expert / per-iteration overhead and load "
+          f"interference on {spec.name} ...", file=sys.stderr)
+    ops, prov = measure_overheads(spec, load_profile(out), threads=args.threads, rounds=3 if args.quick else 5,
+                                  log=lambda m: print(m, file=sys.stderr))
+    prov = {"model": f"{spec.name} (calibrate.overhead.RUNTIME_SPEC)", **prov}
+    overheads_path.write_text(json.dumps({"operations": ops, "provenance": prov}, default=float), encoding="utf-8")
+    return ops, prov
 
 
 def _read_runs(env_path: Path) -> list[dict[str, Any]]:
@@ -265,13 +369,62 @@ def cmd_profile_show(args: argparse.Namespace) -> int:
             e = m.extrapolation
             print(f"{op:18s} table: {len(m.rows)} shapes, tokens {lo}..{hi}; extrapolation fixed {e.fixed_s * 1e6:.1f} us, "
                   f"compute eff {e.compute_efficiency:.3g}, memory eff {e.memory_efficiency:.3g}; {_fmt_fit(m.fit_error)}")
+        elif m.kind == "efficiency_table":
+            dims = ", ".join(f"head dim {r.qk_head_dim}: tokens {r.tokens[0]}..{r.tokens[-1]}, compute eff "
+                             f"{min(r.compute_efficiency):.3g}..{max(r.compute_efficiency):.3g}" for r in m.rows)
+            print(f"{op:18s} efficiency table ({dims}), fixed {m.fixed_s * 1e6:.1f} us; {_fmt_fit(m.fit_error)}")
+        elif m.kind == "roofline_by_head_dim":
+            dims = "; ".join(f"head dim {r.qk_head_dim}: fixed {r.fixed_s * 1e6:.1f} us, compute eff "
+                             f"{r.compute_efficiency:.3g}, memory eff {r.memory_efficiency:.3g}" for r in m.rows)
+            print(f"{op:18s} roofline per head dim ({dims}); {_fmt_fit(m.fit_error)}")
         else:
             print(f"{op:18s} roofline: fixed {m.fixed_s * 1e6:.1f} us, compute eff {m.compute_efficiency:.3g}, "
                   f"memory eff {m.memory_efficiency:.3g}; {_fmt_fit(m.fit_error)}")
-    for key in ("points_file", "licence", "collectives"):
+    _show_sections(p)
+    for key in ("points_file", "licence"):
         if key in prov:
             print(f"{key}: {prov[key]}")
+    _maybe_html(args, [(args.profile, p)], f"profile {p.name}")
     return 0
+
+
+def _show_sections(p: Any) -> None:
+    """The optional sections: grouped experts, CPU attention by threads, overheads, collectives."""
+    ops = p.operations
+    if ops.grouped_expert_ffn is not None:
+        g = ops.grouped_expert_ffn
+        r = g.rows[0]
+        print(f"{'grouped_expert_ffn':18s} grouped table: {len(g.rows)} shape(s), experts {r.num_experts[0]}.."
+              f"{r.num_experts[-1]} x tokens {r.tokens[0]}..{r.tokens[-1]}; {_fmt_fit(g.fit_error)}")
+    if ops.cpu_attention_decode is not None:
+        for r in ops.cpu_attention_decode.rows:
+            print(f"{'cpu_attention':18s} {r.threads} thread(s): fixed {r.fixed_s * 1e6:.1f} us, "
+                  f"{r.flops_per_s / 1e9:.3g} GFLOP/s, {r.bytes_per_s / 1e9:.3g} GB/s; batch {r.batch[0]}..{r.batch[1]}, "
+                  f"context {r.context[0]}..{r.context[1]}; {_fmt_fit(r.fit_error)}")
+    for op in ("layer_overhead", "expert_overhead", "iteration_overhead", "load_interference"):
+        m = getattr(ops, op)
+        if m is not None:
+            terms = ", ".join(f"{k} {v:.3g}" for k, v in m.model_dump().items() if k != "fit_error")
+            print(f"{op:18s} {terms}; {_fmt_fit(m.fit_error)}")
+    c = p.collectives
+    if c is None:
+        print("collectives        none in this profile")
+    elif c.skipped:
+        print(f"collectives        {c.skipped}")
+    else:
+        kinds = sorted({r.kind for r in c.rows})
+        gpus = sorted({r.num_gpus for r in c.rows})
+        print(f"collectives        {c.backend}: {', '.join(kinds)} on {gpus} ranks, "
+              f"{min(r.nbytes[0] for r in c.rows)}..{max(r.nbytes[-1] for r in c.rows)} bytes; {c.provenance}")
+
+
+def _maybe_html(args: argparse.Namespace, profiles: list[tuple[str, Any]], title: str) -> None:
+    if not getattr(args, "html", None):
+        return
+    from calibrate.profile_html import render_profiles
+
+    out = render_profiles(profiles, Path(args.html), title)
+    print(f"wrote {out}", file=sys.stderr)
 
 
 def _probes(p: Any) -> dict[str, list[tuple[Any, Any]]]:
@@ -342,4 +495,5 @@ def cmd_profile_compare(args: argparse.Namespace) -> int:
     print(f"{'operation':18s} {'probes':>6s} {'median |diff|':>14s} {'max |diff|':>11s} {'mean diff':>10s}")
     for op, s in compare_profiles(a, b).items():
         print(f"{op:18s} {s['num_probes']:6d} {s['median_abs_diff']:14.1%} {s['max_abs_diff']:11.1%} {s['mean_diff']:+10.1%}")
+    _maybe_html(args, [(args.a, a), (args.b, b)], f"profiles compared: A = {a.name}, B = {b.name}")
     return 0

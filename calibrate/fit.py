@@ -220,6 +220,9 @@ def build_profile(
     """A profile mapping (valid for ``sim.profile.HardwareProfile``) and a per-op fit summary.
 
     Only points measured at ``threads`` enter the fits (other thread counts stay in the points file)."""
+    from calibrate.fit_sections import (collectives_section, cpu_attention_op, decode_by_head_dim, grouped_op,
+                                        prefill_efficiency_table)
+
     device = environment.get("device", "cpu")
     pts = [r for r in points if int(r["threads"]) == threads]
     by_op: dict[str, list[dict[str, str]]] = defaultdict(list)
@@ -262,19 +265,28 @@ def build_profile(
                            "shapes": len(rows), "dtypes": sorted(dtypes)}
     for op in ATTENTION_OPS:
         rows_pts = by_op[op]
-        work = np.array([attention_work(r) for r in rows_pts])
-        t = np.array([float(r["median_s"]) for r in rows_pts])
-        params, _ = fit_roofline(work[:, 0], work[:, 1], t, peaks["bf16"], bytes_per_s)
-        params = {k: _round(v) for k, v in params.items()}  # errors of the rounded values the profile stores:
-        err = RooflineParams(**params).roofline_s(work[:, 0], work[:, 1], peaks["bf16"], bytes_per_s) / t - 1.0
-        fe = error_stats(err, "in-sample error of one roofline over every measured shape, batch and length")
-        operations[op] = {"kind": "roofline", **params, "fit_error": fe}
-        summary[op] = {"roofline": fe}
         key = "context" if op == "attention_decode" else "tokens"
         valid_range[op] = {key: [min(_num(r, key) for r in rows_pts), max(_num(r, key) for r in rows_pts)],
                            "heads": sorted({f"{r['num_heads']}q/{r['num_kv_heads']}kv x {r['head_dim']}" for r in rows_pts})}
         if op == "attention_decode":
             valid_range[op]["batch"] = [min(_num(r, "batch") for r in rows_pts), max(_num(r, "batch") for r in rows_pts)]
+        if op == "attention_prefill":  # the attained FLOP/s depends on the length: an efficiency table
+            operations[op], summary[op] = prefill_efficiency_table(rows_pts, peaks["bf16"], bytes_per_s)
+            continue
+        operations[op], summary[op] = decode_by_head_dim(rows_pts, peaks["bf16"], bytes_per_s)
+    grouped_pts = by_op.get("grouped_expert_ffn", [])
+    if grouped_pts:
+        dt = grouped_pts[0]["dtype"]
+        operations["grouped_expert_ffn"], summary["grouped_expert_ffn"] = grouped_op(
+            grouped_pts, [r for r in by_op["expert_ffn"] if r["dtype"] == dt], peaks[dt], bytes_per_s)
+        valid_range["grouped_expert_ffn"] = {
+            "num_experts": [min(_num(r, "num_experts") for r in grouped_pts), max(_num(r, "num_experts") for r in grouped_pts)],
+            "tokens": [min(_num(r, "tokens") for r in grouped_pts), max(_num(r, "tokens") for r in grouped_pts)]}
+    cpu_op = "attention_decode" if device == "cpu" else "cpu_attention_decode"
+    cpu_attn, cpu_summary = cpu_attention_op([r for r in points if r["op"] == cpu_op])
+    if cpu_attn is not None:
+        operations["cpu_attention_decode"] = cpu_attn
+        summary.update({f"cpu_attention_decode[{k}]": v for k, v in cpu_summary.items()})
     copy_rows = [r for r in by_op[copy_op] if r.get("pinned", "") in ("", "1")]
     link, link_err = fit_link(np.array([_num(r, "nbytes") for r in copy_rows], dtype=float),
                               np.array([float(r["median_s"]) for r in copy_rows]))
@@ -318,7 +330,6 @@ def build_profile(
         "peaks": ("gpu.peak_tflops and memory_bandwidth_gbps are the best rates measured on this device (hot "
                   "square GEMM, large-buffer read, or any faster measured point), not datasheet figures"),
         "fits": summary,
-        "collectives": "skipped: one device (no second GPU); gpu_to_gpu and node_to_node are NOT measured",
         "licence": "measured here; no third-party data",
     }
     if device == "cpu":
@@ -334,6 +345,13 @@ def build_profile(
     if load_end:
         provenance["load_average_at_end"] = load_end
     provenance.update(extra_provenance or {})
+    info = environment.get("collectives") or {}
+    collectives = collectives_section(points, backend=str(info.get("backend", "none")),
+                                      provenance=str(info.get("provenance", "measured here by moesim calibrate")))
+    if collectives is None:
+        collectives = {"backend": "none", "provenance": "not measured",
+                       "skipped": str(info.get("skipped") or "not measured (no collectives run recorded)")}
+    provenance["gpu_to_gpu_and_node_to_node"] = "NOT measured: placeholders (see collectives for measured collectives)"
     profile = {
         "name": name,
         "source": "measured",
@@ -343,14 +361,16 @@ def build_profile(
                   "gpu_to_gpu": dict(placeholder), "node_to_node": dict(placeholder)},
         "cpu": cpu,
         "operations": operations,
+        "collectives": collectives,
     }
     return profile, summary
 
 
 def op_mape(summary: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """Each op's headline MAPE: the table's leave-one-out error, or the roofline/link in-sample error."""
+    """Each op's headline MAPE: the table's leave-one-out error, or the efficiency table's / roofline's /
+    link's in-sample error."""
     out = {}
     for op, s in summary.items():
-        fe = s.get("table_loo") or s.get("roofline") or s.get("link")
+        fe = s.get("table_loo") or s.get("efficiency_table") or s.get("roofline") or s.get("link")
         out[op] = fe["mean_rel_error"]
     return out

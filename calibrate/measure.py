@@ -39,8 +39,11 @@ from sim.spec import ModelSpec
 
 PARAM_COLUMNS: tuple[str, ...] = (
     "hidden", "ffn", "num_matrices", "in_features", "out_features", "top_k", "tokens", "batch", "context",
-    "num_heads", "num_kv_heads", "head_dim", "nbytes", "pinned",
+    "num_heads", "num_kv_heads", "head_dim", "nbytes", "pinned", "num_experts", "num_ranks",
 )
+# Columns added after the first shipped points files: an older file lacks them (read as empty) and is
+# rewritten with every column before a resumed run appends to it.
+LATER_COLUMNS: tuple[str, ...] = ("num_experts", "num_ranks")
 RESULT_COLUMNS: tuple[str, ...] = (
     "median_s", "p10_s", "p90_s", "cv", "num_samples", "num_dropped", "load_avg_1m", "measured_at",
 )
@@ -52,11 +55,16 @@ COLD_BYTES = 128 * 2**20  # 4x this machine's 32 MiB L3 (and > an H100's 50 MB L
 QUICK_TOKENS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256, 512)
 FULL_TOKENS = (*range(1, 17), 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 QUICK_GEMM_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+FULL_GEMM_TOKENS = (*QUICK_GEMM_TOKENS, 1024, 2048)  # projections and routers are smooth: a log-2 grid suffices
 QUICK_DECODE = {"batch": (1, 4, 16), "context": (256, 1024, 4096)}
 FULL_DECODE = {"batch": (1, 2, 4, 8, 16, 32), "context": (128, 512, 2048, 8192)}
+QUICK_CPU_DECODE = {"batch": (1, 16), "context": (256, 4096)}  # the other thread counts' corners (quick)
 MAX_DECODE_KV_TOKENS = 65536  # batch x context: keeps the KV tensors of one point below ~1 GB
-QUICK_PREFILL = (32, 128, 512, 1024)
+QUICK_PREFILL = (32, 64, 128, 256, 512, 1024)
 FULL_PREFILL = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+QUICK_GROUPED = {"num_experts": (1, 2, 4, 8), "tokens": (1, 4, 16, 64)}
+FULL_GROUPED = {"num_experts": (1, 2, 4, 8, 16, 32), "tokens": (1, 2, 4, 8, 16, 32, 64, 128)}
+MAX_GROUPED_WEIGHT_BYTES = 512 * 2**20  # one grouped point's weights (x2 rotating copies) stay below ~1 GB
 QUICK_COPY_MB = (1, 4, 16, 64, 256)
 FULL_COPY_MB = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
@@ -113,7 +121,7 @@ def build_plan(
 ) -> list[Task]:
     """Every point a calibration measures, grouped by shape so buffers are built once per shape."""
     tokens = QUICK_TOKENS if quick else FULL_TOKENS
-    gemm_tokens = QUICK_GEMM_TOKENS if quick else FULL_TOKENS
+    gemm_tokens = QUICK_GEMM_TOKENS if quick else FULL_GEMM_TOKENS
     tasks: list[Task] = []
     for dtype in dtypes:
         tasks.append(Task.of("peak_gemm", dtype, threads, hidden=2048))
@@ -140,21 +148,61 @@ def build_plan(
                 for t in gemm_tokens:
                     tasks.append(Task.of("dense_gemm", dtype, threads, in_features=g.in_features,
                                          out_features=g.out_features, tokens=t))
+    # Grouped expert calls (several experts in one batched GEMM, as engines run a layer's experts):
+    # the first model's routed expert shape, by number of experts and tokens per expert.
+    grouped = QUICK_GROUPED if quick else FULL_GROUPED
+    for dtype in dtypes[:1]:
+        for spec in models[:1] if quick else models[:2]:
+            shape = spec.expert_shape
+            for e in grouped["num_experts"]:
+                if e * shape.hidden * shape.ffn * shape.num_matrices * 2 > MAX_GROUPED_WEIGHT_BYTES:
+                    continue
+                for t in grouped["tokens"]:
+                    tasks.append(Task.of("grouped_expert_ffn", dtype, threads, hidden=shape.hidden, ffn=shape.ffn,
+                                         num_matrices=shape.num_matrices, num_experts=e, tokens=t))
     # Attention: bf16 only (what serving runs); MLA is not an SDPA call, so MHA/GQA models only.
     attention_models = [s for s in models if s.attention_type in ("mha", "gqa")]
     decode = QUICK_DECODE if quick else FULL_DECODE
-    thread_counts = sorted({threads, 1}) if (not quick and device == "cpu") else [threads]
     for spec in attention_models:
         heads = dict(num_heads=spec.num_attention_heads, num_kv_heads=spec.num_kv_heads or spec.num_attention_heads,
                      head_dim=spec.head_dim)
-        for n in thread_counts:
+        for b in decode["batch"]:
+            for c in decode["context"]:
+                if b * c <= MAX_DECODE_KV_TOKENS:
+                    tasks.append(Task.of("attention_decode", "bf16", threads, batch=b, context=c, **heads))
+        for t in QUICK_PREFILL if quick else FULL_PREFILL:
+            tasks.append(Task.of("attention_prefill", "bf16", threads, tokens=t, **heads))
+    tasks += cpu_attention_tasks(attention_models, quick=quick, device=device, threads=threads)
+    return _dedup(tasks)
+
+
+def cpu_attention_thread_counts(threads: int, cpu_count: int | None = None) -> list[int]:
+    """Thread counts CPU attention is measured at: 1, the calibration's, and every core (at most 3 counts)."""
+    import os
+
+    cores = max(1, cpu_count or os.cpu_count() or 1)
+    return sorted({1, min(threads, cores), cores})
+
+
+def cpu_attention_tasks(attention_models: Sequence[ModelSpec], *, quick: bool, device: str, threads: int,
+                        cpu_count: int | None = None) -> list[Task]:
+    """Decode attention on the HOST CPU by batch, context and thread count (SpecMoEOff / MoE-Lightning run
+    it there). On a CPU calibration these are ``attention_decode`` points at the other thread counts (the
+    main count is already planned); on CUDA, ``cpu_attention_decode`` points, run on the host."""
+    decode = QUICK_CPU_DECODE if quick else FULL_DECODE
+    tasks = []
+    for spec in attention_models:
+        heads = dict(num_heads=spec.num_attention_heads, num_kv_heads=spec.num_kv_heads or spec.num_attention_heads,
+                     head_dim=spec.head_dim)
+        for n in cpu_attention_thread_counts(threads, cpu_count):
+            if device == "cpu" and n == threads:
+                continue
+            op = "attention_decode" if device == "cpu" else "cpu_attention_decode"
             for b in decode["batch"]:
                 for c in decode["context"]:
                     if b * c <= MAX_DECODE_KV_TOKENS:
-                        tasks.append(Task.of("attention_decode", "bf16", n, batch=b, context=c, **heads))
-        for t in QUICK_PREFILL if quick else FULL_PREFILL:
-            tasks.append(Task.of("attention_prefill", "bf16", threads, tokens=t, **heads))
-    return _dedup(tasks)
+                        tasks.append(Task.of(op, "bf16", n, batch=b, context=c, **heads))
+    return tasks
 
 
 # ---------------------------------------------------------------- the timed calls
@@ -219,6 +267,23 @@ def _make_call(task: Task, bufs: dict[str, Any], device: str) -> Callable[[int],
                 wu, wd = w[i % len(w)]
                 return F.relu(x @ wu) @ wd
         return call
+    if task.op == "grouped_expert_ffn":
+        h, f, m, e = p["hidden"], p["ffn"], p["num_matrices"], p["num_experts"]
+        if "w" not in bufs:
+            n = _num_copies(e * h * f * m * bpe)
+            bufs["w"] = [tuple(_rand((e, h, f) if j < m - 1 else (e, f, h), task.dtype, device, gen) for j in range(m))
+                         for _ in range(n)]
+        w = bufs["w"]
+        x = _rand((e, p["tokens"], h), task.dtype, device, gen, scale=1.0)
+        if m == 3:  # one batched GEMM per matrix over all experts: what a grouped-GEMM engine launches
+            def call(i: int) -> object:
+                wg, wu, wd = w[i % len(w)]
+                return torch.bmm(F.silu(torch.bmm(x, wg)) * torch.bmm(x, wu), wd)
+        else:
+            def call(i: int) -> object:
+                wu, wd = w[i % len(w)]
+                return torch.bmm(F.relu(torch.bmm(x, wu)), wd)
+        return call
     if task.op == "dense_gemm":
         if "w" not in bufs:
             n = _num_copies(p["in_features"] * p["out_features"] * bpe)
@@ -250,7 +315,7 @@ def _make_call(task: Task, bufs: dict[str, Any], device: str) -> Callable[[int],
         src = [torch.empty(numel, dtype=torch.bfloat16, pin_memory=pinned).fill_(j) for j in range(2)]
         dst = torch.empty(numel, dtype=torch.bfloat16, device="cuda")
         return lambda i: dst.copy_(src[i % 2], non_blocking=pinned)
-    if task.op == "attention_decode":
+    if task.op in ("attention_decode", "cpu_attention_decode"):
         b, c, hq, hkv, d = p["batch"], p["context"], p["num_heads"], p["num_kv_heads"], p["head_dim"]
         kv_bytes = 2 * b * c * hkv * d * 2
         n = _num_copies(kv_bytes) if kv_bytes < COLD_BYTES else 1  # a large KV cache is cold by itself
@@ -281,6 +346,11 @@ def _make_call(task: Task, bufs: dict[str, Any], device: str) -> Callable[[int],
     raise ValueError(f"unknown op {task.op!r}")
 
 
+def task_device(task: Task, device: str) -> str:
+    """Where a task runs: ``cpu_*`` ops (the host CPU's attention) on the CPU even in a CUDA calibration."""
+    return "cpu" if task.op.startswith("cpu_") else device
+
+
 def measure_group(tasks: Sequence[Task], bufs: _Buffers, device: str, budget: Budget) -> list[Summary]:
     """Time tasks that share buffers (one shape, several sizes) in ``budget.rounds`` interleaved rounds.
 
@@ -289,6 +359,7 @@ def measure_group(tasks: Sequence[Task], bufs: _Buffers, device: str, budget: Bu
     points' minority of samples, which the median then ignores."""
     import torch
 
+    device = task_device(tasks[0], device)
     rounds = max(1, budget.rounds)
     per_round_min = max(1, math.ceil(budget.min_repeats / rounds))
     per_round_max = max(1, math.ceil(budget.max_repeats / rounds))
@@ -303,7 +374,8 @@ def measure_group(tasks: Sequence[Task], bufs: _Buffers, device: str, budget: Bu
                     torch.set_num_threads(task.threads)
                 samples[j] += sample(call, warmup=budget.warmup if r == 0 else 0, min_repeats=per_round_min,
                                      max_repeats=per_round_max, time_s=budget.time_s / rounds,
-                                     start=len(samples[j]) + r, cuda=device == "cuda")
+                                     start=len(samples[j]) + r, cuda=device == "cuda",
+                                     clock=budget.clock if (device == "cpu" and task.threads == 1) else "wall")
     return [summarize(s) for s in samples]
 
 
@@ -316,10 +388,41 @@ def read_points(path: Path) -> list[dict[str, str]]:
         return []
     with path.open(newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
-        if reader.fieldnames is None or list(reader.fieldnames) != list(POINT_COLUMNS):
+        older = [c for c in POINT_COLUMNS if c not in LATER_COLUMNS]
+        if reader.fieldnames is None or list(reader.fieldnames) not in (list(POINT_COLUMNS), older):
             raise CalibrationError(f"{path}: not a moesim points file (columns {reader.fieldnames}); "
                                    f"remove it, use --fresh, or choose another --out")
-        return [row for row in reader if row.get("median_s")]
+        return [{c: row.get(c) or "" for c in POINT_COLUMNS} for row in reader if row.get("median_s")]
+
+
+def _upgrade_points_file(path: Path) -> None:
+    """Rewrite an older points file (without ``LATER_COLUMNS``) with every column, so rows can be appended."""
+    with path.open(newline="", encoding="utf-8") as fh:
+        header = next(csv.reader(fh), None)
+    if header is None or list(header) == list(POINT_COLUMNS):
+        return
+    rows = read_points(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=POINT_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
+def append_points(path: Path, rows: Sequence[dict[str, str]]) -> None:
+    """Append finished rows (e.g. collectives measured in other processes) to a points file."""
+    new_file = not path.exists()
+    if not new_file:
+        _upgrade_points_file(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=POINT_COLUMNS)
+        if new_file:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow({c: row.get(c, "") for c in POINT_COLUMNS})
+        fh.flush()
 
 
 @dataclass
@@ -357,6 +460,8 @@ def run_tasks(
     result = RunResult(skipped=len(tasks) - len(todo), rows=list(existing))
     points_path.parent.mkdir(parents=True, exist_ok=True)
     new_file = not points_path.exists()
+    if not new_file:
+        _upgrade_points_file(points_path)
     bufs = _Buffers(device)
     with points_path.open("a", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=POINT_COLUMNS)

@@ -37,6 +37,23 @@ import numpy as np
 
 from calibrate.fit import error_stats
 
+# The model ``moesim calibrate`` measures the overhead terms on: the CPU runtime cannot hold a catalog
+# model, and the terms are the runtime's framework costs (per layer, per expert call, per iteration), so a
+# small model of the validation scenarios' shape (scenarios/validate-*.yaml) is what they are measured on.
+RUNTIME_SPEC: dict[str, Any] = {
+    "name": "tiny-mixtral", "source": "Mixtral-8x7B config scaled down for the CPU validation runtime",
+    "hidden_size": 512, "num_layers": 8, "vocab_size": 2048, "attention_type": "gqa", "num_attention_heads": 8,
+    "num_kv_heads": 2, "head_dim": 64, "num_experts": 8, "top_k": 2, "expert_ffn_size": 1024,
+}
+
+
+def runtime_spec() -> Any:
+    """The ModelSpec of ``RUNTIME_SPEC``."""
+    from sim.spec import ModelSpec
+
+    return ModelSpec.model_validate(RUNTIME_SPEC)
+
+
 # Batches (context before, new tokens, is prefill) covering decode-only, prefill-only and mixed iterations.
 _DECODE_BATCHES = (1, 2, 4, 8, 12)
 _PREFILL_CHUNKS = ((16,), (64,), (128,), (48, 48), (24, 96))

@@ -21,6 +21,7 @@ class Budget:
     max_repeats: int = 15
     time_s: float = 0.3  # stop adding repeats past this much measuring time (after min_repeats)
     rounds: int = 3  # samples of one shape's points are taken in interleaved rounds (see calibrate.measure)
+    clock: str = "wall"  # CPU only: "thread" times the calling thread's CPU time (see ``sample``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,12 +57,17 @@ def summarize(samples_s: np.ndarray | list[float]) -> Summary:
 
 def sample(
     call: Callable[[int], object], *, warmup: int, min_repeats: int, max_repeats: int, time_s: float,
-    start: int = 0, cuda: bool = False,
+    start: int = 0, cuda: bool = False, clock: str = "wall",
 ) -> list[float]:
     """Seconds of repeated ``call(i)`` (i counts on from ``start`` so callers rotate cold buffers).
 
     CPU: ``perf_counter_ns`` around the call (CPU kernels are synchronous). CUDA: events on the current
-    stream, one synchronize per sample. Stops after ``max_repeats``, or past ``time_s`` once ``min_repeats`` are in."""
+    stream, one synchronize per sample. Stops after ``max_repeats``, or past ``time_s`` once ``min_repeats`` are in.
+
+    ``clock="thread"`` (CPU, one torch thread only) uses ``time.thread_time_ns``: the CPU time of the calling
+    thread, where a single-threaded torch kernel runs. Time the thread spends descheduled by other processes
+    is left out, so a loaded shared machine disturbs it far less than wall time (memory-bandwidth contention
+    still shows). It is the latency the kernel would have on an idle core, not what a loaded box delivers."""
     if cuda:  # pragma: no cover - needs a GPU
         import torch
 
@@ -84,6 +90,10 @@ def sample(
             end.record()
             end.synchronize()
             samples.append(begin.elapsed_time(end) * 1e-3)  # elapsed_time is in milliseconds
+        elif clock == "thread":
+            t0 = time.thread_time_ns()
+            call(i)
+            samples.append((time.thread_time_ns() - t0) * 1e-9)
         else:
             t0 = time.perf_counter_ns()
             call(i)

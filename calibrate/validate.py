@@ -66,7 +66,9 @@ def calibration_tasks(spec: Any, *, threads: int = 1) -> list[Any]:
     projection shape, the LM head and a copy of exactly one expert."""
     from calibrate.measure import QUICK_GEMM_TOKENS, Task, _dedup, build_plan
 
-    tasks = build_plan([spec], quick=True, device="cpu", threads=threads, dtypes=["bf16"])
+    # The runtime runs one expert per call at the calibration's thread count: no grouped or other-thread points.
+    tasks = [t for t in build_plan([spec], quick=True, device="cpu", threads=threads, dtypes=["bf16"])
+             if t.op != "grouped_expert_ffn" and t.threads == threads]
     for g in (*spec.attention_projection_shapes, spec.lm_head_shape):
         for t in QUICK_GEMM_TOKENS:
             tasks.append(Task.of("dense_gemm", "bf16", threads, in_features=g.in_features,

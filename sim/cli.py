@@ -215,6 +215,11 @@ def print_summary(summary: dict[str, Any], out: Any = None) -> None:
           f"experts {tot['expert_compute_s']:,.2f} (straggler wait {tot['straggler_wait_s']:,.2f}), dispatch "
           f"{tot['dispatch_s']:,.2f}, combine {tot['combine_s']:,.2f}, exposed comm {ep['exposed_comm_s']:,.2f}; "
           f"imbalance max/mean {ep['mean_imbalance']:.2f}; dropped {ep['dropped_fraction']:.1%}, rerouted {ep['rerouted_fraction']:.1%}")
+    outside = summary.get("profile_outside_measured") or {}
+    if outside:
+        ops = ", ".join(f"{op} ({n:,} lookups)" for op, n in sorted(outside.items()))
+        p(f"warning      the scenario asked profile {summary['profile']} outside its measured range for {ops}: "
+          f"those latencies are extrapolated (roofline), not measured")
     if "faults" in summary:
         print_faults(summary["faults"], p)
 

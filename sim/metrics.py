@@ -106,6 +106,7 @@ def summarize(result: SimulationResult) -> dict[str, Any]:
             "reasons": {str(k): int(v) for k, v in reasons.items()},
             "trace_rows_skipped": int(result.extra.get("table_skipped_rows", 0)),
         },
+        "profile_outside_measured": {str(k): int(v) for k, v in result.extra.get("profile_outside_measured", {}).items()},
         "throughput": {
             "span_s": span_s,
             "requests_per_s": len(completed) / span_s,

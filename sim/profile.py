@@ -94,7 +94,6 @@ class RooflineModel(RooflineParams):
 
     kind: Literal["roofline"]
     fit_error: FitError | None = Field(description="null for a datasheet profile; required key.")
-
     def seconds(
         self, *, tokens: np.ndarray, shape: Any, flops: np.ndarray, nbytes: np.ndarray,
         peak_flops_per_s: float, bytes_per_s: float,
@@ -169,11 +168,205 @@ class TableModel(_Section):
         return out, int(np.count_nonzero(outside))
 
 
+class EfficiencyRow(_Section):
+    """Compute efficiency measured per prompt length for one head dimension."""
+
+    qk_head_dim: int = Field(ge=1)
+    tokens: list[int] = Field(min_length=1, description="New tokens per sequence at which efficiency was measured.")
+    compute_efficiency: list[float] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _grid_is_usable(self) -> "EfficiencyRow":
+        if len(self.tokens) != len(self.compute_efficiency):
+            raise ValueError(f"tokens has {len(self.tokens)} values but compute_efficiency has "
+                             f"{len(self.compute_efficiency)}")
+        if self.tokens[0] <= 0 or any(b <= a for a, b in zip(self.tokens, self.tokens[1:])):
+            raise ValueError(f"tokens must be positive and strictly increasing; got {self.tokens}")
+        if any(not 0 < e <= 1 for e in self.compute_efficiency):
+            raise ValueError(f"compute_efficiency must be in (0, 1]; got {self.compute_efficiency}")
+        return self
+
+
+def _nearest_head_dim(rows: list[Any], head_dim: int) -> tuple[Any, bool]:
+    """The row measured at ``head_dim``, else the nearest one (and False: not measured at this head_dim)."""
+    exact = next((r for r in rows if r.qk_head_dim == head_dim), None)
+    if exact is not None:
+        return exact, True
+    return min(rows, key=lambda r: (abs(np.log(r.qk_head_dim / head_dim)), r.qk_head_dim)), False
+
+
+class EfficiencyTableModel(_Section):
+    """Attention prefill as a roofline whose compute efficiency was measured per prompt length.
+
+    On a CPU the SDPA kernel's attained FLOP/s grows with the sequence length (its blocking) and depends on
+    the head dimension, but not on the number of query / KV heads (measured: MHA 16/16 and GQA 32/4 at head
+    dim 128 agree within a few %), so one roofline cannot fit the whole range. Per head dimension,
+    ``compute_efficiency[i]`` is the efficiency measured at ``tokens[i]`` new tokens, interpolated log-log
+    between grid points and held at the edge value outside (roofline extrapolation). Lengths outside the grid
+    and head dimensions not measured (the nearest one's row is used) are counted by ``extrapolated_counts``."""
+
+    kind: Literal["efficiency_table"]
+    fit_error: FitError | None = Field(description="error of this model at the measured points; required key.")
+    fixed_s: float = Field(ge=0, description="Launch and overhead per call.")
+    memory_efficiency: float = Field(gt=0, le=1)
+    rows: list[EfficiencyRow] = Field(min_length=1)
+
+    def seconds_at(self, tokens: np.ndarray, flops: np.ndarray, nbytes: np.ndarray, peak_flops_per_s: float,
+                   bytes_per_s: float, head_dim: int) -> tuple[np.ndarray, int]:
+        """Seconds per call and how many calls (tokens > 0) were outside measured data."""
+        row, exact = _nearest_head_dim(self.rows, head_dim)
+        t = np.maximum(np.asarray(tokens, dtype=np.float64), 1e-300)
+        ce = np.exp(np.interp(np.log(t), np.log(np.asarray(row.tokens, dtype=np.float64)),
+                              np.log(np.asarray(row.compute_efficiency, dtype=np.float64))))
+        s = self.fixed_s + np.maximum(flops / (peak_flops_per_s * ce), nbytes / (bytes_per_s * self.memory_efficiency))
+        run = t >= 1
+        outside = run if not exact else run & ((t < row.tokens[0]) | (t > row.tokens[-1]))
+        return s, int(np.count_nonzero(outside))
+
+
+class HeadDimRoofline(RooflineParams):
+    """A roofline fitted to the measurements of one head dimension (every head count of it)."""
+
+    qk_head_dim: int = Field(ge=1)
+    fit_error: FitError | None = None
+    valid_range: dict[str, list[float]] | None = None
+
+
+class RooflineByHeadDimModel(_Section):
+    """Attention decode: one roofline per measured head dimension (the nearest one for others, counted)."""
+
+    kind: Literal["roofline_by_head_dim"]
+    fit_error: FitError | None = Field(description="error over every measured point; required key.")
+    rows: list[HeadDimRoofline] = Field(min_length=1)
+
+
+class GroupedTableRow(_Section):
+    """Measured seconds of ONE grouped call over ``num_experts`` experts x ``tokens`` tokens each, one shape."""
+
+    shape: dict[str, int | str] = Field(description="Every field of ExpertShape.")
+    num_experts: list[int] = Field(min_length=1)
+    tokens: list[int] = Field(min_length=1, description="Tokens per expert.")
+    latency_s: list[list[float]] = Field(min_length=1, description="latency_s[i][j]: num_experts[i], tokens[j].")
+
+    @model_validator(mode="after")
+    def _grid_is_usable(self) -> "GroupedTableRow":
+        for name in ("num_experts", "tokens"):
+            v = getattr(self, name)
+            if v[0] <= 0 or any(b <= a for a, b in zip(v, v[1:])):
+                raise ValueError(f"{name} must be positive and strictly increasing; got {v}")
+        if len(self.latency_s) != len(self.num_experts) or any(len(r) != len(self.tokens) for r in self.latency_s):
+            raise ValueError(f"latency_s must be {len(self.num_experts)} rows of {len(self.tokens)} values")
+        if any(s <= 0 for r in self.latency_s for s in r):
+            raise ValueError("latency_s must be positive")
+        return self
+
+
+class GroupedExpertModel(_Section):
+    """Several experts in one grouped call (a batched GEMM, as engines run a layer's experts).
+
+    Inside a shape's (num_experts x tokens per expert) grid: bilinear log-log interpolation. Outside: the
+    ``extrapolation`` roofline of the group's total work, scaled to meet the nearest grid point; an unmeasured
+    shape: the roofline alone. Both are counted by ``extrapolated_counts``."""
+
+    kind: Literal["grouped_table"]
+    fit_error: FitError | None = Field(description="leave-one-out error along each tokens axis; required key.")
+    extrapolation: RooflineParams
+    rows: list[GroupedTableRow] = Field(min_length=1)
+
+    def row_for(self, shape: ExpertShape) -> GroupedTableRow | None:
+        key = dataclasses.asdict(shape)
+        return next((r for r in self.rows if r.shape == key), None)
+
+    def seconds(self, *, num_experts: float, tokens: float, shape: ExpertShape, roof: Any) -> tuple[float, bool]:
+        """Seconds of one grouped call; ``roof(e, t)`` is the extrapolation roofline of e experts x t tokens.
+        Returns (seconds, whether it was outside measured data)."""
+        row = self.row_for(shape)
+        if row is None:
+            return float(roof(num_experts, tokens)), True
+        es, ts = np.asarray(row.num_experts, dtype=np.float64), np.asarray(row.tokens, dtype=np.float64)
+        e_c, t_c = float(np.clip(num_experts, es[0], es[-1])), float(np.clip(tokens, ts[0], ts[-1]))
+        le, lt = np.log(es), np.log(ts)
+        grid = np.log(np.asarray(row.latency_s, dtype=np.float64))
+        along_t = np.array([np.interp(np.log(t_c), lt, g) for g in grid])
+        inside = float(np.exp(np.interp(np.log(e_c), le, along_t)))
+        outside = (e_c, t_c) != (float(num_experts), float(tokens))
+        if outside:
+            inside *= float(roof(num_experts, tokens)) / float(roof(e_c, t_c))
+        return inside, outside
+
+
+class CpuAttentionRow(_Section):
+    """CPU decode attention at one thread count: ``fixed_s + max(flops / flops_per_s, bytes / bytes_per_s)``."""
+
+    threads: int = Field(ge=1)
+    fixed_s: float = Field(ge=0)
+    flops_per_s: float = Field(gt=0, description="Attained FLOP/s of the decode attention at this thread count.")
+    bytes_per_s: float = Field(gt=0, description="Attained bytes/s (KV cache read) at this thread count.")
+    fit_error: FitError | None = None
+    batch: list[int] = Field(min_length=2, max_length=2, description="Measured batch range [lo, hi].")
+    context: list[int] = Field(min_length=2, max_length=2, description="Measured context range [lo, hi].")
+    layouts: list[str] = Field(default_factory=list, description="Head layouts measured, e.g. '32q/4kv x 128'.")
+
+
+class CpuAttentionModel(_Section):
+    """The decode attention SpecMoEOff / MoE-Lightning run on the host CPU, by thread count."""
+
+    kind: Literal["roofline_by_threads"]
+    rows: list[CpuAttentionRow] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _threads_are_distinct(self) -> "CpuAttentionModel":
+        threads = [r.threads for r in self.rows]
+        if len(set(threads)) != len(threads):
+            raise ValueError(f"rows repeat a thread count: {threads}")
+        return self
+
+
+COLLECTIVE_KINDS: tuple[str, ...] = ("all_to_all", "all_reduce", "all_gather", "reduce_scatter")
+
+
+class CollectiveRow(_Section):
+    """Measured seconds of one collective on ``num_gpus`` ranks by per-rank buffer size (bytes)."""
+
+    kind: Literal["all_to_all", "all_reduce", "all_gather", "reduce_scatter"]
+    num_gpus: int = Field(ge=2)
+    nbytes: list[int] = Field(min_length=1, description="Per-rank buffer bytes (nccl-tests 'size').")
+    latency_s: list[float] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _grid_is_usable(self) -> "CollectiveRow":
+        if len(self.nbytes) != len(self.latency_s):
+            raise ValueError(f"nbytes has {len(self.nbytes)} values but latency_s has {len(self.latency_s)}")
+        if self.nbytes[0] <= 0 or any(b <= a for a, b in zip(self.nbytes, self.nbytes[1:])):
+            raise ValueError(f"nbytes must be positive and strictly increasing; got {self.nbytes}")
+        if any(s <= 0 for s in self.latency_s):
+            raise ValueError("latency_s must be positive")
+        return self
+
+
+class Collectives(_Section):
+    """Measured (or imported) collective latencies, or why there are none (``skipped``)."""
+
+    backend: str = Field(description="nccl, gloo (CPU test path), or none.")
+    provenance: str = Field(description="Where the numbers come from (measured here, imported from ...).")
+    skipped: str | None = Field(default=None, description="Why nothing was measured (e.g. one GPU).")
+    rows: list[CollectiveRow] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _rows_or_reason(self) -> "Collectives":
+        if not self.rows and not self.skipped:
+            raise ValueError("give rows, or say in 'skipped' why there are none")
+        keys = [(r.kind, r.num_gpus) for r in self.rows]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"rows repeat a (kind, num_gpus): {keys}")
+        return self
+
+
 # A GEMM-like op is sized by tokens alone for a given shape, so it can be measured on a token grid;
 # attention has two size axes (new tokens x context) and is roofline-only until a 2-D table exists.
 TokenOpModel = Annotated[Union[RooflineModel, TableModel], Field(discriminator="kind")]
-AttentionOpModel = Annotated[Union[RooflineModel], Field(discriminator="kind")]
-_KIND_TAGS = ("roofline", "table")
+AttentionOpModel = Annotated[Union[RooflineModel, EfficiencyTableModel, RooflineByHeadDimModel], Field(discriminator="kind")]
+_KIND_TAGS = ("roofline", "table", "efficiency_table", "roofline_by_head_dim")
 
 
 class BatchOverhead(_Section):
@@ -223,6 +416,10 @@ class Operations(_Section):
     iteration_overhead: BatchOverhead | None = Field(default=None, description="Once per iteration; null: 0 s.")
     load_interference: LoadInterference | None = Field(
         default=None, description="Compute time added per expert load overlapping compute; null: 0 s.")
+    grouped_expert_ffn: GroupedExpertModel | None = Field(
+        default=None, description="Several experts in one grouped call; null: the sum of expert_ffn calls.")
+    cpu_attention_decode: CpuAttentionModel | None = Field(
+        default=None, description="Decode attention on the host CPU by thread count; null: not measured.")
 
     @model_validator(mode="after")
     def _table_shapes_have_every_field(self) -> "Operations":
@@ -308,6 +505,7 @@ class HardwareProfile(_Section):
     links: Links
     cpu: Cpu
     operations: Operations
+    collectives: Collectives | None = Field(default=None, description="All-to-all / all-reduce tables; null: none.")
     _origin: str = PrivateAttr(default="")
     _extrapolated: Counter = PrivateAttr(default_factory=Counter)
 
@@ -345,7 +543,14 @@ class HardwareProfile(_Section):
         ctx = _sizes("context_tokens", context_tokens)
         model = self.operations.attention_prefill
         peak = self._peak_flops_per_s("attention_prefill", shape.act_dtype)
-        s = model.roofline_s(shape.prefill_flops(new, ctx), shape.prefill_bytes(new, ctx), peak, self._hbm_bytes_per_s)
+        flops, nbytes = shape.prefill_flops(new, ctx), shape.prefill_bytes(new, ctx)
+        if isinstance(model, EfficiencyTableModel):
+            s, num_outside = model.seconds_at(np.broadcast_to(new, np.broadcast(new, ctx).shape), flops, nbytes,
+                                              peak, self._hbm_bytes_per_s, shape.qk_head_dim)
+        else:
+            s, num_outside = model.roofline_s(flops, nbytes, peak, self._hbm_bytes_per_s), 0
+        if num_outside:
+            self._extrapolated["attention_prefill"] += num_outside
         return _out(np.where(new > 0, s, 0.0))
 
     def attention_decode_s(self, *, context_tokens: np.ndarray | int, shape: AttentionShape) -> float:
@@ -357,7 +562,99 @@ class HardwareProfile(_Section):
         peak = self._peak_flops_per_s("attention_decode", shape.act_dtype)
         flops = float(np.sum(shape.decode_flops(ctx)))
         nbytes = float(np.sum(shape.decode_bytes(ctx)))
+        exact = True
+        if isinstance(model, RooflineByHeadDimModel):
+            model, exact = _nearest_head_dim(model.rows, shape.qk_head_dim)
+        rng = getattr(model, "valid_range", None) or {}
+        c_rng, b_rng = rng.get("context"), rng.get("batch")
+        if (not exact or (c_rng and (ctx.min() < c_rng[0] or ctx.max() > c_rng[1]))
+                or (b_rng and not b_rng[0] <= ctx.size <= b_rng[1])):
+            self._extrapolated["attention_decode"] += 1
         return float(model.roofline_s(flops, nbytes, peak, self._hbm_bytes_per_s))
+
+    def grouped_expert_ffn_s(self, *, tokens: np.ndarray | list[int], shape: ExpertShape) -> float:
+        """Seconds of ONE grouped call running every expert of ``tokens`` (tokens per expert, e.g. one layer's
+        routing counts) that has tokens > 0, as engines run a layer's experts (one batched GEMM).
+
+        Looked up at (number of active experts, mean tokens per active expert): a grouped kernel's work is the
+        total tokens, so uneven routing costs about what even routing of the same total does. Without a
+        ``grouped_expert_ffn`` measurement: the sum of ``expert_ffn_s`` of each active expert (what the
+        engine charges today), so callers need no special case."""
+        t = np.asarray(tokens, dtype=np.float64).ravel()
+        if np.any(t < 0) or np.any(np.isnan(t)):
+            raise ValueError(f"tokens must be >= 0; got {tokens!r}")
+        t = t[t > 0]
+        if t.size == 0:
+            return 0.0
+        model = self.operations.grouped_expert_ffn
+        if model is None:
+            return float(np.sum(self.expert_ffn_s(tokens=t, shape=shape)))
+        peak = self._peak_flops_per_s("grouped_expert_ffn", _compute_dtype("grouped_expert_ffn", shape, self._origin))
+
+        def roof(e: float, per: float) -> float:
+            return float(model.extrapolation.roofline_s(e * shape.flops(per), e * shape.bytes_moved(per), peak,
+                                                        self._hbm_bytes_per_s))
+
+        s, outside = model.seconds(num_experts=float(t.size), tokens=float(t.mean()), shape=shape, roof=roof)
+        if outside:
+            self._extrapolated["grouped_expert_ffn"] += 1
+        return s
+
+    def cpu_attention_decode_s(self, *, context_tokens: np.ndarray | list[int], shape: AttentionShape,
+                               threads: int) -> float | None:
+        """Seconds of one decode attention step of a batch on the HOST CPU with ``threads`` torch threads
+        (the CPU attention of SpecMoEOff / MoE-Lightning), or None when this profile has no CPU-attention
+        measurement at that thread count (see ``cpu_attention_threads``). One call for the whole batch."""
+        model = self.operations.cpu_attention_decode
+        row = None if model is None else next((r for r in model.rows if r.threads == int(threads)), None)
+        if row is None:
+            return None
+        ctx = np.atleast_1d(_sizes("context_tokens", context_tokens))
+        if ctx.size == 0:
+            return 0.0
+        if (ctx.size < row.batch[0] or ctx.size > row.batch[1] or ctx.min() < row.context[0]
+                or ctx.max() > row.context[1]):
+            self._extrapolated["cpu_attention_decode"] += 1
+        flops = float(np.sum(shape.decode_flops(ctx)))
+        nbytes = float(np.sum(shape.decode_bytes(ctx)))
+        return row.fixed_s + max(flops / row.flops_per_s, nbytes / row.bytes_per_s)
+
+    @property
+    def cpu_attention_threads(self) -> list[int]:
+        """Thread counts at which CPU decode attention was measured ([] when none)."""
+        model = self.operations.cpu_attention_decode
+        return [] if model is None else sorted(r.threads for r in model.rows)
+
+    # ------------------------------------------------------------ collectives
+
+    def collective_s(self, kind: str, nbytes: np.ndarray | float, num_gpus: int) -> np.ndarray | float | None:
+        """Seconds of one ``kind`` collective (all_to_all, all_reduce, all_gather, reduce_scatter) over
+        ``num_gpus`` ranks with ``nbytes`` per-rank buffer bytes, or None when this profile has no measurement
+        of that kind at that GPU count (no guess: the caller falls back to its link model).
+
+        Log-log interpolation between measured sizes; below the smallest size the smallest's time (latency
+        floor), above the largest its bandwidth (time scales with bytes); both counted by ``extrapolated_counts``.
+        0 bytes -> 0 s."""
+        if kind not in COLLECTIVE_KINDS:
+            raise ValueError(f"unknown collective {kind!r}; expected one of {', '.join(COLLECTIVE_KINDS)}")
+        coll = self.collectives
+        row = None if coll is None else next((r for r in coll.rows if r.kind == kind and r.num_gpus == int(num_gpus)),
+                                             None)
+        if row is None:
+            return None
+        b = _sizes("nbytes", nbytes)
+        xs, ys = np.asarray(row.nbytes, dtype=np.float64), np.asarray(row.latency_s, dtype=np.float64)
+        inside = np.exp(np.interp(np.log(np.maximum(b, 1.0)), np.log(xs), np.log(ys)))
+        s = np.where(b > xs[-1], ys[-1] * b / xs[-1], inside)
+        outside = int(np.count_nonzero((b > 0) & ((b < xs[0]) | (b > xs[-1]))))
+        if outside:
+            self._extrapolated[f"collective:{kind}"] += outside
+        return _out(np.where(b > 0, s, 0.0))
+
+    @property
+    def collective_kinds(self) -> list[tuple[str, int]]:
+        """(kind, num_gpus) pairs this profile has collective measurements for."""
+        return [] if self.collectives is None else [(r.kind, r.num_gpus) for r in self.collectives.rows]
 
     # ------------------------------------------------------------ overhead lookups
 

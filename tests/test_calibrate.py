@@ -14,7 +14,7 @@ import pytest
 from calibrate.cli import compare_profiles, points_path_for, write_profile
 from calibrate.errors import CalibrationError
 from calibrate.fit import fit_link, fit_roofline, leave_one_out_errors
-from calibrate.measure import Task, build_plan, read_points, run_tasks
+from calibrate.measure import Task, build_plan, cpu_attention_thread_counts, read_points, run_tasks
 from calibrate.timing import Budget, summarize
 from sim.cli import main
 from sim.profile import load_profile
@@ -214,8 +214,22 @@ def test_quick_plan_covers_every_op_and_labels_the_cpu_copy_honestly():
     tasks = build_plan([get_model("olmoe-1b-7b")], quick=True, device="cpu", threads=1)
     ops = {t.op for t in tasks}
     assert ops == {"peak_gemm", "mem_read", "host_copy", "expert_ffn", "gate", "dense_gemm", "attention_decode",
-                   "attention_prefill"}
+                   "attention_prefill", "grouped_expert_ffn"}
     assert len({t.key() for t in tasks}) == len(tasks)
+    # CPU attention by thread count: decode points at every core count, not only at the calibration's
+    assert {t.threads for t in tasks if t.op == "attention_decode"} == set(cpu_attention_thread_counts(1))
+    grouped = {(t.p["num_experts"], t.p["tokens"]) for t in tasks if t.op == "grouped_expert_ffn"}
+    assert grouped == {(e, n) for e in (1, 2, 4, 8) for n in (1, 4, 16, 64)}
+
+
+def test_cuda_plan_measures_the_host_cpu_attention_on_the_cpu():
+    from calibrate.measure import task_device
+
+    tasks = build_plan([get_model("olmoe-1b-7b")], quick=True, device="cuda", threads=4)
+    cpu = [t for t in tasks if t.op == "cpu_attention_decode"]
+    assert {t.threads for t in cpu} == set(cpu_attention_thread_counts(4))
+    assert all(task_device(t, "cuda") == "cpu" for t in cpu)
+    assert task_device(next(t for t in tasks if t.op == "attention_decode"), "cuda") == "cuda"
 
 
 def test_mla_models_get_no_sdpa_attention_points():

@@ -244,10 +244,11 @@ def test_table_tokens_must_increase(tmp_path):
         load_profile(write_yaml(tmp_path, data))
 
 
-def test_attention_has_no_table_kind_yet(tmp_path):
+def test_attention_has_no_token_table_kind(tmp_path):
     data = toy_profile_dict()
     data["operations"]["attention_decode"]["kind"] = "table"
-    with pytest.raises(ProfileError, match="operations.attention_decode.kind: unknown kind 'table'; expected one of: 'roofline'$"):
+    with pytest.raises(ProfileError, match="operations.attention_decode.kind: unknown kind 'table'; expected one of: "
+                                           "'roofline', 'efficiency_table', 'roofline_by_head_dim'$"):
         load_profile(write_yaml(tmp_path, data))
 
 

@@ -287,6 +287,32 @@ def attention_op(df, models: list[ModelSpec], gpu: dict[str, Any], *, decode: bo
 # ---------------------------------------------------------------- the profile
 
 
+NCCL_KINDS = {"alltoall": "all_to_all", "all_reduce": "all_reduce", "all_gather": "all_gather",
+              "reduce_scatter": "reduce_scatter"}
+NCCL_DTYPE_BYTES = {"half": 2, "int8": 1}
+
+
+def nccl_file(data_dir: Path, gpu: GpuSource) -> Path | None:
+    """The NCCL table of ``gpu`` (comm/nccl/<version>/nccl_perf.parquet), or None when the data has none."""
+    found = sorted((data_dir / "data" / gpu.system / "comm" / "nccl").glob("*/nccl_perf.parquet"))
+    return found[-1] if found else None
+
+
+def collective_rows(nccl) -> list[dict[str, Any]]:
+    """``collectives.rows`` from AIConfigurator's nccl_perf table: half-precision rows, message_size (elements)
+    x 2 bytes = per-rank buffer bytes, latency ms -> s, the median of repeated sizes."""
+    half = nccl[nccl.nccl_dtype == "half"]
+    rows = []
+    for (op, n), g in sorted(half.groupby(["op_name", "num_gpus"]), key=lambda kv: (str(kv[0][0]), int(kv[0][1]))):
+        if op not in NCCL_KINDS:
+            continue
+        per = g.groupby("message_size")["latency"].median().sort_index()
+        rows.append({"kind": NCCL_KINDS[op], "num_gpus": int(n),
+                     "nbytes": [int(m) * NCCL_DTYPE_BYTES["half"] for m in per.index],
+                     "latency_s": [float(f"{v * 1e-3:.5g}") for v in per.values]})
+    return rows
+
+
 def build_profile(gpu_key: str, data_dir: Path | str = DEFAULT_DATA_DIR) -> dict[str, Any]:
     """The profile mapping for ``gpu_key`` (h100, h200, a100), valid for ``sim.profile.HardwareProfile``."""
     if gpu_key not in GPUS:
@@ -364,6 +390,23 @@ def build_profile(gpu_key: str, data_dir: Path | str = DEFAULT_DATA_DIR) -> dict
         "gpu": f"datasheet figures from profile {src.datasheet!r}",
         "cpu": f"representative host from profile {src.datasheet!r} (nominal, not measured)",
     }
+    nccl_path = nccl_file(data_dir, src)
+    if nccl_path is None:
+        collectives: dict[str, Any] = {"backend": "none", "provenance": "not in the imported data",
+                                       "skipped": f"{src.system} has no comm/nccl table in the source data"}
+    else:
+        import pandas as pd
+
+        nccl = pd.read_parquet(nccl_path)
+        rel = nccl_path.relative_to(data_dir / "data" / src.system).as_posix()
+        collectives = {
+            "backend": "nccl",
+            "provenance": (f"imported from {SOURCE_REPO} {SOURCE_COMMIT[:8]} ({LICENCE}) {base}/{rel}: NCCL "
+                           f"{nccl.version.iloc[0]} on {nccl.device.iloc[0]} ({nccl.framework.iloc[0]} collector), "
+                           "half-precision rows; nbytes = message_size elements x 2 bytes (the per-rank buffer), "
+                           "latency ms -> s, median of repeated sizes"),
+            "rows": collective_rows(nccl)}
+        provenance["source"]["files"].append(f"{base}/{rel}")
     return {
         "name": src.name,
         "source": "public-measurements",
@@ -372,6 +415,7 @@ def build_profile(gpu_key: str, data_dir: Path | str = DEFAULT_DATA_DIR) -> dict
         "links": datasheet.links.model_dump(),
         "cpu": datasheet.cpu.model_dump(),
         "operations": operations,
+        "collectives": collectives,
     }
 
 

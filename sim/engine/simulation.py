@@ -96,6 +96,7 @@ def simulate(
         budget = plan_memory_ep(loaded)
     else:
         budget = setup.budget if setup is not None else plan_memory(loaded)
+    outside_before = profile.extrapolated_counts()  # lookups beyond measured data (warned once in the summary)
     seeds = np.random.SeedSequence(scenario.workload.seed).spawn(2)
     arrivals_rng, routing_rng = (np.random.default_rng(s) for s in seeds)
     table = build_request_table(loaded, arrivals_rng)
@@ -213,7 +214,9 @@ def simulate(
         tbt_samples_s=np.frombuffer(tbt_samples, dtype=np.float64).copy(), replicas=replicas,
         partial=partial, simulated_s=env.now, events=_event_count(env),
         extra={"table_skipped_rows": table.skipped_rows, "num_arrivals": len(table), **extra,
-               **({"faults": injector.summary()} if injector is not None else {})},
+               **({"faults": injector.summary()} if injector is not None else {}),
+               "profile_outside_measured": {k: v - outside_before.get(k, 0) for k, v in
+                                            profile.extrapolated_counts().items() if v > outside_before.get(k, 0)}},
     )
 
 
