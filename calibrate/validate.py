@@ -117,7 +117,6 @@ def calibrate_for(spec: Any, out: Path, *, threads: int = 1, budget: Any = None,
 def replay_scenario(loaded: Any, table: Any, recorder: Any, profile_path: Path, folder: Path) -> Any:
     """The scenario with the run's arrivals (CSV trace), the runtime's routing (Parquet) and ``profile_path``."""
     from sim.scenario import parse_scenario, resolve
-    from sim.workload.routing_trace import RoutingTrace, RoutingTraceMeta, TraceSequence, write_routing_trace
 
     model = loaded.model
     folder.mkdir(parents=True, exist_ok=True)
@@ -125,13 +124,8 @@ def replay_scenario(loaded: Any, table: Any, recorder: Any, profile_path: Path, 
         "arrival_s": np.asarray(table.arrival_s), "prompt_tokens": np.asarray(table.prompt_tokens),
         "output_tokens": np.asarray(table.output_tokens),
     }).to_csv(folder / "arrivals.csv", index=False)
-    sequences = []
-    for i in range(len(table)):
-        experts = recorder.routing_of(i)
-        sequences.append(TraceSequence(request_id=i, experts=experts, positions=np.arange(len(experts), dtype=np.int32)))
-    meta = RoutingTraceMeta(model=model.name, num_layers=model.num_moe_layers, num_experts=model.num_experts,
-                            top_k=model.top_k)
-    write_routing_trace(folder / "routing.parquet", RoutingTrace(meta, sequences))
+    # The runtime's observed routing, in the canonical format; the simulator replays this file.
+    recorder.write_routing_trace(folder / "routing.parquet", model.name, model.num_experts)
     data = loaded.scenario.model_dump(mode="json")
     data["hardware"]["profile"] = str(profile_path.resolve())
     data["workload"]["arrivals"] = {
@@ -144,6 +138,31 @@ def replay_scenario(loaded: Any, table: Any, recorder: Any, profile_path: Path, 
     data["sweep"] = {"axes": {}}
     source = str(folder / "replay-scenario.yaml")
     return resolve(parse_scenario(data, source), source, folder)
+
+
+def needs_oracle(loaded: Any) -> bool:
+    prefetch = loaded.scenario.policies.prefetch
+    return prefetch.name == "next_layer" and getattr(prefetch, "predictor", "oracle") == "oracle"
+
+
+def record_oracle_routing(loaded: Any, table: Any, folder: Path, *, seed: int) -> dict[int, np.ndarray]:
+    """The routing an oracle prefetcher knows in advance: a first, untimed pass over the same requests
+    (every expert resident, no prefetch, all arriving at once), written as ``oracle-routing.parquet`` in the
+    canonical format and read back by request id. The measured run's gates follow it (``Runtime``)."""
+    from calibrate.runtime.server import Runtime
+    from sim.scenario import parse_scenario, resolve
+    from sim.workload.routing_trace import read_routing_trace
+
+    data = loaded.scenario.model_dump(mode="json")
+    data["hardware"]["expert_memory"] = {"all": True}
+    data["policies"]["expert_cache"] = {"name": "all_resident"}
+    data["policies"]["prefetch"] = {"name": "none"}
+    data["sweep"] = {"axes": {}}
+    first = resolve(parse_scenario(data, loaded.source), loaded.source, loaded.base_dir)
+    runtime = Runtime(first, seed=seed)
+    recorder = runtime.serve(table, time_scale=0.0)
+    path = recorder.write_routing_trace(folder / "oracle-routing.parquet", loaded.model.name, loaded.model.num_experts)
+    return {s.request_id: s.experts for s in read_routing_trace(path, gates=False).sequences}
 
 
 # ---------------------------------------------------------------- comparison
@@ -197,6 +216,7 @@ def replay_batches(replay: Any, recorder: Any) -> pd.DataFrame:
     from sim.engine.iteration import BatchShape, IterationPlanner, time_plan
     from sim.policies.cache import make_cache
     from sim.workload.routing import RecordedSequence, ReplayedRouting
+    from sim.workload.routing_trace import read_routing_trace
 
     model, policies = replay.model, replay.scenario.policies
     from sim.engine.memory import plan_memory
@@ -206,9 +226,12 @@ def replay_batches(replay: Any, recorder: Any) -> pd.DataFrame:
     cache = make_cache(cache_spec.name, num_layers=model.num_moe_layers, num_experts=model.num_experts,
                        capacity_experts=budget.expert_slots,
                        per_layer=getattr(cache_spec, "scope", "global") == "per_layer")
-    planner = IterationPlanner(model=model, profile=replay.profile, cache=cache, prefetch=policies.prefetch.name)
-    ids = sorted(recorder.routing)
-    sequences = [RecordedSequence(str(i), recorder.routing_of(i)) for i in range(max(ids) + 1)]
+    planner = IterationPlanner(model=model, profile=replay.profile, cache=cache, prefetch=policies.prefetch.name,
+                               prefetch_predictor=getattr(policies.prefetch, "predictor", "oracle"),
+                               prefetch_max_experts=getattr(policies.prefetch, "max_experts", None))
+    # The routing trace file the runtime wrote (what the closed-loop replay reads too), by request id.
+    trace = {s.request_id: s.experts for s in read_routing_trace(replay.base_dir / "routing.parquet", gates=False).sequences}
+    sequences = [RecordedSequence(str(i), trace[i]) for i in range(max(trace) + 1)]
     routing = ReplayedRouting(sequences, model.num_experts)
     rows = []
     for batch in recorder.batches:
@@ -221,8 +244,10 @@ def replay_batches(replay: Any, recorder: Any) -> pd.DataFrame:
         )
         plan = planner.plan(shape, routing.counts([(r, pos, n) for r, pos, n, _, _ in batch]))
         timing = time_plan(plan)
-        rows.append((timing.duration_s, timing.compute_busy_s, timing.stall_s, plan.hits, plan.misses))
-    return pd.DataFrame(rows, columns=["predicted_s", "predicted_compute_s", "predicted_stall_s", "hits", "misses"])
+        rows.append((timing.duration_s, timing.compute_busy_s, timing.stall_s, timing.copy_busy_s, plan.hits,
+                     plan.misses, plan.prefetch_hits, len(plan.load_s)))
+    return pd.DataFrame(rows, columns=["predicted_s", "predicted_compute_s", "predicted_stall_s", "predicted_copy_s",
+                                       "hits", "misses", "prefetch_hits", "loads"])
 
 
 def same_batch_metrics(real_it: pd.DataFrame, planned: pd.DataFrame) -> dict[str, Any]:
@@ -234,9 +259,12 @@ def same_batch_metrics(real_it: pd.DataFrame, planned: pd.DataFrame) -> dict[str
         "same_batch_hits_real": int(real_it["expert_hits"].sum()), "same_batch_hits_sim": int(planned["hits"].sum()),
         "same_batch_misses_real": int(real_it["expert_misses"].sum()),
         "same_batch_misses_sim": int(planned["misses"].sum()),
+        "same_batch_prefetch_hits_real": int(real_it["prefetch_hits"].sum()),
+        "same_batch_prefetch_hits_sim": int(planned["prefetch_hits"].sum()),
         "same_batch_iterations_with_other_decisions": int(
             ((planned["hits"].to_numpy() != real_it["expert_hits"].to_numpy())
-             | (planned["misses"].to_numpy() != real_it["expert_misses"].to_numpy())).sum()),
+             | (planned["misses"].to_numpy() != real_it["expert_misses"].to_numpy())
+             | (planned["prefetch_hits"].to_numpy() != real_it["prefetch_hits"].to_numpy())).sum()),
     }
 
 
@@ -249,7 +277,7 @@ def check_bounds(metrics: dict[str, Any], bounds: Bounds) -> list[str]:
             failures.append(f"{key} {value:.1%} > {bound:.0%}")
     # Hit counts are compared on the runtime's own batches: in the closed loop they agree only when the
     # timing does (other iteration times -> other batches -> other routing per iteration).
-    for kind in ("hits", "misses"):
+    for kind in ("hits", "misses", "prefetch_hits"):
         real, sim = metrics[f"same_batch_{kind}_real"], metrics[f"same_batch_{kind}_sim"]
         if real != sim:
             failures.append(f"{kind} on the runtime's batches: runtime {real} != simulator {sim}")
@@ -295,8 +323,14 @@ def validate(scenario: str | Path, *, profile: str | Path | None = None, quick: 
 
         table = RequestTable(arrival_s=table.arrival_s[:max_requests], prompt_tokens=table.prompt_tokens[:max_requests],
                              output_tokens=table.output_tokens[:max_requests])
+    seed = loaded.scenario.workload.seed
+    oracle = None
+    if needs_oracle(loaded):
+        t = time.perf_counter()
+        oracle = record_oracle_routing(loaded, table, folder, seed=seed)
+        say(f"recorded the oracle prefetcher's routing in a first pass in {time.perf_counter() - t:.1f} s")
     t = time.perf_counter()
-    runtime = Runtime(loaded, seed=loaded.scenario.workload.seed)
+    runtime = Runtime(loaded, seed=seed, oracle_routing=oracle)
     recorder = runtime.serve(table)
     say(f"runtime served {len(table)} requests in {time.perf_counter() - t:.1f} s "
         f"({len(recorder.iterations)} iterations)")
@@ -310,6 +344,7 @@ def validate(scenario: str | Path, *, profile: str | Path | None = None, quick: 
     real_req = recorder.requests_frame()
     metrics, merged = compare(real_req, result.requests, recorder.iterations_frame(), result.iterations)
     metrics["rerouted_positions"] = recorder.rerouted_positions
+    metrics["forced_positions"] = recorder.forced_positions
     planned = replay_batches(replay, recorder)
     metrics.update(same_batch_metrics(recorder.iterations_frame(), planned))
     pd.concat([recorder.iterations_frame(), planned], axis=1).to_csv(folder / "same_batch_iterations.csv", index=False)

@@ -91,6 +91,63 @@ def test_runtime_cache_makes_the_simulators_decisions(tmp_path: Path) -> None:
     np.testing.assert_array_equal(planned["misses"].to_numpy(), it["expert_misses"].to_numpy())
 
 
+@pytest.mark.parametrize("predictor", ["frequency", "oracle"])
+def test_runtime_prefetch_makes_the_simulators_decisions(tmp_path: Path, predictor: str) -> None:
+    """Next-layer prefetch into 8 slots of 16 experts: the runtime's prefetches are used (prefetch hits) and,
+    on its own batches, the simulator's planner finds the same hits, misses and prefetch hits per iteration.
+    The oracle's routing comes from a first pass (as ``moesim validate`` records it) and the gates follow it."""
+    from calibrate.validate import record_oracle_routing
+
+    data = copy.deepcopy(SCENARIO)
+    data["policies"]["prefetch"] = {"name": "next_layer", "predictor": predictor}
+    path = tmp_path / "scenario.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    loaded = load_scenario(path)
+    table = build_request_table(loaded, np.random.default_rng(np.random.SeedSequence(3).spawn(2)[0]))
+    oracle = record_oracle_routing(loaded, table, tmp_path, seed=3) if predictor == "oracle" else None
+    rec = Runtime(loaded, seed=3, oracle_routing=oracle).serve(table)
+    it = rec.iterations_frame()
+    assert it["prefetch_hits"].sum() > 0 and it["expert_misses"].sum() > 0
+    if oracle is not None:
+        for i, experts in oracle.items():
+            np.testing.assert_array_equal(rec.routing_of(i), experts)
+    replay = replay_scenario(loaded, table, rec, _shipped_profile(), tmp_path / "replay")
+    planned = replay_batches(replay, rec)
+    for real, sim in (("expert_hits", "hits"), ("expert_misses", "misses"), ("prefetch_hits", "prefetch_hits")):
+        np.testing.assert_array_equal(planned[sim].to_numpy(), it[real].to_numpy())
+    # Every prefetch and miss load was copied by the copy thread: the planner's loads, the runtime's copy time.
+    assert ((planned["loads"] > 0) == (it["copy_busy_s"] > 0)).all()
+
+
+def test_oracle_prefetch_needs_the_routing_in_advance(tmp_path: Path) -> None:
+    from calibrate.errors import CalibrationError
+
+    data = copy.deepcopy(SCENARIO)
+    data["policies"]["prefetch"] = {"name": "next_layer", "predictor": "oracle"}
+    path = tmp_path / "scenario.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    with pytest.raises(CalibrationError, match="oracle predictor needs the routing"):
+        Runtime(load_scenario(path), seed=3)
+
+
+def test_runtime_routing_trace_is_the_canonical_format(tmp_path: Path) -> None:
+    """The routing the runtime observed, written with RoutingTraceWriter, reads back exactly (ids) and to
+    float16 precision (gate weights, which sum to 1 over the top-k)."""
+    from sim.workload.routing_trace import read_routing_meta, read_routing_trace
+
+    loaded, table, rec = _serve(_write(tmp_path))
+    path = rec.write_routing_trace(tmp_path / "routing.parquet", "test-tiny-moe", 4)
+    meta = read_routing_meta(path)
+    assert (meta.model, meta.num_layers, meta.num_experts, meta.top_k) == ("test-tiny-moe", 4, 4, 2)
+    trace = read_routing_trace(path)
+    assert [s.request_id for s in trace.sequences] == list(range(len(table)))
+    for seq in trace.sequences:
+        np.testing.assert_array_equal(seq.experts, rec.routing_of(seq.request_id))
+        np.testing.assert_array_equal(seq.positions, np.arange(len(seq.experts)))
+        np.testing.assert_allclose(seq.gates, rec.gates_of(seq.request_id), atol=2e-3)
+        np.testing.assert_allclose(seq.gates.sum(axis=-1), 1.0, atol=1e-2)
+
+
 def _shipped_profile() -> Path:
     import sim.data.profiles as shipped
 
