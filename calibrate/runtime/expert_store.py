@@ -31,6 +31,7 @@ class CopyJob:
     dst: torch.Tensor
     src: torch.Tensor
     done: threading.Event = field(default_factory=threading.Event)
+    queued_at_s: float = 0.0
     started_at_s: float = 0.0
     finished_at_s: float = 0.0
 
@@ -44,10 +45,14 @@ class CopyEngine:
         self._thread.start()
 
     def submit(self, job: CopyJob) -> CopyJob:
+        job.queued_at_s = time.perf_counter()
         self._jobs.put(job)
         return job
 
     def _run(self) -> None:
+        # One thread per copy, as the calibrated host_copy was measured (threads=1): a copy must not take
+        # the compute thread's core for a second OpenMP worker.
+        torch.set_num_threads(1)
         while True:
             job = self._jobs.get()
             if job is None:
