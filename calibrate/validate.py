@@ -212,7 +212,8 @@ def compare(real_req: pd.DataFrame, sim_req: pd.DataFrame, real_it: pd.DataFrame
         mean_iteration_real_s=float(real_it["duration_s"].mean()), mean_iteration_sim_s=float(sim_it["duration_s"].mean()),
     )
     breakdown = {c: float(real_it[c].sum()) for c in ("attention_s", "gate_s", "expert_compute_s", "load_wait_s",
-                                                     "copy_busy_s", "lm_head_s", "other_s", "duration_s")}
+                                                     "copy_busy_s", "copy_dispatch_s", "lm_head_s", "other_s",
+                                                     "duration_s")}
     breakdown_sim = {c: float(sim_it[c].sum()) for c in ("compute_busy_s", "stall_s", "copy_busy_s", "duration_s")}
     metrics["breakdown_real_s"] = breakdown
     metrics["breakdown_sim_s"] = breakdown_sim
@@ -375,6 +376,10 @@ def validate(scenario: str | Path, *, profile: str | Path | None = None, quick: 
     same_batch.to_csv(folder / "same_batch_iterations.csv", index=False)
     metrics["same_batch_breakdown_s"] = {c: {"runtime": float(same_batch[c].sum()), "simulator": float(same_batch[f"sim_{c}"].sum())}
                                          for c in BREAKDOWN}
+    metrics["same_batch_copy_engine_s"] = {
+        "runtime_copy_busy": float(real_it["copy_busy_s"].sum()), "runtime_dispatch": float(real_it["copy_dispatch_s"].sum()),
+        "runtime_load_wait": float(real_it["load_wait_s"].sum()), "simulator_copy_busy": float(planned["predicted_copy_s"].sum()),
+        "simulator_stall": float(planned["predicted_stall_s"].sum()), "loads": int(planned["loads"].sum())}
     merged = merged.merge(request_service(recorder, real_it, planned), on="request_id", how="left")
     structure, merged = error_structure(merged, real_req)
     metrics["error_structure"] = structure
@@ -412,7 +417,12 @@ def format_table(vr: ValidationResult, bounds: Bounds) -> str:
                  f"simulator {m['iterations_sim']} (mean {m['mean_iteration_sim_s'] * 1e3:.2f} ms)")
     b = m["breakdown_real_s"]
     lines.append("runtime time split    " + ", ".join(f"{k.removesuffix('_s')} {v / b['duration_s']:.0%}"
-                                                       for k, v in b.items() if k not in ("duration_s", "copy_busy_s")))
+                                                       for k, v in b.items() if k not in ("duration_s", "copy_busy_s", "copy_dispatch_s")))
+    ce = m.get("same_batch_copy_engine_s")
+    if ce and ce["loads"]:
+        lines.append(f"{'copy engine':22s} {ce['loads']} loads; runtime copying {ce['runtime_copy_busy']:.2f} s, queued with "
+                     f"the copy thread free {ce['runtime_dispatch']:.2f} s, compute waiting {ce['runtime_load_wait']:.2f} s; "
+                     f"simulator copying {ce['simulator_copy_busy']:.2f} s, stalled {ce['simulator_stall']:.2f} s")
     es = m.get("error_structure", {})
     if "service_ape_median" in es:
         lines.append(f"{'error structure':22s} service (its iterations, same batches) APE median {es['service_ape_median']:.1%}, "

@@ -155,6 +155,16 @@ class ExpertStore:
         """Copy-thread busy time of this iteration's loads (call after ``end_iteration``)."""
         return sum(job.finished_at_s - job.started_at_s for job in self._jobs)
 
+    def dispatch_seconds(self) -> float:
+        """Time this iteration's loads sat queued while the copy thread was free (waking up, taking the GIL,
+        being scheduled): copy-engine time the simulator's FIFO copy engine does not have (call after
+        ``end_iteration``). The loads of earlier iterations all finished before this one's were queued."""
+        seconds, free_at = 0.0, 0.0
+        for job in self._jobs:
+            seconds += max(0.0, job.started_at_s - max(job.queued_at_s, free_at))
+            free_at = job.finished_at_s
+        return seconds
+
     def _slot_for(self, key: int) -> torch.Tensor:
         slot = self._free.pop()
         self.slot_of[key] = slot

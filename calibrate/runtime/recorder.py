@@ -44,6 +44,7 @@ class RuntimeIteration:
     expert_compute_s: float  # expert FFNs including token gather and scatter-add
     load_wait_s: float  # the compute thread waiting for expert copies (and, at the end, for prefetches)
     copy_busy_s: float  # copy-thread time of this iteration's loads (misses and prefetches)
+    copy_dispatch_s: float  # loads queued while the copy thread was free (wake-up, GIL, scheduling)
     lm_head_s: float
     other_s: float  # embedding, batch assembly, bookkeeping: the rest of the wall time
 

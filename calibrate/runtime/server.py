@@ -355,6 +355,7 @@ class Runtime:
         # Prefetches no layer waited for still hold the iteration open (the simulator's time_plan).
         wait_s += store.end_iteration(used)
         copy_s = store.copy_seconds()
+        dispatch_s = store.dispatch_seconds()
         for req, pos, n, row, _, _, _ in segs:
             rec.record_routing(req.request_id, pos, routing[row : row + n], gates[row : row + n])
         rec.batches.append(tuple((s[0].request_id, s[1], s[2], s[5], s[4]) for s in segs))
@@ -362,7 +363,7 @@ class Runtime:
         return dict(
             num_prefill_seqs=len(prefills), num_decode_seqs=len(decodes), num_tokens=T, expert_hits=hits,
             expert_misses=misses, bypassed=bypassed, prefetch_hits=prefetch_hits, attention_s=attention_s, gate_s=gate_s,
-            expert_compute_s=expert_s, load_wait_s=wait_s, copy_busy_s=copy_s, lm_head_s=lm_head_s,
+            expert_compute_s=expert_s, load_wait_s=wait_s, copy_busy_s=copy_s, copy_dispatch_s=dispatch_s, lm_head_s=lm_head_s,
             other_s=max(0.0, total - attention_s - gate_s - expert_s - wait_s - lm_head_s),
         )
 
