@@ -120,7 +120,30 @@ def calibrate_for(spec: Any, out: Path, *, threads: int = 1, budget: Any = None,
         env["load_average_at_end"] = list(load_average())
         write_profile(read_points(points_path), env, out=out, name=out.stem, threads=threads, points_path=points_path,
                       quiet=True, extra_provenance={**note, "overheads": prov}, extra_operations=ops)
+        set_copy_link_from_runtime(spec, out, threads=threads, rounds=max(1, overhead_rounds // 2))
     return out
+
+
+def set_copy_link_from_runtime(spec: Any, profile_path: Path, *, threads: int = 1, rounds: int = 2) -> dict[str, Any]:
+    """Replace the profile's ``links.host_to_device`` (a copy timed alone) by the link measured on the runtime's
+    copy thread beside compute (``calibrate.runtime.copy_link``); the isolated figures stay in the provenance."""
+    import yaml
+
+    from calibrate.runtime.copy_link import measure_copy_link
+    from sim.profile import parse_profile
+
+    link = measure_copy_link(spec, threads=threads, rounds=rounds)
+    text = profile_path.read_text(encoding="utf-8")
+    header = "".join(line for line in text.splitlines(keepends=True) if line.startswith("#"))
+    data = yaml.safe_load(text)
+    h2d = data["links"]["host_to_device"]
+    isolated = {"bandwidth_gbps": h2d["bandwidth_gbps"], "latency_s": h2d["latency_s"]}
+    h2d["bandwidth_gbps"], h2d["latency_s"] = link["bandwidth_gbps"], link["latency_s"]
+    data.setdefault("provenance", {})["copy_link"] = {**link["provenance"], "isolated_copy": isolated}
+    out = header + yaml.safe_dump(data, sort_keys=False, width=120)
+    parse_profile(out, origin=str(profile_path))
+    profile_path.write_text(out, encoding="utf-8")
+    return link
 
 
 # ---------------------------------------------------------------- the simulator's replay of a run
