@@ -134,7 +134,7 @@ def figures(comparison: pd.DataFrame, real_it: pd.DataFrame, sim_it: pd.DataFram
     ax.plot(sim_it["started_at_s"], sim_it["duration_s"] * 1e3, ".-", lw=0.6, ms=3, label="simulator")
     ax.set_xlabel("time (s)")
     ax.set_ylabel("iteration (ms)")
-    ax.legend()
+    ax.legend(loc="upper right")
     ax = axes[1]
     for i, row in enumerate(c.itertuples()):
         ax.plot([row.arrived_at_s, row.finished_at_s_real], [i - 0.15, i - 0.15], color="C0", lw=2)
@@ -157,7 +157,7 @@ def figures(comparison: pd.DataFrame, real_it: pd.DataFrame, sim_it: pd.DataFram
         bottom_s += s
     ax.set_xlabel(f"iteration (first {n}; left bar runtime, hatched right bar simulator on the same batch)")
     ax.set_ylabel("ms")
-    ax.legend(ncol=6, fontsize=8)
+    ax.legend(ncol=6, fontsize=8, loc="upper right")
     out.append(("Per-iteration time breakdown, side by side", _png(fig)))
 
     if "service_error" in c:
