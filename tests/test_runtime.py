@@ -271,3 +271,9 @@ def test_validation_profile_has_the_overheads_measured_on_the_runtime(quick_vali
     assert profile.layer_overhead_s(tokens=8, sequences=4) > 0
     check = profile.provenance["overheads"]["iteration_check"]
     assert check["num_points"] == len(profile.provenance["overheads"]["grid"])
+    # The expert-load link is the one measured on the runtime's copy thread, the isolated copy kept beside it.
+    link = profile.provenance["copy_link"]
+    assert link["copies"] > 0 and link["isolated_copy"]["bandwidth_gbps"] > 0
+    h2d = profile.links.host_to_device
+    assert h2d.bandwidth_gbps == pytest.approx(link["expert_bytes"] / link["copy_s"]["mean"] / 1e9, rel=1e-3)
+    assert h2d.latency_s == pytest.approx(link["dispatch_s"]["mean"], rel=1e-3)
