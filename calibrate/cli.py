@@ -82,7 +82,7 @@ def register_validate(sub: Any) -> None:
                                    "and cache hits. Exits 1 when an error bound is exceeded.")
     v.add_argument("scenario", metavar="SCENARIO", help="scenario YAML (e.g. scenarios/validate-all-resident.yaml)")
     v.add_argument("--profile", help="use this profile instead of calibrating (a YAML path or shipped name)")
-    v.add_argument("--quick", action="store_true", help="the CI check: looser latency bounds (20%%/40%%/20%%)")
+    v.add_argument("--quick", action="store_true", help="the CI check: short calibration, the first 16 requests, bounds 15%%/40%%/10%%")
     v.add_argument("--out", metavar="DIR", help="folder for the tables and report (default reports/validate-NAME)")
     v.add_argument("--max-requests", type=int, metavar="N", help="serve only the first N requests")
     v.add_argument("--no-progress", action="store_true", help="no calibration progress bar")

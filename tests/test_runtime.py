@@ -4,7 +4,6 @@ seeded routing, and one quick end-to-end validation on a tiny model."""
 from __future__ import annotations
 
 import copy
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +15,7 @@ torch = pytest.importorskip("torch")
 
 from calibrate.runtime.model import TinyMoE  # noqa: E402
 from calibrate.runtime.server import Runtime  # noqa: E402
-from calibrate.timing import Budget  # noqa: E402
-from calibrate.validate import QUICK_BOUNDS, compare, replay_batches, replay_scenario, validate  # noqa: E402
+from calibrate.validate import QUICK_BOUNDS, compare, replay_batches, replay_scenario  # noqa: E402
 from sim.engine.simulation import build_request_table, simulate  # noqa: E402
 from sim.scenario import load_scenario  # noqa: E402
 
@@ -91,6 +89,63 @@ def test_runtime_cache_makes_the_simulators_decisions(tmp_path: Path) -> None:
     np.testing.assert_array_equal(planned["misses"].to_numpy(), it["expert_misses"].to_numpy())
 
 
+@pytest.mark.parametrize("predictor", ["frequency", "oracle"])
+def test_runtime_prefetch_makes_the_simulators_decisions(tmp_path: Path, predictor: str) -> None:
+    """Next-layer prefetch into 8 slots of 16 experts: the runtime's prefetches are used (prefetch hits) and,
+    on its own batches, the simulator's planner finds the same hits, misses and prefetch hits per iteration.
+    The oracle's routing comes from a first pass (as ``moesim validate`` records it) and the gates follow it."""
+    from calibrate.validate import record_oracle_routing
+
+    data = copy.deepcopy(SCENARIO)
+    data["policies"]["prefetch"] = {"name": "next_layer", "predictor": predictor}
+    path = tmp_path / "scenario.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    loaded = load_scenario(path)
+    table = build_request_table(loaded, np.random.default_rng(np.random.SeedSequence(3).spawn(2)[0]))
+    oracle = record_oracle_routing(loaded, table, tmp_path, seed=3) if predictor == "oracle" else None
+    rec = Runtime(loaded, seed=3, oracle_routing=oracle).serve(table)
+    it = rec.iterations_frame()
+    assert it["prefetch_hits"].sum() > 0 and it["expert_misses"].sum() > 0
+    if oracle is not None:
+        for i, experts in oracle.items():
+            np.testing.assert_array_equal(rec.routing_of(i), experts)
+    replay = replay_scenario(loaded, table, rec, _shipped_profile(), tmp_path / "replay")
+    planned = replay_batches(replay, rec)
+    for real, sim in (("expert_hits", "hits"), ("expert_misses", "misses"), ("prefetch_hits", "prefetch_hits")):
+        np.testing.assert_array_equal(planned[sim].to_numpy(), it[real].to_numpy())
+    # Every prefetch and miss load was copied by the copy thread: the planner's loads, the runtime's copy time.
+    assert ((planned["loads"] > 0) == (it["copy_busy_s"] > 0)).all()
+
+
+def test_oracle_prefetch_needs_the_routing_in_advance(tmp_path: Path) -> None:
+    from calibrate.errors import CalibrationError
+
+    data = copy.deepcopy(SCENARIO)
+    data["policies"]["prefetch"] = {"name": "next_layer", "predictor": "oracle"}
+    path = tmp_path / "scenario.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    with pytest.raises(CalibrationError, match="oracle predictor needs the routing"):
+        Runtime(load_scenario(path), seed=3)
+
+
+def test_runtime_routing_trace_is_the_canonical_format(tmp_path: Path) -> None:
+    """The routing the runtime observed, written with RoutingTraceWriter, reads back exactly (ids) and to
+    float16 precision (gate weights, which sum to 1 over the top-k)."""
+    from sim.workload.routing_trace import read_routing_meta, read_routing_trace
+
+    loaded, table, rec = _serve(_write(tmp_path))
+    path = rec.write_routing_trace(tmp_path / "routing.parquet", "test-tiny-moe", 4)
+    meta = read_routing_meta(path)
+    assert (meta.model, meta.num_layers, meta.num_experts, meta.top_k) == ("test-tiny-moe", 4, 4, 2)
+    trace = read_routing_trace(path)
+    assert [s.request_id for s in trace.sequences] == list(range(len(table)))
+    for seq in trace.sequences:
+        np.testing.assert_array_equal(seq.experts, rec.routing_of(seq.request_id))
+        np.testing.assert_array_equal(seq.positions, np.arange(len(seq.experts)))
+        np.testing.assert_allclose(seq.gates, rec.gates_of(seq.request_id), atol=2e-3)
+        np.testing.assert_allclose(seq.gates.sum(axis=-1), 1.0, atol=1e-2)
+
+
 def _shipped_profile() -> Path:
     import sim.data.profiles as shipped
 
@@ -123,45 +178,64 @@ def test_routing_is_seeded() -> None:
     assert not torch.equal(ia, ic)
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
 @pytest.fixture(scope="module")
 def quick_validation(tmp_path_factory: pytest.TempPathFactory):
-    """Calibrate the tiny shapes (short budget), serve, simulate and compare once for the tests below."""
-    tmp_path = tmp_path_factory.mktemp("validate")
-    started = time.perf_counter()
-    vr = validate(_write(tmp_path), quick=True, out=tmp_path / "out",
-                  calibration_budget=Budget(max_repeats=6, time_s=0.05, rounds=2), log=lambda m: None)
-    return vr, time.perf_counter() - started
+    """``moesim validate --quick`` on the shipped prefetch scenario, through the CLI (calibration included):
+    the CI check. Returns its exit code and the summary it wrote."""
+    import json
+
+    import sim.cli
+
+    out = tmp_path_factory.mktemp("validate") / "out"
+    code = sim.cli.main(["validate", "--quick", str(REPO / "scenarios" / "validate-prefetch.yaml"), "--out", str(out),
+                         "--no-progress"])
+    return code, json.loads((out / "summary.json").read_text()), out
 
 
 @pytest.mark.slow
 def test_quick_validation_runs_and_reports(quick_validation) -> None:
-    vr, elapsed = quick_validation
-    m = vr.metrics
-    assert elapsed < 60
-    assert m["num_requests"] == 12
+    """The decisions are exact (hits, misses and prefetch hits of the simulator's planner on the runtime's batches
+    equal the runtime's); the report holds the scatter plots, timelines, breakdown and error structure."""
+    code, summary, out = quick_validation
+    m = summary["metrics"]
+    assert summary["quick"] and m["num_requests"] == 16
     for key in ("e2e_ape_median", "e2e_ape_p95", "ttft_ape_median", "throughput_error",
                 "same_batch_iteration_ape_median"):
         assert np.isfinite(m[key])
     assert m["same_batch_hits_real"] == m["same_batch_hits_sim"]
-    assert m["same_batch_misses_real"] == m["same_batch_misses_sim"]
-    assert (vr.folder / "report.html").read_text().startswith("<!doctype html>")
+    assert m["same_batch_misses_real"] == m["same_batch_misses_sim"] > 0
+    assert m["same_batch_prefetch_hits_real"] == m["same_batch_prefetch_hits_sim"] > 0
+    assert m["same_batch_iterations_with_other_decisions"] == 0
+    report = (out / "report.html").read_text()
+    assert report.startswith("<!doctype html>") and report.count("<img") == 4
+    for title in ("Predicted vs measured", "Timelines", "Per-iteration time breakdown, side by side", "Error structure"):
+        assert title in report
+    # Every category of the runtime's time has the simulator's counterpart on the same batches.
+    assert set(m["same_batch_breakdown_s"]) == {"attention_s", "gate_s", "expert_compute_s", "load_wait_s",
+                                                "lm_head_s", "other_s"}
+    assert m["same_batch_breakdown_s"]["expert_compute_s"]["simulator"] > 0
 
 
 @pytest.mark.slow
 def test_quick_validation_verdict_follows_its_bounds(quick_validation) -> None:
-    """The verdict is exactly "every measured error within its bound". The errors are reported as
-    measured: on this shared 2-core box foreign load swings the runtime between calibration and serving, and
-    copies of missed experts slow the CPU runtime's compute thread (not modelled: the copy engine is free)."""
-    vr, _ = quick_validation
-    bounds = QUICK_BOUNDS
-    m = vr.metrics
+    """The exit code is exactly the verdict "every measured error within its (quick) bound". The errors are
+    reported as measured, not asserted: on this shared 2-core box foreign load swings the runtime between
+    calibration and serving (see README, validation)."""
+    code, summary, _ = quick_validation
+    bounds = summary["bounds"]
+    m = summary["metrics"]
+    assert bounds == {"median_e2e_ape": QUICK_BOUNDS.median_e2e_ape, "p95_e2e_ape": QUICK_BOUNDS.p95_e2e_ape,
+                      "throughput_error": QUICK_BOUNDS.throughput_error}
     within = (
-        m["e2e_ape_median"] <= bounds.median_e2e_ape
-        and m["e2e_ape_p95"] <= bounds.p95_e2e_ape
-        and m["throughput_error"] <= bounds.throughput_error
+        m["e2e_ape_median"] <= bounds["median_e2e_ape"]
+        and m["e2e_ape_p95"] <= bounds["p95_e2e_ape"]
+        and m["throughput_error"] <= bounds["throughput_error"]
     )
-    assert vr.passed == (within and not vr.failures)
-    assert bool(vr.failures) == (not vr.passed)
+    assert summary["passed"] == (within and not summary["failures"])
+    assert code == (0 if summary["passed"] else 1)
 
 
 def test_measurement_runtime_runs_one_batch_with_seeded_routing() -> None:
@@ -188,8 +262,8 @@ def test_measurement_runtime_runs_one_batch_with_seeded_routing() -> None:
 def test_validation_profile_has_the_overheads_measured_on_the_runtime(quick_validation) -> None:
     from sim.profile import load_profile
 
-    vr, _ = quick_validation
-    profile = load_profile(vr.profile)
+    _, summary, _ = quick_validation
+    profile = load_profile(summary["profile"])
     ops = profile.operations
     for term in (ops.layer_overhead, ops.expert_overhead, ops.iteration_overhead):
         assert term is not None and term.fit_error is not None
@@ -197,3 +271,9 @@ def test_validation_profile_has_the_overheads_measured_on_the_runtime(quick_vali
     assert profile.layer_overhead_s(tokens=8, sequences=4) > 0
     check = profile.provenance["overheads"]["iteration_check"]
     assert check["num_points"] == len(profile.provenance["overheads"]["grid"])
+    # The expert-load link is the one measured on the runtime's copy thread, the isolated copy kept beside it.
+    link = profile.provenance["copy_link"]
+    assert link["copies"] > 0 and link["isolated_copy"]["bandwidth_gbps"] > 0
+    h2d = profile.links.host_to_device
+    assert h2d.bandwidth_gbps == pytest.approx(link["expert_bytes"] / link["copy_s"]["mean"] / 1e9, rel=1e-3)
+    assert h2d.latency_s == pytest.approx(link["dispatch_s"]["mean"], rel=1e-3)

@@ -101,6 +101,15 @@ class TinyMoE:
         top, idx = torch.topk(probs, self.dims.top_k, dim=-1)
         return idx, (top / top.sum(dim=-1, keepdim=True)).to(DTYPE)
 
+    def route_forced(self, layer: int, h: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The gate run as ``route`` does, but with the experts ``idx`` [T, k] given (an oracle's routing):
+        their renormalised gate weights [T, k], and how many tokens' own top-k set differs from ``idx``."""
+        probs = torch.softmax((h @ self.layers[layer]["router"]).float(), dim=-1)
+        own = torch.topk(probs, self.dims.top_k, dim=-1).indices
+        differ = int((torch.sort(own, dim=-1).values != torch.sort(idx, dim=-1).values).any(dim=-1).sum())
+        top = torch.gather(probs, 1, idx)
+        return (top / top.sum(dim=-1, keepdim=True)).to(DTYPE), differ
+
     def expert_views(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         h, f = self.dims.hidden, self.dims.ffn
         return flat[: h * f].view(h, f), flat[h * f : 2 * h * f].view(h, f), flat[2 * h * f :].view(f, h)

@@ -11,7 +11,15 @@ preemption. The serving loop:
     -> every sequence of the batch advances (tokens stamped with the wall clock)
 
 Requests arrive at their ``arrival_s`` (real time from the start of serving, ``time_scale`` x).
-Not supported yet: swap preemption and next-layer prefetch (``CalibrationError``)."""
+
+Next-layer prefetch (``policies.prefetch: {name: next_layer}``) makes the simulator's decisions
+(``ExpertStore``, ``sim.policies.next_layer``); its copies run on the copy thread while the compute
+thread runs the current layer's experts. The ``frequency`` predictor needs nothing but the past. The
+``oracle`` predictor knows each iteration's routing before it runs, which a real system cannot: the
+runtime gets it as ``oracle_routing`` (a routing trace recorded by an earlier run of the same requests,
+see ``calibrate.validate``), and its gates then follow that routing (each gate is still computed; where
+its own top-k differs, counted in ``RunRecorder.forced_positions``, the trace's experts are used with the
+gate's probabilities for them), so the oracle is exact. Not supported: swap preemption (``CalibrationError``)."""
 
 from __future__ import annotations
 
@@ -59,11 +67,14 @@ class WallClock:
 class Runtime:
     """One replica of the real model serving a request table."""
 
-    def __init__(self, loaded: LoadedScenario, *, seed: int = 0, threads: int = 1) -> None:
+    def __init__(self, loaded: LoadedScenario, *, seed: int = 0, threads: int = 1,
+                 oracle_routing: dict[int, np.ndarray] | None = None) -> None:
         policies = loaded.scenario.policies
-        if policies.prefetch.name != "none":
-            raise CalibrationError(f"{loaded.source}: policies.prefetch: {policies.prefetch.name!r} is not in the "
-                                   f"runtime yet; use prefetch: {{name: none}}")
+        prefetch = policies.prefetch
+        predictor = getattr(prefetch, "predictor", "oracle")
+        if prefetch.name == "next_layer" and predictor == "oracle" and oracle_routing is None:
+            raise CalibrationError(f"{loaded.source}: policies.prefetch: the oracle predictor needs the routing in "
+                                   f"advance (oracle_routing, recorded by a first run; moesim validate does this)")
         if policies.preemption.mode != "recompute":
             raise CalibrationError(f"{loaded.source}: policies.preemption: the runtime supports recompute only")
         if loaded.scenario.hardware.num_gpus != 1:
@@ -80,7 +91,12 @@ class Runtime:
             cache_spec.name, num_layers=d.num_layers, num_experts=d.num_experts,
             capacity_experts=self.budget.expert_slots, per_layer=getattr(cache_spec, "scope", "global") == "per_layer",
         )
-        self.store = ExpertStore(self.model.host_experts, cache, num_experts=d.num_experts)
+        self.store = ExpertStore(
+            self.model.host_experts, cache, num_experts=d.num_experts, prefetch=prefetch.name,
+            prefetch_predictor=predictor, prefetch_max_experts=getattr(prefetch, "max_experts", None) or d.top_k,
+        )
+        # request id -> experts [positions, layers, top_k] the gates follow (oracle prefetch only)
+        self.oracle = oracle_routing if prefetch.name == "next_layer" and predictor == "oracle" else None
         self.expert_calls: list[tuple[int, float]] | None = None  # (tokens, seconds) per expert call, when set
 
     @classmethod
@@ -94,6 +110,7 @@ class Runtime:
         cache = make_cache("all_resident", num_layers=d.num_layers, num_experts=d.num_experts,
                            capacity_experts=d.num_layers * d.num_experts, per_layer=False)
         self.store = ExpertStore(self.model.host_experts, cache, num_experts=d.num_experts)
+        self.oracle = None
         self.expert_calls = None
         self.tokens, self.kv, self.token_times = {}, {}, {}
         self.max_len = 1
@@ -222,7 +239,10 @@ class Runtime:
         if kv is None:
             d = self.dims
             # Every request gets the longest request's room, so decode batches can slice a common length.
-            kv = torch.empty(d.num_layers, 2, d.num_kv_heads, self.max_len, d.head_dim, dtype=torch.bfloat16)
+            # Zeroed, not empty: a decode batch reads past a shorter sequence's end (masked out), and
+            # SDPA multiplies those values by a zero weight, so uninitialised NaNs would turn into NaN
+            # hidden states and garbage routing.
+            kv = torch.zeros(d.num_layers, 2, d.num_kv_heads, self.max_len, d.head_dim, dtype=torch.bfloat16)
             self.kv[req.request_id] = kv
         return kv
 
@@ -250,9 +270,20 @@ class Runtime:
         if decodes and min(dec_pos) != max(dec_pos):
             dec_mask = (torch.arange(dec_len)[None, :] <= torch.tensor(dec_pos)[:, None]).view(len(decodes), 1, 1, dec_len)
         routing = np.empty((T, d.num_layers, d.top_k), dtype=np.int16)
+        gates = np.empty((T, d.num_layers, d.top_k), dtype=np.float32)
+        forced = None
+        counts = None
+        if self.oracle is not None:
+            forced = np.concatenate([self.oracle[s[0].request_id][s[1] : s[1] + s[2]] for s in segs]).astype(np.int64)
+            if forced.shape[0] != T:
+                raise CalibrationError("oracle routing: a request of this batch has no routing for its positions")
+            counts = np.zeros((d.num_layers, d.num_experts), dtype=np.int64)
+            np.add.at(counts, (np.broadcast_to(np.arange(d.num_layers)[None, :, None], forced.shape), forced), 1)
+        used = np.zeros((d.num_layers, d.num_experts), dtype=np.int64)
+        store.begin_iteration(counts)
         x = m.embed[torch.tensor(ids, dtype=torch.long)]
-        attention_s = gate_s = expert_s = wait_s = copy_s = 0.0
-        hits = misses = bypassed = 0
+        attention_s = gate_s = expert_s = wait_s = 0.0
+        hits = misses = bypassed = prefetch_hits = 0
         for layer, w in enumerate(m.layers):
             t0 = perf()
             h = m.rms_norm(x, w["norm1"])
@@ -282,12 +313,20 @@ class Runtime:
             x = x + attn @ w["wo"]
             t1 = perf()
             h2 = m.rms_norm(x, w["norm2"])
-            idx, weights = m.route(layer, h2)
-            idx_np = idx.numpy()
+            if forced is None:
+                idx, weights = m.route(layer, h2)
+                idx_np = idx.numpy()
+            else:
+                idx_np = forced[:, layer, :]
+                weights, own = m.route_forced(layer, h2, torch.from_numpy(idx_np))
+                rec.forced_positions += int(own)
             routing[:, layer, :] = idx_np
+            gates[:, layer, :] = weights.float().numpy()
             experts = np.unique(idx_np).tolist()
+            used[layer, experts] = 1
             access = store.access(layer, experts)
-            hits += len(access.hits)
+            hits += access.num_hits
+            prefetch_hits += len(access.prefetched)
             misses += len(access.misses)
             bypassed += access.bypassed
             t2 = perf()
@@ -297,11 +336,11 @@ class Runtime:
             base = layer * d.num_experts
             for e in access.hits:
                 expert_s += self._run_expert(h2, y, idx_np, weights, e, store.weights(base + e))
-            for e, job in access.misses:
+            # Prefetched, then missed experts, each as its load (FIFO on the copy thread) finishes.
+            for e, job in (*access.prefetched, *access.misses):
                 tw = perf()
                 job.done.wait()
                 wait_s += perf() - tw
-                copy_s += job.finished_at_s - job.started_at_s
                 expert_s += self._run_expert(h2, y, idx_np, weights, e, job.dst)
             x = x + y
         t_lm = perf()
@@ -313,14 +352,18 @@ class Runtime:
             for s, tok in zip(emit, next_ids):
                 self.tokens[s[0].request_id].append(int(tok))
         lm_head_s = time.perf_counter() - t_lm
+        # Prefetches no layer waited for still hold the iteration open (the simulator's time_plan).
+        wait_s += store.end_iteration(used)
+        copy_s = store.copy_seconds()
+        dispatch_s = store.dispatch_seconds()
         for req, pos, n, row, _, _, _ in segs:
-            rec.record_routing(req.request_id, pos, routing[row : row + n])
+            rec.record_routing(req.request_id, pos, routing[row : row + n], gates[row : row + n])
         rec.batches.append(tuple((s[0].request_id, s[1], s[2], s[5], s[4]) for s in segs))
         total = time.perf_counter() - t_start
         return dict(
             num_prefill_seqs=len(prefills), num_decode_seqs=len(decodes), num_tokens=T, expert_hits=hits,
-            expert_misses=misses, bypassed=bypassed, attention_s=attention_s, gate_s=gate_s,
-            expert_compute_s=expert_s, load_wait_s=wait_s, copy_busy_s=copy_s, lm_head_s=lm_head_s,
+            expert_misses=misses, bypassed=bypassed, prefetch_hits=prefetch_hits, attention_s=attention_s, gate_s=gate_s,
+            expert_compute_s=expert_s, load_wait_s=wait_s, copy_busy_s=copy_s, copy_dispatch_s=dispatch_s, lm_head_s=lm_head_s,
             other_s=max(0.0, total - attention_s - gate_s - expert_s - wait_s - lm_head_s),
         )
 

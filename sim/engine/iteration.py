@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sim.policies.cache import ExpertCache
+from sim.policies.next_layer import predict_next_layer, reserve_prefetch
 from sim.profile import HardwareProfile
 from sim.spec import ModelSpec
 
@@ -282,14 +283,8 @@ class IterationPlanner:
 
     def _predict(self, moe_layer: int, counts: np.ndarray) -> np.ndarray:
         """Experts to prefetch for a MoE layer, most used first."""
-        if self.prefetch_predictor == "oracle":
-            row = counts[moe_layer]
-            chosen = np.flatnonzero(row)
-            chosen = chosen[np.argsort(-row[chosen], kind="stable")]
-        else:
-            row = self.use_counts[moe_layer]
-            chosen = np.argsort(-row, kind="stable")
-        return chosen[: self.prefetch_max_experts]
+        return predict_next_layer(self.prefetch_predictor, counts[moe_layer], self.use_counts[moe_layer],
+                                  self.prefetch_max_experts)
 
     def _plan_layers(
         self,
@@ -403,12 +398,5 @@ class IterationPlanner:
     ) -> None:
         """Queue loads for the predicted experts of MoE layer ``target`` that are not resident."""
         keys = target * self.num_experts + self._predict(target, counts)
-        # Pin the whole predicted set first: a prefetch must not evict another expert it predicts.
-        self._pinned[keys] = True
-        absent = keys[~self.cache.resident[keys]]
-        if not len(absent):
-            return
-        placed = self.cache.insert_many(absent, self._pinned)
-        self._pinned[absent[placed:]] = False
-        for key in absent[:placed].tolist():
+        for key in reserve_prefetch(self.cache, self._pinned, keys).tolist():
             prefetched[key] = plan.add_load(self.expert_load_s, issue_after, prefetch=True)
