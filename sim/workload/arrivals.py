@@ -47,6 +47,9 @@ __all__ = [
     "EmpiricalLength",
     "TraceFile",
     "ColumnMap",
+    "FittedArrivals",
+    "MmppArrivals",
+    "ServeGenArrivals",
     "build_requests",
     "load_trace",
     "shipped_traces",
@@ -66,21 +69,26 @@ class RequestTable:
 
     ``arrival_s`` counts seconds from the start of the trace (or of its window): the first request keeps its
     offset, it is not moved to 0. ``task`` is None when nothing labels the requests. ``skipped_rows`` is how
-    many broken trace rows ``on_bad_row: skip`` dropped. Transformations return new tables."""
+    many broken trace rows ``on_bad_row: skip`` dropped. ``client`` is the id of the client (API customer) that
+    sent each request when the source knows it (ServeGen), else None. Transformations return new tables."""
 
     arrival_s: np.ndarray
     prompt_tokens: np.ndarray
     output_tokens: np.ndarray
     task: np.ndarray | None = None
     skipped_rows: int = 0
+    client: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         arrival_s = _frozen(self.arrival_s, np.float64)
         prompt = _frozen(self.prompt_tokens, np.int64)
         output = _frozen(self.output_tokens, np.int64)
         task = None if self.task is None else _frozen(np.array([str(t) for t in self.task], dtype=object), object)
+        client = None if self.client is None else _frozen(self.client, np.int64)
         n = len(arrival_s)
-        if arrival_s.ndim != 1 or len(prompt) != n or len(output) != n or (task is not None and len(task) != n):
+        if arrival_s.ndim != 1 or len(prompt) != n or len(output) != n or (task is not None and len(task) != n) or (
+            client is not None and len(client) != n
+        ):
             raise ValueError("RequestTable columns must be 1-D and of equal length")
         if n and (not np.all(np.isfinite(arrival_s)) or arrival_s[0] < 0 or np.any(np.diff(arrival_s) < 0)):
             raise ValueError("RequestTable.arrival_s must be finite, >= 0 and sorted")
@@ -92,6 +100,7 @@ class RequestTable:
         object.__setattr__(self, "prompt_tokens", prompt)
         object.__setattr__(self, "output_tokens", output)
         object.__setattr__(self, "task", task)
+        object.__setattr__(self, "client", client)
 
     def __len__(self) -> int:
         return len(self.arrival_s)
@@ -110,6 +119,8 @@ class RequestTable:
         }
         if self.task is not None:
             columns["task"] = self.task
+        if self.client is not None:
+            columns["client"] = self.client
         return pd.DataFrame(columns)
 
     def summary(self) -> dict[str, float | int]:
@@ -133,8 +144,12 @@ class RequestTable:
         same_task = (self.task is None and other.task is None) or (
             self.task is not None and other.task is not None and np.array_equal(self.task, other.task)
         )
+        same_client = (self.client is None and other.client is None) or (
+            self.client is not None and other.client is not None and np.array_equal(self.client, other.client)
+        )
         return (
             same_task
+            and same_client
             and self.skipped_rows == other.skipped_rows
             and np.array_equal(self.arrival_s, other.arrival_s)
             and np.array_equal(self.prompt_tokens, other.prompt_tokens)
@@ -155,7 +170,9 @@ class RequestTable:
         """Replay ``factor`` times as fast: every arrival time is divided by ``factor``."""
         if not factor > 0:
             raise ValueError(f"rate scale must be > 0, got {factor}")
-        return RequestTable(self.arrival_s / factor, self.prompt_tokens, self.output_tokens, self.task, self.skipped_rows)
+        return RequestTable(
+            self.arrival_s / factor, self.prompt_tokens, self.output_tokens, self.task, self.skipped_rows, self.client
+        )
 
     def sample(self, fraction: float, rng: np.random.Generator) -> RequestTable:
         """A random round(fraction * len) of the requests, drawn without replacement, in time order."""
@@ -175,7 +192,7 @@ class RequestTable:
         return self if keep.all() else self._take(keep)
 
     def with_tasks(self, task: np.ndarray | None) -> RequestTable:
-        return RequestTable(self.arrival_s, self.prompt_tokens, self.output_tokens, task, self.skipped_rows)
+        return RequestTable(self.arrival_s, self.prompt_tokens, self.output_tokens, task, self.skipped_rows, self.client)
 
     def _take(self, rows: np.ndarray, shift_s: float = 0.0) -> RequestTable:
         return RequestTable(
@@ -184,6 +201,7 @@ class RequestTable:
             self.output_tokens[rows],
             None if self.task is None else self.task[rows],
             self.skipped_rows,
+            None if self.client is None else self.client[rows],
         )
 
 
@@ -219,6 +237,12 @@ _SHIPPED: dict[str, _ShippedTrace] = {
 }
 
 
+# ServeGen statistics (Apache-2.0): the client-trace CSV and the per-client length quantiles derived from it.
+_SHIPPED_SERVEGEN: dict[str, tuple[str, str]] = {
+    "servegen-deepseek-r1": ("servegen_deepseek_r1_clients.csv.gz", "servegen_deepseek_r1_lengths.csv"),
+}
+
+
 def shipped_traces() -> dict[str, str]:
     """Name -> one-line description of every trace that ships with moesim."""
     return {name: trace.description for name, trace in _SHIPPED.items()}
@@ -228,7 +252,11 @@ def shipped_trace_path(name: str) -> Path | Traversable:
     """Where a shipped trace lives: in the installed package, or in the checkout's traces/ folder."""
     if name not in _SHIPPED:
         raise TraceError(f"unknown shipped trace {name!r}; expected one of {sorted(_SHIPPED)}")
-    file_name = _SHIPPED[name].file_name
+    return shipped_file(_SHIPPED[name].file_name)
+
+
+def shipped_file(file_name: str) -> Path | Traversable:
+    """A file of the shipped traces/ folder, installed or in the checkout."""
     try:
         installed = importlib.resources.files("sim.shipped.traces").joinpath(file_name)
         if installed.is_file():
@@ -413,7 +441,90 @@ class GammaArrivals(_Spec):
     output_tokens: LengthSpec = Field(description="Distribution of output (generated) lengths.")
 
 
-ArrivalSpec = Annotated[TraceArrivals | PoissonArrivals | GammaArrivals, Field(discriminator="kind")]
+class FittedArrivals(_Spec):
+    """A generator fitted to a real trace by ``moesim trace fit TRACE --out gen.yaml`` (sim.workload.arrival_fit):
+    inter-arrival family chosen by goodness of fit, rate, CV, the trace's rate profile and its length quantiles."""
+
+    kind: Literal["fitted"] = Field(description="Generate from a fitted arrival generator (YAML).")
+    path: str = Field(min_length=1, description="The YAML `moesim trace fit` wrote, relative to the scenario's folder.")
+    profile: bool = Field(
+        True, description="Follow the trace's rate per window (repeated after its end) with the gaps fitted under it; "
+        "false: a stationary renewal process with the gaps fitted to the whole trace."
+    )
+    rate_scale: float = Field(1.0, gt=0, description="Multiply the fitted rate by this (2.0 is twice the traffic).")
+    correlated_lengths: bool = Field(
+        True, description="Keep the trace's rank correlation between prompt and output lengths (Gaussian copula)."
+    )
+
+
+class MmppState(_Spec):
+    rate_per_s: float = Field(ge=0, description="Poisson arrival rate while the process is in this state.")
+    mean_dwell_s: float = Field(gt=0, description="Mean time spent in this state per visit (exponential).")
+
+
+class MmppArrivals(_Spec):
+    """Markov-modulated Poisson arrivals: bursts (a high-rate state) and lulls, switching at random."""
+
+    kind: Literal["mmpp"] = Field(description="Generate Markov-modulated Poisson arrivals.")
+    states: list[MmppState] = Field(min_length=1, description="The states, each with its rate and mean dwell time.")
+    switch: list[list[float]] | None = Field(
+        None, description="Row i: probabilities of jumping from state i to each state (zero diagonal, rows sum to 1); "
+        "default: any other state, equally likely."
+    )
+    prompt_tokens: LengthSpec = Field(description="Distribution of prompt (input) lengths.")
+    output_tokens: LengthSpec = Field(description="Distribution of output (generated) lengths.")
+
+    @model_validator(mode="after")
+    def _check_switch(self) -> MmppArrivals:
+        if sum(st.rate_per_s for st in self.states) <= 0:
+            raise ValueError("at least one state needs rate_per_s > 0")
+        if self.switch is not None:
+            n = len(self.states)
+            p = np.asarray(self.switch, dtype=np.float64) if all(len(r) == n for r in self.switch) else None
+            if p is None or p.shape != (n, n) or np.any(p < 0) or np.any(np.abs(p.sum(axis=1) - 1) > 1e-6) or (
+                n > 1 and np.any(np.diag(p) > 0)
+            ):
+                raise ValueError(f"switch must be a {n}x{n} matrix of probabilities with rows summing to 1 and a zero diagonal")
+        return self
+
+
+class ServeGenArrivals(_Spec):
+    """Multi-client traffic from ServeGen's per-client statistics (rate, CV and inter-arrival family per 10-minute
+    window; Xiang et al. 2025, Alibaba Bailian): each client's requests are drawn window by window and merged."""
+
+    kind: Literal["servegen"] = Field(description="Generate multi-client traffic from ServeGen client statistics.")
+    path: str = Field(
+        "servegen-deepseek-r1", min_length=1,
+        description="servegen-deepseek-r1 (shipped: 73 DeepSeek-R1 clients, one day) or a ServeGen client-trace "
+        "CSV (client_id, window_start_s, rate_rps, cv, iat_dist, iat_param1, iat_param2) relative to the scenario.",
+    )
+    clients: int | list[int] | None = Field(
+        None, description="The N busiest clients, or a list of client ids; default all."
+    )
+    start_s: float = Field(0.0, ge=0, description="Start this many seconds into the data (e.g. 43200 for noon).")
+    rate_scale: float = Field(1.0, gt=0, description="Multiply every client's rate by this.")
+    lengths_path: str | None = Field(
+        None, description="Per-client length quantiles (CSV: client_id, field, q0..q1); default: the shipped table "
+        "for servegen-deepseek-r1. Used when prompt_tokens / output_tokens are not given."
+    )
+    prompt_tokens: LengthSpec | None = Field(None, description="Prompt lengths for every client instead of per-client ones.")
+    output_tokens: LengthSpec | None = Field(None, description="Output lengths for every client instead of per-client ones.")
+
+    @model_validator(mode="after")
+    def _check_lengths(self) -> ServeGenArrivals:
+        if (self.prompt_tokens is None) != (self.output_tokens is None):
+            raise ValueError("give both prompt_tokens and output_tokens, or neither (per-client lengths)")
+        if self.prompt_tokens is None and self.lengths_path is None and self.path not in _SHIPPED_SERVEGEN:
+            raise ValueError("a ServeGen file of your own needs lengths_path or prompt_tokens and output_tokens")
+        if isinstance(self.clients, int) and self.clients < 1:
+            raise ValueError(f"clients must be >= 1, got {self.clients}")
+        return self
+
+
+ArrivalSpec = Annotated[
+    TraceArrivals | PoissonArrivals | GammaArrivals | FittedArrivals | MmppArrivals | ServeGenArrivals,
+    Field(discriminator="kind"),
+]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -436,8 +547,43 @@ def load_trace(spec: TraceFile, *, base_dir: Path) -> RequestTable:
     return RequestTable(parsed.arrival_s, parsed.prompt_tokens, parsed.output_tokens, parsed.task, parsed.skipped_rows)
 
 
+def _resolve(path: str, base_dir: Path) -> Path:
+    return Path(path) if Path(path).is_absolute() else Path(base_dir) / path
+
+
+def _servegen_table(spec: ServeGenArrivals, rng: np.random.Generator, base_dir: Path,
+                    max_requests: int | None, max_duration_s: float | None) -> RequestTable:
+    from sim.workload import arrival_bursty as bursty
+
+    shipped = _SHIPPED_SERVEGEN.get(spec.path)
+    source = shipped_file(shipped[0]) if shipped else _resolve(spec.path, base_dir)
+    windows = bursty.read_client_windows(source, name=spec.path if shipped else None)
+    if isinstance(spec.clients, int):
+        clients = windows.top_clients(spec.clients)
+    elif spec.clients is not None:
+        clients = np.asarray(spec.clients, dtype=np.int64)
+        unknown = sorted(set(clients.tolist()) - set(np.unique(windows.client_id).tolist()))
+        if unknown:
+            raise TraceError(f"{spec.path}: no client {unknown[0]} in the ServeGen statistics")
+    else:
+        clients = None
+    arrival_s, client = bursty.servegen_arrivals(
+        windows, rng, clients=clients, start_s=spec.start_s, rate_scale=spec.rate_scale,
+        max_requests=max_requests, max_duration_s=max_duration_s,
+    )
+    if spec.prompt_tokens is not None:
+        prompt, output = _draw_lengths(spec.prompt_tokens, spec.output_tokens, len(arrival_s), rng, base_dir)
+    else:
+        lengths_source = _resolve(spec.lengths_path, base_dir) if spec.lengths_path else shipped_file(shipped[1])  # type: ignore[index]
+        where = spec.lengths_path or f"{spec.path} lengths"
+        table = bursty.read_client_lengths(lengths_source, where)  # type: ignore[arg-type]
+        prompt = bursty.client_lengths(table["input_tokens"], client, rng, where)
+        output = bursty.client_lengths(table["output_tokens"], client, rng, where)
+    return RequestTable(arrival_s, prompt, output, client=client)
+
+
 def build_requests(
-    spec: TraceArrivals | PoissonArrivals | GammaArrivals,
+    spec: TraceArrivals | PoissonArrivals | GammaArrivals | FittedArrivals | MmppArrivals | ServeGenArrivals,
     *,
     rng: np.random.Generator,
     base_dir: Path,
@@ -475,6 +621,29 @@ def build_requests(
             )
         prompt, output = _draw_lengths(spec.prompt_tokens, spec.output_tokens, len(arrival_s), rng, base_dir)
         table = RequestTable(arrival_s, prompt, output)
+    elif isinstance(spec, (FittedArrivals, MmppArrivals, ServeGenArrivals)):
+        if max_requests is None and max_duration_s is None:
+            raise TraceError(f"a generated workload (kind: {spec.kind}) needs a limit: set max_requests or max_duration_s")
+        if isinstance(spec, FittedArrivals):
+            from sim.workload.arrival_fit import FittedArrivalModel
+
+            model = FittedArrivalModel.from_yaml(_resolve(spec.path, base_dir))
+            arrival_s = model.arrivals_s(rng, profile=spec.profile, rate_scale=spec.rate_scale,
+                                         max_requests=max_requests, max_duration_s=max_duration_s)
+            prompt, output = model.lengths(rng, len(arrival_s), correlated=spec.correlated_lengths)
+            table = RequestTable(arrival_s, prompt, output)
+        elif isinstance(spec, MmppArrivals):
+            from sim.workload.arrival_bursty import mmpp_arrivals_s
+
+            arrival_s = mmpp_arrivals_s(
+                np.array([st.rate_per_s for st in spec.states]), np.array([st.mean_dwell_s for st in spec.states]),
+                None if spec.switch is None else np.asarray(spec.switch), rng,
+                max_requests=max_requests, max_duration_s=max_duration_s,
+            )
+            prompt, output = _draw_lengths(spec.prompt_tokens, spec.output_tokens, len(arrival_s), rng, base_dir)
+            table = RequestTable(arrival_s, prompt, output)
+        else:
+            table = _servegen_table(spec, rng, base_dir, max_requests, max_duration_s)
     else:
         raise TypeError(f"not an arrival spec: {spec!r}")
 
