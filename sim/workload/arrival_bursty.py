@@ -204,8 +204,9 @@ def servegen_arrivals(
         else:
             gaps = scale * rng.weibull(max(shape, 1e-2), size=n)
         total = gaps.sum()
-        # Rescaled to fill the window (ServeGen's convention); the first request comes one gap in.
-        at = windows.window_start_s[i] + (np.cumsum(gaps) / total * w if total > 0 else np.sort(rng.random(n)) * w)
+        # Rescaled to fill the window (ServeGen's convention): the first request at its start, the last gap ends it.
+        offsets = np.concatenate([[0.0], np.cumsum(gaps[:-1])]) / total * w if total > 0 else np.sort(rng.random(n)) * w
+        at = windows.window_start_s[i] + np.minimum(offsets, np.nextafter(w, 0))
         times.append(at)
         owners.append(np.full(n, windows.client_id[i]))
         count += int((at >= start_s).sum())

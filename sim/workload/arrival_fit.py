@@ -176,7 +176,9 @@ def fit_gaps(gaps_s: np.ndarray) -> tuple[GapDistribution, dict[str, dict]]:
     if len(gaps) < 10:
         raise TraceError(f"fitting inter-arrival times needs at least 10 gaps, got {len(gaps)}")
     mean = float(gaps.mean())
-    cv = float(gaps.std() / mean)
+    if not mean > 0:
+        raise TraceError("every gap between arrivals is 0; nothing to fit")
+    cv = max(float(gaps.std() / mean), 1e-3)  # evenly spaced arrivals: nearly deterministic gaps
     report: dict[str, dict] = {}
     best: GapDistribution | None = None
     for family in FAMILIES:
