@@ -63,7 +63,8 @@ def _summary_lines(stats: dict) -> list[str]:
         ),
         f"persistence     same expert set as previous token {per['same_set']:.3f}, overlap {per['overlap']:.3f}, "
         f"median reuse distance {stats['reuse_distance']['median_tokens']} tokens",
-        f"transitions     layer l -> l+1 normalised MI {stats['layer_transitions']['overall']['normalized_mi']:.3f}",
+        f"transitions     layer l -> l+1 normalised MI {stats['layer_transitions']['overall']['normalized_mi']:.3f}, "
+        f"P(top next expert) {stats['layer_transitions']['overall']['top1_next_probability']:.3f}",
         "prompt overlap  " + ", ".join(
             f"Jaccard {po['jaccard']:.3f} ({'all' if po['first_tokens'] is None else 'first ' + str(po['first_tokens'])} tokens)"
             for po in stats["prompt_overlap"] if po["jaccard"] is not None
@@ -78,7 +79,7 @@ def _summary_lines(stats: dict) -> list[str]:
 
 
 def cmd_trace_stats(args: argparse.Namespace) -> int:
-    from sim.workload.routing_stats import plot_hit_rate_curves, routing_stats
+    from sim.workload.routing_stats import plot_hit_rate_curves, plot_routing_stats, routing_stats
 
     trace = _load(args.routing, args.model)
     seqs = trace.sequences[: args.max_requests] if args.max_requests else trace.sequences
@@ -99,7 +100,8 @@ def cmd_trace_stats(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise TraceError(f"{out}: cannot write ({exc.strerror})") from None
         plot_hit_rate_curves(stats["hit_rate"], out / "hit_rate.png", f"{trace.meta.model}: per-layer cache hit rate")
-        print(f"wrote {out / 'routing_stats.json'} and {out / 'hit_rate.png'}")
+        plot_routing_stats(stats, out / "routing_stats.png", f"{trace.meta.model}: routing statistics")
+        print(f"wrote {out / 'routing_stats.json'}, {out / 'hit_rate.png'} and {out / 'routing_stats.png'}")
     return 0
 
 
@@ -109,13 +111,17 @@ def cmd_trace_fit_routing(args: argparse.Namespace) -> int:
     trace = _load(args.routing, args.model)
     if not trace.sequences:
         raise TraceError(f"{args.routing}: no complete tokens to fit")
-    params = fit_routing([s.experts for s in trace.sequences], trace.meta.num_experts, trace.meta.model)
+    params = fit_routing([s.experts for s in trace.sequences], trace.meta.num_experts, trace.meta.model,
+                         tasks=[s.task for s in trace.sequences])
     out = Path(args.out)
     try:
         out.write_text(params.to_yaml(), encoding="utf-8")
     except OSError as exc:
         raise TraceError(f"{out}: cannot write ({exc.strerror})") from None
-    print(f"wrote {out}: {trace.meta.model}, mean persistence {params.persistence.mean():.3f}, locality {params.locality}; "
+    coupling = 0.0 if params.coupling is None or not len(params.coupling) else float(params.coupling.mean())
+    tasks = ", ".join(params.task_popularity) if params.task_popularity else "none"
+    print(f"wrote {out}: {trace.meta.model}, mean persistence {params.persistence.mean():.3f}, locality {params.locality}, "
+          f"mean layer coupling {coupling:.3f}, task popularity for: {tasks}; "
           f"use it as workload.routing: {{kind: fitted, path: {out}}}")
     return 0
 

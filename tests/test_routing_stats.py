@@ -303,6 +303,6 @@ def test_an_unknown_family_lists_the_known_ones(tmp_path):
     from sim.errors import TraceError
     from sim.workload.routing import MarkovRouting, build_routing
 
-    with pytest.raises(TraceError, match=r"unknown family 'gpt5'; expected one of deepseek, grin, .*yuan"):
+    with pytest.raises(TraceError, match=r"unknown family 'gpt5'; expected one of deepseek, deepseek-v2, .*gpt-oss, .*qwen3, .*yuan"):
         build_routing(MarkovRouting(kind="markov", family="gpt5"), num_layers=2, num_experts=8, top_k=2,
                       rng=np.random.default_rng(0), base_dir=tmp_path)
