@@ -471,9 +471,12 @@ def fit_routing(
     return best[1]
 
 
-def zipf_weights(num_layers: int, num_experts: int, exponent: float, rng: np.random.Generator) -> np.ndarray:
-    """Per layer, weight 1/rank^exponent with the ranks shuffled, so each layer has its own hot experts."""
-    base = 1.0 / np.arange(1, num_experts + 1, dtype=np.float64) ** exponent
+def zipf_weights(
+    num_layers: int, num_experts: int, exponent: float, rng: np.random.Generator, offset: float = 0.0
+) -> np.ndarray:
+    """Per layer, weight 1/(rank + offset)^exponent (Zipf-Mandelbrot; offset 0 is Zipf) with the ranks shuffled, so
+    each layer has its own hot experts. A positive offset flattens the head for the same tail."""
+    base = 1.0 / (np.arange(1, num_experts + 1, dtype=np.float64) + offset) ** exponent
     return np.stack([rng.permutation(base) for _ in range(num_layers)])
 
 
@@ -586,7 +589,7 @@ def _build_routing(
             return value if value is not None else defaults.get(name, 0.0)
 
         exponent = pick("zipf_exponent", spec.zipf_exponent)
-        weights = zipf_weights(num_layers, num_experts, exponent, rng)
+        weights = zipf_weights(num_layers, num_experts, exponent, rng, defaults.get("zipf_offset", 0.0))
         tasks = None
         if spec.tasks:
             seed = int(rng.integers(2**31))
@@ -594,7 +597,9 @@ def _build_routing(
         try:
             return MarkovGeneratedRouting(
                 weights, top_k, np.full(num_layers, pick("persistence", spec.persistence)), rng,
-                locality=pick("locality", spec.locality), hot_experts=spec.hot_experts,
+                locality=pick("locality", spec.locality), hot_experts=spec.hot_experts or (
+                    max(top_k + 1, int(round(defaults["hot_experts_per_top_k"] * top_k)))
+                    if "hot_experts_per_top_k" in defaults else None),
                 coupling=pick("layer_coupling", spec.layer_coupling), task_weights=tasks, task_mix=spec.tasks,
             )
         except ValueError as exc:

@@ -372,24 +372,25 @@ def generated_hit_rates(
     num_experts: int, top_k: int, exponent: float, persistence: float, sizes: Sequence[int], *,
     num_layers: int = 4, num_requests: int = 48, num_tokens: int = 512, seed: int = 0,
     policies: Sequence[str] = ("LRU",), locality: float = 0.0, hot_experts: int | None = None, coupling: float = 0.0,
+    zipf_offset: float = 0.0,
 ) -> dict:
     """Hit-rate curves of the Markov generator (Zipf popularity, one persistence), replayed like moe-lrc."""
     from sim.workload.routing import MarkovGeneratedRouting, zipf_weights
 
     rng = np.random.default_rng(seed)
     gen = MarkovGeneratedRouting(
-        zipf_weights(num_layers, num_experts, exponent, rng), top_k, np.full(num_layers, persistence), rng,
+        zipf_weights(num_layers, num_experts, exponent, rng, zipf_offset), top_k, np.full(num_layers, persistence), rng,
         locality=locality, hot_experts=hot_experts, coupling=coupling,
     )
     return hit_rate_curves(gen.sequences(num_requests, num_tokens), num_experts, sizes, policies)
 
 
-def static_hit_rates(num_experts: int, top_k: int, exponent: float, sizes: Sequence[int]) -> np.ndarray:
+def static_hit_rates(num_experts: int, top_k: int, exponent: float, sizes: Sequence[int], offset: float = 0.0) -> np.ndarray:
     """Static-cache hit rate of Zipf popularity (Plackett-Luce top-k) for each size: the top-C inclusion
     probabilities over top_k, with a fixed private sampling stream."""
     from sim.workload.routing import GeneratedRouting, zipf_weights
 
-    w = zipf_weights(1, num_experts, exponent, np.random.default_rng(0))
+    w = zipf_weights(1, num_experts, exponent, np.random.default_rng(0), offset)
     incl = np.sort(GeneratedRouting(w, top_k, np.random.default_rng(0))._inclusion[0])[::-1]
     cum = np.cumsum(incl) / top_k
     return np.array([cum[min(c, num_experts) - 1] for c in sizes])
