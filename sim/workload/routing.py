@@ -209,35 +209,35 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-# Defaults per model family. zipf_exponent, persistence and locality were fitted to moe-lrc's real
-# per-layer hit-rate curves (MIT, Liang et al. 2025) with routing_stats.fit_to_published_curves:
-# zipf_exponent to the static curve at 1-4x top_k, then for locality in {0, .15, .3, .45, .6}
-# persistence to the LRU curve at 2x and 4x top_k, keeping the locality that best matches LRU and LFU
-# together (tests/test_routing_stats.py checks LRU, LFU and static within 0.05 per model). Those curves are
-# per layer, so they say nothing about layer-to-layer transitions or tasks: layer_coupling and
-# task_specificity come from the only per-token trace in ../shared (Mixtral-8x7B, GSM8K + HumanEval) and
-# are the same for every family (MIXTRAL_COUPLING, MIXTRAL_TASK_SPECIFICITY). Keys are moe-lrc's model
-# keys; catalog names map to them by prefix (FAMILY_OF_MODEL), and FAMILY_ALIASES names the families that
-# have no real statistics here and reuse the nearest fitted one.
+# Defaults per model family. zipf_exponent (and zipf_offset, where plain Zipf cannot follow the static curve),
+# persistence, locality and the working-set size (hot_experts_per_top_k x top_k) were fitted to moe-lrc's real
+# per-layer LRU / LFU / static hit-rate curves at 1-4 x top_k slots (MIT, Liang et al. 2025) by
+# benchmarks/fit_family_defaults.py: popularity to the static curve, then for each locality and working-set
+# size persistence to the mean LRU error, keeping the smallest worst LRU/LFU error. tests/test_routing_stats.py
+# checks every model within 0.05 (a few stated misses at 1 x top_k). Those curves are per layer, so they say
+# nothing about layer-to-layer transitions or tasks: layer_coupling and task_specificity come from the only
+# per-token trace in ../shared (Mixtral-8x7B, GSM8K + HumanEval, fitted by fit_routing) and are the same for
+# every family. Keys are moe-lrc's model keys; catalog names map to them by prefix (FAMILY_OF_MODEL), and
+# FAMILY_ALIASES names the families that have no real statistics here and reuse the nearest fitted one.
 MIXTRAL_COUPLING = 0.2
 MIXTRAL_TASK_SPECIFICITY = 0.33
 FAMILY_DEFAULTS: dict[str, dict[str, float]] = {
-    "deepseek": {"zipf_exponent": 0.3, "persistence": 0.211, "locality": 0.3},
-    "grin": {"zipf_exponent": 0.8, "persistence": 0.356, "locality": 0.3},
-    "jamba": {"zipf_exponent": 0.35, "persistence": 0.203, "locality": 0.15},
-    "jetmoe": {"zipf_exponent": 0.15, "persistence": 0.019, "locality": 0.3},
-    "llamamoe": {"zipf_exponent": 0.1, "persistence": 0.0, "locality": 0.15},
-    "minicpm": {"zipf_exponent": 0.2, "persistence": 0.088, "locality": 0.3},
-    "mixtral": {"zipf_exponent": 0.2, "persistence": 0.103, "locality": 0.3},
-    "nllb-decoder": {"zipf_exponent": 0.75, "persistence": 0.157, "locality": 0.15},
-    "nllb-encoder": {"zipf_exponent": 0.65, "persistence": 0.111, "locality": 0.15},
-    "olmoe": {"zipf_exponent": 0.7, "persistence": 0.295, "locality": 0.45},
-    "openmoe": {"zipf_exponent": 0.35, "persistence": 0.08, "locality": 0.15},
-    "powermoe": {"zipf_exponent": 0.8, "persistence": 0.249, "locality": 0.45},
-    "switch-decoder": {"zipf_exponent": 0.6, "persistence": 0.065, "locality": 0.0},
-    "switch-encoder": {"zipf_exponent": 0.55, "persistence": 0.05, "locality": 0.0},
-    "xverse": {"zipf_exponent": 0.4, "persistence": 0.218, "locality": 0.3},
-    "yuan": {"zipf_exponent": 1.6, "persistence": 0.341, "locality": 0.15},
+    "deepseek": {"zipf_exponent": 0.3, "persistence": 0.18, "locality": 0.3, "hot_experts_per_top_k": 1.5},
+    "grin": {"zipf_exponent": 0.8, "persistence": 0.211, "locality": 0.45, "hot_experts_per_top_k": 1.5},
+    "jamba": {"zipf_exponent": 0.35, "persistence": 0.173, "locality": 0.15, "hot_experts_per_top_k": 1.5},
+    "jetmoe": {"zipf_exponent": 0.15, "persistence": 0.056, "locality": 0.3, "hot_experts_per_top_k": 2},
+    "llamamoe": {"zipf_exponent": 0.1, "persistence": 0.0, "locality": 0.15, "hot_experts_per_top_k": 3},
+    "minicpm": {"zipf_exponent": 0.2, "persistence": 0.109, "locality": 0.3, "hot_experts_per_top_k": 1.5},
+    "mixtral": {"zipf_exponent": 0.2, "persistence": 0.107, "locality": 0.3, "hot_experts_per_top_k": 1.5},
+    "nllb-decoder": {"zipf_exponent": 0.75, "persistence": 0.131, "locality": 0.15, "hot_experts_per_top_k": 1.5},
+    "nllb-encoder": {"zipf_exponent": 0.65, "persistence": 0.101, "locality": 0.15, "hot_experts_per_top_k": 1.5},
+    "olmoe": {"zipf_exponent": 0.7, "persistence": 0.236, "locality": 0.45, "hot_experts_per_top_k": 1.5},
+    "openmoe": {"zipf_exponent": 0.35, "persistence": 0.061, "locality": 0.15, "hot_experts_per_top_k": 1.5},
+    "powermoe": {"zipf_exponent": 2.8, "zipf_offset": 24.0, "persistence": 0.191, "locality": 0.45, "hot_experts_per_top_k": 1.5},
+    "switch-decoder": {"zipf_exponent": 0.6, "persistence": 0.047, "locality": 0.0, "hot_experts_per_top_k": 2},
+    "switch-encoder": {"zipf_exponent": 0.55, "persistence": 0.033, "locality": 0.15, "hot_experts_per_top_k": 3},
+    "xverse": {"zipf_exponent": 0.4, "persistence": 0.185, "locality": 0.3, "hot_experts_per_top_k": 1.5},
+    "yuan": {"zipf_exponent": 1.6, "persistence": 0.295, "locality": 0.0, "hot_experts_per_top_k": 2},
 }
 for _par in FAMILY_DEFAULTS.values():
     _par.setdefault("layer_coupling", MIXTRAL_COUPLING)
@@ -589,7 +589,8 @@ def _build_routing(
             return value if value is not None else defaults.get(name, 0.0)
 
         exponent = pick("zipf_exponent", spec.zipf_exponent)
-        weights = zipf_weights(num_layers, num_experts, exponent, rng, defaults.get("zipf_offset", 0.0))
+        offset = defaults.get("zipf_offset", 0.0) if spec.zipf_exponent is None else 0.0  # it belongs to the default exponent
+        weights = zipf_weights(num_layers, num_experts, exponent, rng, offset)
         tasks = None
         if spec.tasks:
             seed = int(rng.integers(2**31))
