@@ -158,7 +158,8 @@ def cmd_trace_fit(args: argparse.Namespace) -> int:
     for title, key, chosen in (("inter-arrival (whole trace)", "inter_arrival_families", model.stationary),
                                (f"inter-arrival (under the {args.window_s:g}-s rate profile)",
                                 "inter_arrival_families_under_rate_profile", model.profiled)):
-        print(f"{title}: mean {chosen.mean_s:.4g} s, CV {chosen.cv:.3f}; chosen {chosen.family}")
+        zeros = f"{chosen.zero_fraction:.1%} of gaps are 0, the others: " if chosen.zero_fraction else ""
+        print(f"{title}: {zeros}mean {chosen.mean_s:.4g} s, CV {chosen.cv:.3f}; chosen {chosen.family}")
         for family, r in rep[key].items():
             mark = "*" if family == chosen.family else " "
             params = ", ".join(f"{k} {v:.4g}" for k, v in r["params"].items())

@@ -292,3 +292,17 @@ def test_scenario_window_rate_scale_sampling_tasks_and_skipped_rows(tmp_path: Pa
 def test_bursty_generators_run_in_a_simulation(tmp_path: Path, arrivals: dict) -> None:
     out = _run(tmp_path, arrivals, max_requests=12)
     assert out["summary"]["requests"]["completed"] == 12
+
+
+def test_tied_arrivals_are_fitted_as_a_share_of_zero_gaps() -> None:
+    """Half of the gaps 0 (requests stamped at the same time), the others exponential with mean 2 s: the fit
+    keeps zero_fraction 0.5, a tie-aware KS D near 0 for the exponential, and the generated gaps reproduce both
+    (mean gap 1 s)."""
+    rng = np.random.default_rng(0)
+    gaps = np.where(rng.random(20_000) < 0.5, 0.0, rng.exponential(2.0, 20_000))
+    chosen, report = fit_gaps(gaps)
+    assert chosen.zero_fraction == pytest.approx(0.5, abs=0.01)
+    assert chosen.mean_s == pytest.approx(2.0, rel=0.03) and chosen.overall_mean_s == pytest.approx(1.0, rel=0.03)
+    assert report["exponential"]["ks_d"] < 0.02 and report["lognormal"]["ks_d"] > 0.05
+    drawn = chosen.sample(np.random.default_rng(1), 20_000)
+    assert (drawn == 0).mean() == pytest.approx(0.5, abs=0.02) and drawn.mean() == pytest.approx(1.0, rel=0.05)

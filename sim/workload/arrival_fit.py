@@ -100,11 +100,20 @@ def _weibull_shape_for_cv(cv: float) -> float:
 
 @dataclass(frozen=True)
 class GapDistribution:
-    """An inter-arrival family with its parameters, matched to a mean gap and CV."""
+    """An inter-arrival family with its parameters, matched to a mean gap and CV.
+
+    ``zero_fraction`` of the gaps are exactly 0 (requests stamped with the same time: the Mooncake trace stamps
+    in whole ms and 90 % of its gaps are 0); ``mean_s`` and ``cv`` then describe the other gaps, so the mixture
+    keeps the trace's mean and second moment."""
 
     family: str
     mean_s: float
     cv: float
+    zero_fraction: float = 0.0
+
+    @property
+    def overall_mean_s(self) -> float:
+        return (1 - self.zero_fraction) * self.mean_s
 
     @property
     def params(self) -> dict[str, float]:
@@ -123,8 +132,11 @@ class GapDistribution:
         raise TraceError(f"unknown inter-arrival family {self.family!r}; expected one of {', '.join(FAMILIES)}")
 
     def cdf(self, x_s: np.ndarray) -> np.ndarray:
-        p = self.params
         x = np.maximum(np.asarray(x_s, dtype=np.float64), 0.0)
+        return self.zero_fraction + (1 - self.zero_fraction) * self._positive_cdf(x)
+
+    def _positive_cdf(self, x: np.ndarray) -> np.ndarray:
+        p = self.params
         if self.family == "exponential":
             return 1 - np.exp(-x / p["scale_s"])
         if self.family == "gamma":
@@ -136,6 +148,12 @@ class GapDistribution:
         return _normal_cdf(z)
 
     def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        gaps = self._positive_sample(rng, n)
+        if self.zero_fraction > 0:
+            gaps[rng.random(n) < self.zero_fraction] = 0.0
+        return gaps
+
+    def _positive_sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
         p = self.params
         if self.family == "exponential":
             return rng.exponential(p["scale_s"], size=n)
@@ -146,8 +164,9 @@ class GapDistribution:
         return rng.lognormal(p["mu"], p["sigma"], size=n)
 
     def log_likelihood(self, gaps_s: np.ndarray) -> float:
+        """Of the positive gaps (the zeros' share is the same for every family)."""
         p = self.params
-        x = np.maximum(gaps_s, MIN_GAP_S)
+        x = np.maximum(gaps_s[gaps_s > 0], MIN_GAP_S)
         if self.family == "exponential":
             ll = -np.log(p["scale_s"]) - x / p["scale_s"]
         elif self.family == "gamma":
@@ -163,11 +182,13 @@ class GapDistribution:
 
 
 def ks_distance(gaps_s: np.ndarray, dist: GapDistribution) -> float:
-    """Kolmogorov-Smirnov D between the empirical gaps and the distribution."""
-    x = np.sort(np.asarray(gaps_s, dtype=np.float64))
-    n = len(x)
-    f = dist.cdf(x)
-    return float(max(np.max(np.arange(1, n + 1) / n - f), np.max(f - np.arange(n) / n)))
+    """Kolmogorov-Smirnov D between the empirical gaps and the distribution, tie-aware: both CDFs are compared
+    just before and at every distinct gap (the distribution's only atom is its zero_fraction at 0)."""
+    values, counts = np.unique(np.maximum(np.asarray(gaps_s, dtype=np.float64), 0.0), return_counts=True)
+    ecdf = np.cumsum(counts) / counts.sum()
+    f = dist.cdf(values)
+    f_before = f - np.where(values == 0, dist.zero_fraction, 0.0)
+    return float(max(np.max(np.abs(ecdf - f)), np.max(np.abs(ecdf - counts / counts.sum() - f_before))))
 
 
 def fit_gaps(gaps_s: np.ndarray) -> tuple[GapDistribution, dict[str, dict]]:
@@ -175,14 +196,16 @@ def fit_gaps(gaps_s: np.ndarray) -> tuple[GapDistribution, dict[str, dict]]:
     gaps = np.maximum(np.asarray(gaps_s, dtype=np.float64), 0.0)
     if len(gaps) < 10:
         raise TraceError(f"fitting inter-arrival times needs at least 10 gaps, got {len(gaps)}")
-    mean = float(gaps.mean())
-    if not mean > 0:
-        raise TraceError("every gap between arrivals is 0; nothing to fit")
-    cv = max(float(gaps.std() / mean), 1e-3)  # evenly spaced arrivals: nearly deterministic gaps
+    positive = gaps[gaps > 0]
+    if len(positive) < 2:
+        raise TraceError("fewer than 2 gaps between arrivals are > 0; nothing to fit")
+    zero = 1 - len(positive) / len(gaps)
+    mean = float(positive.mean())
+    cv = max(float(positive.std() / mean), 1e-3)  # evenly spaced arrivals: nearly deterministic gaps
     report: dict[str, dict] = {}
     best: GapDistribution | None = None
     for family in FAMILIES:
-        dist = GapDistribution(family, mean, 1.0 if family == "exponential" else cv)
+        dist = GapDistribution(family, mean, 1.0 if family == "exponential" else cv, zero)
         d = ks_distance(gaps, dist)
         report[family] = {
             "params": {k: round(v, 6) for k, v in dist.params.items()}, "ks_d": round(d, 5),
@@ -240,7 +263,7 @@ class FittedArrivalModel:
         from sim.workload.arrival_generators import _renewal_arrivals_s
 
         dist = self.profiled if profile else self.stationary
-        mean_gap_s = dist.mean_s / rate_scale
+        mean_gap_s = dist.overall_mean_s / rate_scale
         if not profile:
             return _renewal_arrivals_s(
                 lambda n: dist.sample(rng, n) / rate_scale, mean_gap_s, max_requests, max_duration_s
@@ -268,6 +291,7 @@ class FittedArrivalModel:
     def to_dict(self) -> dict:
         def dist(d: GapDistribution) -> dict:
             return {"family": d.family, "mean_s": round(d.mean_s, 9), "cv": round(d.cv, 6),
+                    "zero_fraction": round(d.zero_fraction, 6),
                     **{k: round(v, 6) for k, v in d.params.items()}}
 
         return {
@@ -301,9 +325,9 @@ class FittedArrivalModel:
             def dist(d: dict) -> GapDistribution:
                 if d["family"] not in FAMILIES:
                     raise KeyError(f"family {d['family']!r}, expected one of {', '.join(FAMILIES)}")
-                g = GapDistribution(str(d["family"]), float(d["mean_s"]), float(d["cv"]))
-                if not (g.mean_s > 0 and g.cv > 0):
-                    raise ValueError("mean_s and cv must be > 0")
+                g = GapDistribution(str(d["family"]), float(d["mean_s"]), float(d["cv"]), float(d.get("zero_fraction", 0.0)))
+                if not (g.mean_s > 0 and g.cv > 0 and 0 <= g.zero_fraction < 1):
+                    raise ValueError("mean_s and cv must be > 0 and zero_fraction in [0, 1)")
                 return g
 
             rel = np.asarray(prof["relative_rate"], dtype=np.float64)
