@@ -178,24 +178,24 @@ class MarkovGeneratedRouting(GeneratedRouting):
             keep = ((rng.random((R, L, k)) < self.persistence[None, :, None]) & has_prev[:, None, None]).reshape(R * L, k)
             flat[keep] = prev.reshape(R * L, k)[keep]
         hot_flat = None if hot is None else hot.reshape(R * L, -1)
-        layers = np.arange(L)
+        need = flat < 0  # [R * L, k]
+        # First proposals for every empty slot at once (then slot by slot, rejecting clashes).
+        prop = np.full((R * L, k), -1, dtype=np.int64)
+        rows, slots = np.nonzero(need)
+        prop[rows, slots] = self._propose(rng, rows, table_row, hot_flat)
+        if self._coupled:
+            # Follow the layer above: forward-fill relabelled ids along the layer axis over the coupled cells.
+            layers = np.arange(L)[None, :, None]
+            v = np.where(need, prop, flat).reshape(R, L, k)
+            coupled = (rng.random((R, L, k)) < self.coupling[None, :, None]) & need.reshape(R, L, k)
+            src = np.maximum.accumulate(np.where(coupled, 0, layers), axis=1)
+            label = np.take_along_axis(self._phi[layers, v], src, axis=1)
+            prop = self._phi_inv[layers, label].reshape(R * L, k)
         for slot in range(k):
-            todo = np.flatnonzero(flat[:, slot] < 0)
+            todo = np.flatnonzero(need[:, slot])
             if len(todo) == 0:
                 continue
-            e = self._propose(rng, todo, table_row, hot_flat)
-            if self._coupled:
-                # Follow the layer above: forward-fill labels along the layer axis over the coupled cells.
-                val = flat[:, slot].copy()
-                val[todo] = e
-                v = val.reshape(R, L)
-                need = np.zeros(R * L, dtype=bool)
-                need[todo] = True
-                coupled = (rng.random((R, L)) < self.coupling[None, :]) & need.reshape(R, L)
-                src = np.where(coupled, 0, layers[None, :])
-                src = np.maximum.accumulate(src, axis=1)
-                label = np.take_along_axis(self._phi[layers[None, :], v], src, axis=1)
-                e = self._phi_inv[layers[None, :], label].ravel()[todo]
+            e = prop[todo, slot]
             for round_ in range(3):
                 clash = (flat[todo] == e[:, None]).any(axis=1)
                 flat[todo[~clash], slot] = e[~clash]
