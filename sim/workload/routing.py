@@ -5,9 +5,10 @@ one iteration, given as segments (request id, first token position, number of to
 
   uniform, zipf   memoryless generators: top-k per token (Plackett-Luce over per-layer popularities,
                   i.e. Gumbel top-k)
-  markov          a generator with per-request state: per-layer popularity, token-to-token
-                  persistence and a per-request working set (locality); defaults per model family
-                  fitted to moe-lrc's real hit-rate curves (FAMILY_DEFAULTS)
+  markov          a generator with per-request state (sim.workload.routing_markov): per-layer
+                  popularity, token-to-token persistence, a per-request working set (locality),
+                  layer-to-layer transitions and per-task popularity; defaults per model family
+                  fitted to moe-lrc's real hit-rate curves and the Mixtral per-token trace (FAMILY_DEFAULTS)
   fitted          the markov generator with parameters fitted to a recorded trace (fit_routing)
   replay          the choices a real model made, from a canonical Parquet routing trace
                   (sim.workload.routing_trace) or a JSONL table, per sequence, token and layer"""
