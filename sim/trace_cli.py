@@ -3,6 +3,7 @@
     moesim trace convert JSONL PARQUET --model NAME   speculative-moe JSONL -> canonical Parquet
     moesim trace stats ROUTING [--out DIR]            statistics, hit-rate curves (JSON + PNG)
     moesim trace fit-routing ROUTING --out YAML       parameters of the fitted routing generator
+    moesim trace fit TRACE [--out gen.yaml]           fit an arrival generator to a request trace
 
 ROUTING is a canonical Parquet trace or a speculative-moe JSONL table. Errors are MoesimErrors, so
 ``sim.cli.main`` prints them as one line and exits 2."""
@@ -62,7 +63,8 @@ def _summary_lines(stats: dict) -> list[str]:
         ),
         f"persistence     same expert set as previous token {per['same_set']:.3f}, overlap {per['overlap']:.3f}, "
         f"median reuse distance {stats['reuse_distance']['median_tokens']} tokens",
-        f"transitions     layer l -> l+1 normalised MI {stats['layer_transitions']['overall']['normalized_mi']:.3f}",
+        f"transitions     layer l -> l+1 normalised MI {stats['layer_transitions']['overall']['normalized_mi']:.3f}, "
+        f"P(top next expert) {stats['layer_transitions']['overall']['top1_next_probability']:.3f}",
         "prompt overlap  " + ", ".join(
             f"Jaccard {po['jaccard']:.3f} ({'all' if po['first_tokens'] is None else 'first ' + str(po['first_tokens'])} tokens)"
             for po in stats["prompt_overlap"] if po["jaccard"] is not None
@@ -77,7 +79,7 @@ def _summary_lines(stats: dict) -> list[str]:
 
 
 def cmd_trace_stats(args: argparse.Namespace) -> int:
-    from sim.workload.routing_stats import plot_hit_rate_curves, routing_stats
+    from sim.workload.routing_stats import plot_hit_rate_curves, plot_routing_stats, routing_stats
 
     trace = _load(args.routing, args.model)
     seqs = trace.sequences[: args.max_requests] if args.max_requests else trace.sequences
@@ -98,7 +100,8 @@ def cmd_trace_stats(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise TraceError(f"{out}: cannot write ({exc.strerror})") from None
         plot_hit_rate_curves(stats["hit_rate"], out / "hit_rate.png", f"{trace.meta.model}: per-layer cache hit rate")
-        print(f"wrote {out / 'routing_stats.json'} and {out / 'hit_rate.png'}")
+        plot_routing_stats(stats, out / "routing_stats.png", f"{trace.meta.model}: routing statistics")
+        print(f"wrote {out / 'routing_stats.json'}, {out / 'hit_rate.png'} and {out / 'routing_stats.png'}")
     return 0
 
 
@@ -108,20 +111,81 @@ def cmd_trace_fit_routing(args: argparse.Namespace) -> int:
     trace = _load(args.routing, args.model)
     if not trace.sequences:
         raise TraceError(f"{args.routing}: no complete tokens to fit")
-    params = fit_routing([s.experts for s in trace.sequences], trace.meta.num_experts, trace.meta.model)
+    params = fit_routing([s.experts for s in trace.sequences], trace.meta.num_experts, trace.meta.model,
+                         tasks=[s.task for s in trace.sequences])
     out = Path(args.out)
     try:
         out.write_text(params.to_yaml(), encoding="utf-8")
     except OSError as exc:
         raise TraceError(f"{out}: cannot write ({exc.strerror})") from None
-    print(f"wrote {out}: {trace.meta.model}, mean persistence {params.persistence.mean():.3f}, locality {params.locality}; "
+    coupling = 0.0 if params.coupling is None or not len(params.coupling) else float(params.coupling.mean())
+    tasks = ", ".join(params.task_popularity) if params.task_popularity else "none"
+    print(f"wrote {out}: {trace.meta.model}, mean persistence {params.persistence.mean():.3f}, locality {params.locality}, "
+          f"mean layer coupling {coupling:.3f}, task popularity for: {tasks}; "
           f"use it as workload.routing: {{kind: fitted, path: {out}}}")
+    return 0
+
+
+def cmd_trace_fit(args: argparse.Namespace) -> int:
+    """Fit the arrival generator (sim.workload.arrival_fit) to a request trace and write it as YAML."""
+    from sim.workload.arrival_fit import fit_arrivals
+    from sim.workload.arrivals import ColumnMap, TraceFile, load_trace, shipped_traces
+
+    fields: dict = {"path": args.trace, "on_bad_row": args.on_bad_row}
+    if args.format:
+        fields["format"] = args.format
+    elif args.trace not in shipped_traces():
+        suffix = Path(args.trace).name.lower().removesuffix(".gz")
+        fields["format"] = "mooncake" if suffix.endswith(".jsonl") and not args.columns else (
+            "parquet" if suffix.endswith(".parquet") else "jsonl" if suffix.endswith(".jsonl") else "csv")
+        if fields["format"] == "csv" and not args.columns:
+            fields["format"] = "azure2023"
+    if args.columns:
+        names = [c.strip() for c in args.columns.split(",")]
+        if len(names) not in (3, 4):
+            raise TraceError(f"--columns {args.columns!r}: expected ARRIVAL,PROMPT,OUTPUT[,TASK]")
+        fields["columns"] = ColumnMap(**dict(zip(("arrival", "prompt_tokens", "output_tokens", "task"), names)))
+        fields["time_unit"] = args.time_unit or "s"
+    try:
+        spec = TraceFile(**fields)
+    except ValueError as exc:
+        raise TraceError(f"{args.trace}: {str(exc).splitlines()[-1].strip()}") from None
+    table = load_trace(spec, base_dir=Path.cwd())
+    model = fit_arrivals(table.arrival_s, table.prompt_tokens, table.output_tokens, source=args.trace, window_s=args.window_s)
+    rep = model.report
+    print(f"{args.trace}: {model.num_requests:,} requests over {model.duration_s:.0f} s, {model.rate_per_s:.3f} req/s"
+          + (f", {table.skipped_rows} broken rows skipped" if table.skipped_rows else ""))
+    for title, key, chosen in (("inter-arrival (whole trace)", "inter_arrival_families", model.stationary),
+                               (f"inter-arrival (under the {args.window_s:g}-s rate profile)",
+                                "inter_arrival_families_under_rate_profile", model.profiled)):
+        zeros = f"{chosen.zero_fraction:.1%} of gaps are 0, the others: " if chosen.zero_fraction else ""
+        print(f"{title}: {zeros}mean {chosen.mean_s:.4g} s, CV {chosen.cv:.3f}; chosen {chosen.family}")
+        for family, r in rep[key].items():
+            mark = "*" if family == chosen.family else " "
+            params = ", ".join(f"{k} {v:.4g}" for k, v in r["params"].items())
+            print(f"  {mark} {family:11s} KS D {r['ks_d']:.4f}  log-lik {r['log_likelihood']:>10.1f}  ({params})")
+    b = rep["burstiness"]
+    print(f"burstiness: B {b['goh_barabasi_b']:.3f}, count dispersion per {args.window_s:g} s {b['count_dispersion']:.2f}")
+    for name in ("prompt_tokens", "output_tokens"):
+        q = rep[name]
+        print(f"{name}: mean {q['mean']:.1f}, p10 {q['p10']:.0f}, p50 {q['p50']:.0f}, p90 {q['p90']:.0f}, p99 {q['p99']:.0f}")
+    print(f"prompt/output rank correlation {model.length_rank_correlation:.3f}")
+    if args.out:
+        import yaml
+
+        out = Path(args.out)
+        try:
+            out.write_text(yaml.safe_dump(model.to_dict(), sort_keys=False, default_flow_style=None, width=120),
+                           encoding="utf-8")
+        except OSError as exc:
+            raise TraceError(f"{out}: cannot write ({exc.strerror})") from None
+        print(f"wrote {out}; use it as workload.arrivals: {{kind: fitted, path: {out}}}")
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``trace`` command group to the top-level parser's subcommands."""
-    tr = sub.add_parser("trace", help="convert, inspect and fit expert-routing traces")
+    tr = sub.add_parser("trace", help="convert, inspect and fit expert-routing traces; fit arrival generators")
     trs = tr.add_subparsers(dest="trace_command", metavar="ACTION")
 
     p = trs.add_parser("convert", help="convert a speculative-moe JSONL routing table to the canonical Parquet trace")
@@ -143,6 +207,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="YAML")
     p.add_argument("--model", help="catalog model, to check a JSONL table's shape")
     p.set_defaults(func=cmd_trace_fit_routing)
+
+    p = trs.add_parser("fit", help="fit an arrival generator (gaps, rate profile, lengths) to a request trace (YAML)")
+    p.add_argument("trace", metavar="TRACE", help="shipped trace name (azure-2023-conv, azure-2023-code) or a file")
+    p.add_argument("--out", metavar="YAML", help="write the fitted generator here")
+    p.add_argument("--format", choices=["azure2023", "mooncake", "csv", "jsonl", "parquet"],
+                   help="default: shipped trace's own, mooncake for .jsonl, azure2023 for .csv")
+    p.add_argument("--columns", metavar="ARRIVAL,PROMPT,OUTPUT[,TASK]", help="column names for csv / jsonl / parquet")
+    p.add_argument("--time-unit", choices=["s", "ms", "us", "datetime"], help="unit of the arrival column (default s)")
+    p.add_argument("--window-s", type=float, default=60.0, help="window of the rate profile (default 60 s)")
+    p.add_argument("--on-bad-row", choices=["error", "skip"], default="error", help="skip and count broken rows")
+    p.set_defaults(func=cmd_trace_fit)
 
     def usage(_args: argparse.Namespace) -> int:
         import sys

@@ -208,38 +208,49 @@ def test_generator_fitted_on_real_mixtral_routing_reproduces_its_hit_rate_curves
     assert r["LRU"]["overall"][1] - g0["LRU"]["overall"][0] > 0.05
 
 
-def _lrc_rows() -> dict[tuple[str, str], dict]:
-    out: dict[tuple[str, str], dict] = {}
+def _lrc_rows() -> dict[str, dict]:
+    out: dict[str, dict] = {}
     with LRC_CURVES.open() as fh:
         for row in csv.DictReader(fh):
-            key = (row["model_key"], row["component"])
-            d = out.setdefault(key, {"E": int(row["num_routed_experts"]), "k": int(row["top_k"])})
+            family = row["model_key"] if row["component"] == "causal_decoder" else f"{row['model_key']}-{row['component']}"
+            d = out.setdefault(family, {"E": int(row["num_routed_experts"]), "k": int(row["top_k"])})
             m = float(row["cache_m"])
-            if m in (2.0, 4.0):
+            if m in (1.0, 2.0, 3.0, 4.0):
                 d.setdefault(row["policy"], {})[int(m)] = float(row["hit_rate"])
     return out
 
 
-def test_family_defaults_reproduce_moe_lrc_curves_lru_within_5_points():
-    """Every model in the moe-lrc copy: the family's defaults give the published hit rate at 2x and 4x
-    top_k slots per layer, on a different seed from the fit: LRU within 0.05 (achieved 0.031), LFU and
-    static within 0.06 (achieved 0.050 and 0.052, the worst being PowerMoE's static curve at 4x)."""
-    tolerance = {"LRU": 0.05, "LFU": 0.06, "static": 0.06}
-    worst = dict.fromkeys(tolerance, 0.0)
-    for (model, component), d in _lrc_rows().items():
-        family = model if component == "causal_decoder" else f"{model}-{component}"
-        par = FAMILY_DEFAULTS[family]
-        ms = [m for m in (2, 4) if m * d["k"] <= d["E"]]
-        got = generated_hit_rates(
-            d["E"], d["k"], par["zipf_exponent"], par["persistence"], [m * d["k"] for m in ms], num_requests=32, seed=7,
-            locality=par["locality"], policies=tuple(tolerance),
-        )
-        for policy, tol in tolerance.items():
-            for m, g in zip(ms, got[policy]["overall"]):
-                err = abs(g - d[policy][m])
-                worst[policy] = max(worst[policy], err)
-                assert err <= tol, f"{family} {policy} at {m}x top_k: generated {g:.3f}, published {d[policy][m]:.3f}"
-    assert min(worst.values()) > 0  # the check compared something
+LRC_FAMILIES = sorted(_lrc_rows()) if LRC_CURVES.exists() else []
+
+
+# Points the generator misses by more than 5 points (measured on this test's seed): at a cache of exactly top_k
+# slots the real streams reuse the request's most frequent experts more (LFU) and the previous token's less
+# (LRU) than the generator can at the same time; LLaMA-MoE's near-uniform routing has a lower LRU curve at 3x
+# than even independent draws give. These points are held to 0.09 instead.
+KNOWN_MISSES = {
+    ("deepseek", "LRU", 1), ("grin", "LFU", 1), ("llamamoe", "LFU", 1), ("llamamoe", "LRU", 3),
+    ("nllb-decoder", "LRU", 1), ("nllb-decoder", "LFU", 1), ("yuan", "LFU", 1),
+}
+
+
+@pytest.mark.parametrize("family", LRC_FAMILIES)
+def test_family_defaults_reproduce_moe_lrc_curves_within_5_points(family):
+    """Each model in the moe-lrc copy: its family's defaults (layer coupling included) give the published LRU,
+    LFU and static hit rates at 1, 2, 3 and 4 x top_k slots per layer within 0.05 (KNOWN_MISSES: 0.09), on a
+    seed and a size (4 layers, 32 requests x 512 tokens) other than the fit's (2 layers, 16 requests, seed 3)."""
+    d = _lrc_rows()[family]
+    par = FAMILY_DEFAULTS[family]
+    ms = [m for m in (1, 2, 3, 4) if m * d["k"] <= d["E"]]
+    hot = max(d["k"] + 1, int(round(par["hot_experts_per_top_k"] * d["k"]))) if "hot_experts_per_top_k" in par else None
+    got = generated_hit_rates(
+        d["E"], d["k"], par["zipf_exponent"], par["persistence"], [m * d["k"] for m in ms], num_requests=32, seed=7,
+        locality=par["locality"], hot_experts=hot, coupling=par["layer_coupling"], policies=("LRU", "LFU", "static"),
+        zipf_offset=par.get("zipf_offset", 0.0),
+    )
+    for policy in ("LRU", "LFU", "static"):
+        for m, g in zip(ms, got[policy]["overall"]):
+            tol = 0.09 if (family, policy, m) in KNOWN_MISSES else 0.05
+            assert abs(g - d[policy][m]) <= tol, f"{family} {policy} at {m}x top_k: generated {g:.3f}, published {d[policy][m]:.3f}"
 
 
 def test_markov_and_fitted_routing_run_in_a_simulation(tmp_path):
@@ -303,6 +314,6 @@ def test_an_unknown_family_lists_the_known_ones(tmp_path):
     from sim.errors import TraceError
     from sim.workload.routing import MarkovRouting, build_routing
 
-    with pytest.raises(TraceError, match=r"unknown family 'gpt5'; expected one of deepseek, grin, .*yuan"):
+    with pytest.raises(TraceError, match=r"unknown family 'gpt5'; expected one of deepseek, deepseek-v2, .*gpt-oss, .*qwen3, .*yuan"):
         build_routing(MarkovRouting(kind="markov", family="gpt5"), num_layers=2, num_experts=8, top_k=2,
                       rng=np.random.default_rng(0), base_dir=tmp_path)

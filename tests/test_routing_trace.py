@@ -205,8 +205,12 @@ def test_trace_convert_then_stats_then_fit_end_to_end(tmp_path, capsys):
     assert stats["hit_rate"]["sizes"] == list(range(1, 9))
     assert stats["hit_rate"]["static"]["overall"][-1] == 1.0  # every expert pinned
     assert (tmp_path / "st" / "hit_rate.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "st" / "routing_stats.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(stats["layer_transitions"]["per_layer_pair"]["normalized_mi"]) == 31
     assert main(["trace", "fit-routing", str(out), "--out", str(tmp_path / "fit.yaml")]) == 0
-    assert "kind: fitted_routing" in (tmp_path / "fit.yaml").read_text()
+    fitted = (tmp_path / "fit.yaml").read_text()
+    assert "kind: fitted_routing" in fitted and "layer_coupling:" in fitted and "affinity:" in fitted
+    assert "task_popularity:" in fitted  # the importer labels each sequence with its dataset
 
 
 def test_trace_errors_are_one_line_with_exit_2(tmp_path, capsys):

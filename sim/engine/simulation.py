@@ -103,6 +103,7 @@ def simulate(
     routing = build_routing(
         scenario.workload.routing, num_layers=model.num_moe_layers, num_experts=model.num_experts,
         top_k=model.top_k, rng=routing_rng, base_dir=loaded.base_dir,
+        request_tasks=table.task,  # a task-aware generator routes each request by its own task
     )
     policies = scenario.policies
     cache_spec = policies.expert_cache

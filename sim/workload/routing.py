@@ -5,9 +5,10 @@ one iteration, given as segments (request id, first token position, number of to
 
   uniform, zipf   memoryless generators: top-k per token (Plackett-Luce over per-layer popularities,
                   i.e. Gumbel top-k)
-  markov          a generator with per-request state: per-layer popularity, token-to-token
-                  persistence and a per-request working set (locality); defaults per model family
-                  fitted to moe-lrc's real hit-rate curves (FAMILY_DEFAULTS)
+  markov          a generator with per-request state (sim.workload.routing_markov): per-layer
+                  popularity, token-to-token persistence, a per-request working set (locality),
+                  layer-to-layer transitions and per-task popularity; defaults per model family
+                  fitted to moe-lrc's real hit-rate curves and the Mixtral per-token trace (FAMILY_DEFAULTS)
   fitted          the markov generator with parameters fitted to a recorded trace (fit_routing)
   replay          the choices a real model made, from a canonical Parquet routing trace
                   (sim.workload.routing_trace) or a JSONL table, per sequence, token and layer"""
@@ -72,8 +73,11 @@ class MarkovRouting(_Spec):
     """A generator for models without recorded routing: Zipf popularity per layer, token-to-token
     persistence (each of a token's top-k slots keeps the previous token's expert with probability
     ``persistence``) and per-request locality (other slots come from the request's working set with
-    probability ``locality``, else from the popularity). ``family`` fills in what is not given from
-    defaults fitted to moe-lrc's real hit-rate curves (see FAMILY_DEFAULTS)."""
+    probability ``locality``, else from the popularity), layer-to-layer transitions (a slot follows the expert
+    the same slot chose one layer up with probability ``layer_coupling``) and a task mixture (each task of
+    ``tasks`` has its own popularity, ``task_specificity`` apart from the shared one; a request's task is its
+    own label when it has one, else drawn from the ``tasks`` weights). ``family`` fills in what is not given
+    from defaults fitted to real routing statistics (see FAMILY_DEFAULTS)."""
 
     kind: Literal["markov"]
     family: str | None = Field(None, description="Model family whose fitted defaults to use, e.g. mixtral, deepseek.")
@@ -83,6 +87,17 @@ class MarkovRouting(_Spec):
         None, ge=0, le=1, description="P(a new expert comes from the request's own working set rather than the popularity)."
     )
     hot_experts: int | None = Field(None, gt=0, description="Working-set size per layer; default 2 x top_k.")
+    layer_coupling: float | None = Field(
+        None, ge=0, le=1, description="P(a new expert follows the expert its slot chose in the layer above)."
+    )
+    tasks: dict[str, float] | None = Field(
+        None, description="Tasks {name: weight}: each gets its own popularity; the weights pick a task for requests "
+        "without a label."
+    )
+    task_specificity: float | None = Field(
+        None, ge=0, le=5, description="Standard deviation of ln(a task's expert weight / the shared weight); "
+        "0: every task routes alike."
+    )
 
 
 class FittedRouting(_Spec):
@@ -119,8 +134,15 @@ class GeneratedRouting:
         p = weights / weights.sum(axis=1, keepdims=True)
         self._log_p = np.log(p)
         self._uniform = bool(np.allclose(p, p[:, :1]))
-        # Marginal probability that a token picks each expert (sums to top_k per layer).
-        self._inclusion = self._inclusion_probabilities(p)
+        self._inclusion_cache: np.ndarray | None = None
+
+    @property
+    def _inclusion(self) -> np.ndarray:
+        """Marginal probability that a token picks each expert (sums to top_k per layer), estimated on first use
+        (only many-token segments and statistics need it)."""
+        if self._inclusion_cache is None:
+            self._inclusion_cache = self._inclusion_probabilities(np.exp(self._log_p))
+        return self._inclusion_cache
 
     def _inclusion_probabilities(self, p: np.ndarray) -> np.ndarray:
         if self._uniform:
@@ -194,187 +216,59 @@ def _alias_tables(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return prob, alias
 
 
-class MarkovGeneratedRouting(GeneratedRouting):
-    """Generated routing with token-to-token persistence and a per-request working set.
+def __getattr__(name: str):
+    # The Markov generator lives in routing_markov (it subclasses GeneratedRouting, so it imports this module).
+    if name == "MarkovGeneratedRouting":
+        from sim.workload.routing_markov import MarkovGeneratedRouting
 
-    For each request the source remembers the expert ids its last token chose ``[layers, top_k]``,
-    the position that follows, and (when ``locality`` > 0) a working set of ``hot_experts`` experts per
-    layer drawn from the popularity when the request is first seen. A token continuing the request
-    keeps each of the previous token's experts with probability ``persistence[layer]``; every other
-    slot is drawn from the working set (uniformly) with probability ``locality``, else from the
-    layer's popularity, rejecting experts already chosen. A request's first token, or a token at a
-    position the source did not expect (recompute after preemption), has nothing to keep. Segments
-    longer than EXACT_TOKENS_MAX (prefill chunks) take the multinomial path of ``GeneratedRouting``
-    and leave the request at a fresh draw for its last token.
-
-    Per call the cost is a few vectorised O(1) (alias-table) draws over [requests, layers, top_k] per
-    token step, up to EXACT_TOKENS_MAX steps. State is kept for every request seen: about
-    layers x (top_k + hot_experts) x 8 bytes each."""
-
-    def __init__(
-        self, weights: np.ndarray, top_k: int, persistence: np.ndarray, rng: np.random.Generator, *,
-        locality: float = 0.0, hot_experts: int | None = None,
-    ) -> None:
-        super().__init__(weights, top_k, rng)
-        L, E = self.num_layers, self.num_experts
-        self.persistence = np.broadcast_to(np.asarray(persistence, dtype=np.float64), (L,)).copy()
-        self.locality = float(locality)
-        self.hot_experts = min(E, hot_experts or 2 * top_k)
-        p = np.exp(self._log_p)
-        self._p = p / p.sum(axis=1, keepdims=True)
-        self._alias_prob, self._alias = _alias_tables(self._p)
-        self._state: dict[int, tuple[int, np.ndarray, np.ndarray | None]] = {}
-
-    def _hot_sets(self, rng: np.random.Generator, n: int) -> np.ndarray | None:
-        """[n, L, hot_experts] working sets, Plackett-Luce draws from the popularity."""
-        if self.locality <= 0:
-            return None
-        keys = self._log_p[None, :, :] + rng.gumbel(size=(n, self.num_layers, self.num_experts))
-        return np.argpartition(-keys, self.hot_experts - 1, axis=2)[:, :, : self.hot_experts]
-
-    def _draw(
-        self, rng: np.random.Generator, prev: np.ndarray | None, has_prev: np.ndarray, hot: np.ndarray | None = None
-    ) -> np.ndarray:
-        """One token for each of R requests: [R, L, k] expert ids."""
-        R = len(has_prev)
-        L, E, k = self.num_layers, self.num_experts, self.top_k
-        flat = np.full((R * L, k), -1, dtype=np.int64)  # row r * L + l
-        if prev is not None and has_prev.any():
-            keep = ((rng.random((R, L, k)) < self.persistence[None, :, None]) & has_prev[:, None, None]).reshape(R * L, k)
-            flat[keep] = prev.reshape(R * L, k)[keep]
-        hot_flat = None if hot is None else hot.reshape(R * L, -1)
-        for slot in range(k):
-            todo = np.flatnonzero(flat[:, slot] < 0)
-            # A few rounds of draw-and-reject (cheap when experts are many), then an exact draw from
-            # the popularity without the experts already chosen for what is left.
-            for _ in range(3):
-                if len(todo) == 0:
-                    break
-                lay = todo % L
-                col = np.minimum((rng.random(len(todo)) * E).astype(np.int64), E - 1)
-                e = np.where(rng.random(len(todo)) < self._alias_prob[lay, col], col, self._alias[lay, col])
-                if hot_flat is not None:
-                    use_hot = rng.random(len(todo)) < self.locality
-                    pick = rng.integers(0, hot_flat.shape[1], size=len(todo))
-                    e = np.where(use_hot, hot_flat[todo, pick], e)
-                clash = (flat[todo] == e[:, None]).any(axis=1)
-                flat[todo[~clash], slot] = e[~clash]
-                todo = todo[clash]
-            if len(todo):
-                p = self._p[todo % L]
-                chosen = flat[todo]
-                rows = np.repeat(np.arange(len(todo)), k)
-                valid = chosen.ravel() >= 0
-                p[rows[valid], chosen.ravel()[valid]] = 0.0
-                c = np.cumsum(p, axis=1)
-                u = rng.random(len(todo)) * c[:, -1]
-                e = np.minimum((c <= u[:, None]).sum(axis=1), E - 1)
-                if hot_flat is not None:  # keep the locality: an unchosen working-set expert, if any is left
-                    h = hot_flat[todo]
-                    free = ~(h[:, :, None] == chosen[:, None, :]).any(axis=2)
-                    keys = np.where(free, rng.random(h.shape), -1.0)
-                    col = keys.argmax(axis=1)
-                    use_hot = (rng.random(len(todo)) < self.locality) & free.any(axis=1)
-                    e = np.where(use_hot, h[np.arange(len(todo)), col], e)
-                flat[todo, slot] = e
-        return flat.reshape(R, L, k)
-
-    def _hot_of(self, request_id: int) -> np.ndarray | None:
-        st = self._state.get(request_id)
-        if st is not None:
-            return st[2]
-        hot = self._hot_sets(self._rng, 1)
-        return None if hot is None else hot[0]
-
-    def counts(self, segments: Sequence[Segment]) -> np.ndarray:
-        return self.counts_by_group(segments, [0] * len(segments), 1)[0]
-
-    def counts_by_group(self, segments: Sequence[Segment], groups: Sequence[int], num_groups: int) -> np.ndarray:
-        """Counts [group, layer, expert], segment i in group ``groups[i]`` (see GeneratedRouting)."""
-        L, E = self.num_layers, self.num_experts
-        total = np.zeros(num_groups * L * E, dtype=np.int64)
-        group_of = {seg[0]: g for seg, g in zip(segments, groups)}
-        small = [seg for seg in segments if 0 < seg[2] <= EXACT_TOKENS_MAX]
-        for request_id, start, n in segments:
-            if n > EXACT_TOKENS_MAX:
-                drawn = self._rng.multinomial(n * self.top_k, (self._inclusion / self.top_k))
-                base = group_of[request_id] * L * E
-                total[base : base + L * E] += np.minimum(drawn, n).ravel()
-                hot = self._hot_of(request_id)
-                last = self._draw(self._rng, None, np.zeros(1, dtype=bool), None if hot is None else hot[None])[0]
-                self._state[request_id] = (start + n, last, hot)
-        if small:
-            offs = (np.arange(L) * E)[None, :, None]
-            steps = max(seg[2] for seg in small)
-            for j in range(steps):
-                active = [seg for seg in small if seg[2] > j]
-                prev = np.zeros((len(active), L, self.top_k), dtype=np.int64)
-                has_prev = np.zeros(len(active), dtype=bool)
-                hots = [] if self.locality > 0 else None
-                for i, (request_id, start, _n) in enumerate(active):
-                    st = self._state.get(request_id)
-                    if st is not None and st[0] == start + j:
-                        prev[i] = st[1]
-                        has_prev[i] = True
-                    if hots is not None:
-                        hots.append(st[2] if st is not None else self._hot_of(request_id))
-                hot = None if hots is None else np.stack(hots)
-                picks = self._draw(self._rng, prev, has_prev, hot)
-                if num_groups == 1:
-                    total += np.bincount((picks + offs).ravel(), minlength=L * E)
-                else:
-                    goffs = np.array([group_of[seg[0]] * L * E for seg in active])[:, None, None]
-                    total += np.bincount((picks + offs + goffs).ravel(), minlength=num_groups * L * E)
-                for i, (request_id, start, _n) in enumerate(active):
-                    self._state[request_id] = (start + j + 1, picks[i], None if hot is None else hot[i])
-        return total.reshape(num_groups, L, E)
-
-    def sequence(self, num_tokens: int) -> np.ndarray:
-        """Expert ids [tokens, layers, top_k] for one request, token by token (for statistics)."""
-        return self.sequences(1, num_tokens)[0]
-
-    def like(self, lengths: Sequence[int]) -> list[np.ndarray]:
-        """One generated request per length (generated together, then cut to length)."""
-        full = self.sequences(len(lengths), max(lengths))
-        return [seq[:n] for seq, n in zip(full, lengths)]
-
-    def sequences(self, num_requests: int, num_tokens: int) -> list[np.ndarray]:
-        """Expert ids for many requests at once, vectorised over requests: a list of [tokens, layers, top_k]."""
-        out = np.empty((num_requests, num_tokens, self.num_layers, self.top_k), dtype=np.int64)
-        hot = self._hot_sets(self._rng, num_requests)
-        prev = None
-        for t in range(num_tokens):
-            picks = self._draw(self._rng, prev, np.full(num_requests, prev is not None), hot)
-            out[:, t] = picks
-            prev = picks
-        return list(out)
+        return MarkovGeneratedRouting
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-# Defaults per model family, fitted to moe-lrc's real per-layer hit-rate curves (MIT, Liang et al.
-# 2025) with routing_stats.fit_to_published_curves: zipf_exponent to the static curve at 1-4x top_k,
-# then for locality in {0, .15, .3, .45, .6} persistence to the LRU curve at 2x and 4x top_k, keeping
-# the locality that best matches LRU and LFU together (tests/test_routing_stats.py checks LRU within
-# 0.05). Keys are moe-lrc's model keys; catalog names map to them by prefix (FAMILY_OF_MODEL).
+# Defaults per model family. zipf_exponent (and zipf_offset, where plain Zipf cannot follow the static curve),
+# persistence, locality and the working-set size (hot_experts_per_top_k x top_k) were fitted to moe-lrc's real
+# per-layer LRU / LFU / static hit-rate curves at 1-4 x top_k slots (MIT, Liang et al. 2025) by
+# benchmarks/fit_family_defaults.py: popularity to the static curve, then for each locality and working-set
+# size persistence to the mean LRU error, keeping the smallest worst LRU/LFU error. tests/test_routing_stats.py
+# checks every model within 0.05 (a few stated misses at 1 x top_k). Those curves are per layer, so they say
+# nothing about layer-to-layer transitions or tasks: layer_coupling and task_specificity come from the only
+# per-token trace in ../shared (Mixtral-8x7B, GSM8K + HumanEval, fitted by fit_routing) and are the same for
+# every family. Keys are moe-lrc's model keys; catalog names map to them by prefix (FAMILY_OF_MODEL), and
+# FAMILY_ALIASES names the families that have no real statistics here and reuse the nearest fitted one.
+MIXTRAL_COUPLING = 0.2
+MIXTRAL_TASK_SPECIFICITY = 0.33
 FAMILY_DEFAULTS: dict[str, dict[str, float]] = {
-    "deepseek": {"zipf_exponent": 0.3, "persistence": 0.211, "locality": 0.3},
-    "grin": {"zipf_exponent": 0.8, "persistence": 0.356, "locality": 0.3},
-    "jamba": {"zipf_exponent": 0.35, "persistence": 0.203, "locality": 0.15},
-    "jetmoe": {"zipf_exponent": 0.15, "persistence": 0.019, "locality": 0.3},
-    "llamamoe": {"zipf_exponent": 0.1, "persistence": 0.0, "locality": 0.15},
-    "minicpm": {"zipf_exponent": 0.2, "persistence": 0.088, "locality": 0.3},
-    "mixtral": {"zipf_exponent": 0.2, "persistence": 0.103, "locality": 0.3},
-    "nllb-decoder": {"zipf_exponent": 0.75, "persistence": 0.157, "locality": 0.15},
-    "nllb-encoder": {"zipf_exponent": 0.65, "persistence": 0.111, "locality": 0.15},
-    "olmoe": {"zipf_exponent": 0.7, "persistence": 0.295, "locality": 0.45},
-    "openmoe": {"zipf_exponent": 0.35, "persistence": 0.08, "locality": 0.15},
-    "powermoe": {"zipf_exponent": 0.8, "persistence": 0.249, "locality": 0.45},
-    "switch-decoder": {"zipf_exponent": 0.6, "persistence": 0.065, "locality": 0.0},
-    "switch-encoder": {"zipf_exponent": 0.55, "persistence": 0.05, "locality": 0.0},
-    "xverse": {"zipf_exponent": 0.4, "persistence": 0.218, "locality": 0.3},
-    "yuan": {"zipf_exponent": 1.6, "persistence": 0.341, "locality": 0.15},
+    "deepseek": {"zipf_exponent": 0.3, "persistence": 0.18, "locality": 0.3, "hot_experts_per_top_k": 1.5},
+    "grin": {"zipf_exponent": 0.8, "persistence": 0.211, "locality": 0.45, "hot_experts_per_top_k": 1.5},
+    "jamba": {"zipf_exponent": 0.35, "persistence": 0.173, "locality": 0.15, "hot_experts_per_top_k": 1.5},
+    "jetmoe": {"zipf_exponent": 0.15, "persistence": 0.056, "locality": 0.3, "hot_experts_per_top_k": 2},
+    "llamamoe": {"zipf_exponent": 0.1, "persistence": 0.0, "locality": 0.15, "hot_experts_per_top_k": 3},
+    "minicpm": {"zipf_exponent": 0.2, "persistence": 0.109, "locality": 0.3, "hot_experts_per_top_k": 1.5},
+    "mixtral": {"zipf_exponent": 0.2, "persistence": 0.107, "locality": 0.3, "hot_experts_per_top_k": 1.5},
+    "nllb-decoder": {"zipf_exponent": 0.75, "persistence": 0.131, "locality": 0.15, "hot_experts_per_top_k": 1.5},
+    "nllb-encoder": {"zipf_exponent": 0.65, "persistence": 0.101, "locality": 0.15, "hot_experts_per_top_k": 1.5},
+    "olmoe": {"zipf_exponent": 0.7, "persistence": 0.236, "locality": 0.45, "hot_experts_per_top_k": 1.5},
+    "openmoe": {"zipf_exponent": 0.35, "persistence": 0.061, "locality": 0.15, "hot_experts_per_top_k": 1.5},
+    "powermoe": {"zipf_exponent": 2.8, "zipf_offset": 24.0, "persistence": 0.191, "locality": 0.45, "hot_experts_per_top_k": 1.5},
+    "switch-decoder": {"zipf_exponent": 0.6, "persistence": 0.047, "locality": 0.0, "hot_experts_per_top_k": 2},
+    "switch-encoder": {"zipf_exponent": 0.55, "persistence": 0.033, "locality": 0.15, "hot_experts_per_top_k": 3},
+    "xverse": {"zipf_exponent": 0.4, "persistence": 0.185, "locality": 0.3, "hot_experts_per_top_k": 1.5},
+    "yuan": {"zipf_exponent": 1.6, "persistence": 0.295, "locality": 0.0, "hot_experts_per_top_k": 2},
+}
+for _par in FAMILY_DEFAULTS.values():
+    _par.setdefault("layer_coupling", MIXTRAL_COUPLING)
+    _par.setdefault("task_specificity", MIXTRAL_TASK_SPECIFICITY)
+# Families with no real routing statistics in ../shared (moe-lrc's Qwen and DeepSeek-V2-Lite curves were kept
+# out of this copy; gpt-oss was never measured), mapped to the nearest fitted family by architecture:
+# fine-grained experts plus shared experts -> DeepSeekMoE-16B; fine-grained top-8 (or top-4) without shared
+# experts -> OLMoE.
+FAMILY_ALIASES: dict[str, str] = {
+    "qwen1.5": "deepseek", "qwen2": "deepseek", "qwen3": "olmoe", "qwen": "olmoe",
+    "deepseek-v2": "deepseek", "deepseek-v3": "deepseek", "gpt-oss": "olmoe", "phi": "grin",
 }
 FAMILY_OF_MODEL: dict[str, str] = {
-    "mixtral": "mixtral", "deepseek-v2-lite": "deepseek", "deepseek-moe": "deepseek", "olmoe": "olmoe",
+    "mixtral": "mixtral", "deepseek-v2-lite": "deepseek-v2", "deepseek-v3": "deepseek-v3", "deepseek-moe": "deepseek",
+    "qwen1.5-moe": "qwen1.5", "qwen2-": "qwen2", "qwen3-": "qwen3", "olmoe": "olmoe", "gpt-oss": "gpt-oss",
     "phi-3.5-moe": "grin", "switch": "switch-decoder",
 }
 
@@ -386,9 +280,32 @@ def family_of(model_name: str) -> str | None:
     return None
 
 
+def family_defaults(family: str) -> dict[str, float]:
+    """The fitted defaults of a family (or of the family an alias reuses); TraceError lists the known names."""
+    key = FAMILY_ALIASES.get(family, family)
+    if key not in FAMILY_DEFAULTS:
+        known = sorted(set(FAMILY_DEFAULTS) | set(FAMILY_ALIASES))
+        raise TraceError(f"workload.routing.family: unknown family {family!r}; expected one of {', '.join(known)}")
+    return FAMILY_DEFAULTS[key]
+
+
+def task_popularity(base: np.ndarray, tasks: Sequence[str], specificity: float, seed: int) -> dict[str, np.ndarray]:
+    """Per task: the shared popularity tilted by exp(specificity x z), z standard normal per (layer, expert) and
+    task (seeded by the run's seed and the task's position): specificity is the standard deviation of
+    ln(task weight / shared weight); 0 means every task routes alike."""
+    shared = base / base.sum(axis=1, keepdims=True)
+    out = {}
+    for i, name in enumerate(tasks):
+        tilt = np.exp(specificity * np.random.default_rng([seed, i]).standard_normal(shared.shape))
+        t = shared * tilt
+        out[name] = t / t.sum(axis=1, keepdims=True)
+    return out
+
+
 @dataclass(frozen=True)
 class FittedParams:
-    """Fitted generator parameters: per-layer popularity [layers, experts] and persistence [layers]."""
+    """Fitted generator parameters: per-layer popularity [layers, experts], persistence [layers], locality,
+    layer coupling [layers - 1] with its affinity maps [layers - 1, experts], and per-task popularity."""
 
     model: str
     top_k: int
@@ -396,25 +313,38 @@ class FittedParams:
     persistence: np.ndarray
     locality: float = 0.0
     hot_experts: int | None = None
+    coupling: np.ndarray | None = None
+    affinity: np.ndarray | None = None
+    task_popularity: dict[str, np.ndarray] | None = None
 
-    def generator(self, rng: np.random.Generator) -> "MarkovGeneratedRouting":
+    def generator(self, rng: np.random.Generator, task_mix: dict[str, float] | None = None) -> "MarkovGeneratedRouting":
+        from sim.workload.routing_markov import MarkovGeneratedRouting
+
         return MarkovGeneratedRouting(
-            self.popularity, self.top_k, self.persistence, rng, locality=self.locality, hot_experts=self.hot_experts
+            self.popularity, self.top_k, self.persistence, rng, locality=self.locality, hot_experts=self.hot_experts,
+            coupling=0.0 if self.coupling is None else self.coupling, affinity=self.affinity,
+            task_weights=self.task_popularity, task_mix=task_mix,
         )
 
     def to_yaml(self) -> str:
         import yaml
 
-        return yaml.safe_dump(
-            {
-                "kind": "fitted_routing", "model": self.model, "num_layers": int(self.popularity.shape[0]),
-                "num_experts": int(self.popularity.shape[1]), "top_k": self.top_k,
-                "locality": self.locality, "hot_experts": self.hot_experts,
-                "persistence": [round(float(x), 4) for x in self.persistence],
-                "popularity": [[round(float(x), 5) for x in row] for row in self.popularity],
-            },
-            sort_keys=False, default_flow_style=None, width=200,
-        )
+        data: dict = {
+            "kind": "fitted_routing", "model": self.model, "num_layers": int(self.popularity.shape[0]),
+            "num_experts": int(self.popularity.shape[1]), "top_k": self.top_k,
+            "locality": self.locality, "hot_experts": self.hot_experts,
+            "persistence": [round(float(x), 4) for x in self.persistence],
+            "popularity": [[round(float(x), 5) for x in row] for row in self.popularity],
+        }
+        if self.coupling is not None:
+            data["layer_coupling"] = [round(float(x), 4) for x in self.coupling]
+        if self.affinity is not None:
+            data["affinity"] = [[int(x) for x in row] for row in self.affinity]
+        if self.task_popularity:
+            data["task_popularity"] = {
+                name: [[round(float(x), 5) for x in row] for row in pop] for name, pop in self.task_popularity.items()
+            }
+        return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=200)
 
     @staticmethod
     def from_yaml(path: Path) -> "FittedParams":
@@ -432,13 +362,25 @@ class FittedParams:
             top_k = int(data["top_k"])
             locality = float(data.get("locality") or 0.0)
             hot = int(data["hot_experts"]) if data.get("hot_experts") else None
-        except (TypeError, KeyError, ValueError) as exc:
+            coupling = np.asarray(data["layer_coupling"], dtype=np.float64) if data.get("layer_coupling") is not None else None
+            affinity = np.asarray(data["affinity"], dtype=np.int64) if data.get("affinity") is not None else None
+            tasks = {str(k): np.asarray(v, dtype=np.float64) for k, v in (data.get("task_popularity") or {}).items()}
+        except (TypeError, KeyError, ValueError, AttributeError) as exc:
             raise TraceError(f"{path}: expected keys popularity [layers][experts], persistence [layers], top_k ({exc})") from None
         if pop.ndim != 2 or pers.shape != (pop.shape[0],) or (pop < 0).any() or ((pers < 0) | (pers > 1)).any():
             raise TraceError(f"{path}: popularity must be [layers][experts] >= 0 and persistence [layers] in 0..1")
         if not 0 <= locality <= 1:
             raise TraceError(f"{path}: locality {locality} is outside 0..1")
-        return FittedParams(str(data.get("model", "unknown")), top_k, pop, pers, locality, hot)
+        L, E = pop.shape
+        if coupling is not None and (coupling.shape != (L - 1,) or ((coupling < 0) | (coupling > 1)).any()):
+            raise TraceError(f"{path}: layer_coupling must be {L - 1} numbers in 0..1 (one per pair of layers)")
+        if affinity is not None and (affinity.shape != (L - 1, E) or any(sorted(r) != list(range(E)) for r in affinity.tolist())):
+            raise TraceError(f"{path}: affinity must be {L - 1} permutations of the expert ids 0..{E - 1}")
+        for name, t in tasks.items():
+            if t.shape != (L, E) or (t < 0).any():
+                raise TraceError(f"{path}: task_popularity.{name} must be [{L}][{E}] numbers >= 0")
+        return FittedParams(str(data.get("model", "unknown")), top_k, pop, pers, locality, hot, coupling, affinity,
+                            tasks or None)
 
 
 def _overlap_per_layer(experts: Sequence[np.ndarray]) -> np.ndarray:
@@ -452,46 +394,91 @@ def _overlap_per_layer(experts: Sequence[np.ndarray]) -> np.ndarray:
     return total / max(pairs, 1)
 
 
+def _follow_rate(experts: Sequence[np.ndarray], affinity: np.ndarray) -> np.ndarray:
+    """Per layer pair: share of slots whose layer-l expert, mapped by the affinity, is among layer l+1's experts."""
+    L = experts[0].shape[1]
+    hits, n = np.zeros(L - 1), 0
+    for seq in experts:
+        s = seq.astype(np.int64)
+        mapped = affinity[np.arange(L - 1)[None, :, None], s[:, :-1, :]]  # [T, L-1, k]
+        hits += (mapped[:, :, :, None] == s[:, 1:, None, :]).any(axis=3).mean(axis=2).sum(axis=0)
+        n += len(s)
+    return hits / max(n, 1)
+
+
+def _best_affinity(experts: Sequence[np.ndarray], num_experts: int) -> np.ndarray:
+    """Per layer pair, the one-to-one map e -> e' that covers the most (layer l, layer l+1) co-choices
+    (greedy on the joint counts, largest first)."""
+    from sim.workload.routing_stats import transition_counts
+
+    joint = transition_counts(experts, num_experts)  # [L-1, E, E]
+    aff = np.empty(joint.shape[:2], dtype=np.int64)
+    for layer, j in enumerate(joint):
+        order = np.argsort(-j, axis=None, kind="stable")
+        used_src, used_dst = set(), set()
+        for flat in order:
+            a, b = divmod(int(flat), num_experts)
+            if a not in used_src and b not in used_dst:
+                aff[layer, a] = b
+                used_src.add(a)
+                used_dst.add(b)
+                if len(used_src) == num_experts:
+                    break
+    return aff
+
+
 def fit_routing(
     experts: Sequence[np.ndarray], num_experts: int, model: str = "unknown", *,
-    localities: Sequence[float] = (0.0, 0.15, 0.3, 0.45), seed: int = 0,
+    localities: Sequence[float] = (0.0, 0.15, 0.3, 0.45), seed: int = 0, tasks: Sequence[str | None] | None = None,
 ) -> FittedParams:
     """Fit the Markov generator to recorded routing (per-request expert ids [tokens, layers, top_k]).
 
-    Popularity is each layer's share of expert uses (floored so no expert is impossible). For each
-    candidate locality, persistence starts from solving observed_overlap = p + (1 - p) * chance per
-    layer (chance = sum_e q_e^2 / k, what independent tokens with inclusion probabilities q share)
-    and takes one correction step from a generated copy of the trace; the locality kept is the one
-    whose generated LRU and LFU hit-rate curves (mean over layers) are closest to the trace's."""
+    Popularity is each layer's share of expert uses (floored so no expert is impossible); per-task popularity
+    the same over each task's requests. The affinity of a layer pair is the one-to-one map covering the most
+    co-choices; coupling starts from observed_follow = c + (1 - c) * chance (chance: the same rate with layer
+    l+1 taken from the popularity). Persistence starts from observed_overlap = p + (1 - p) * chance. For each
+    candidate locality both take two correction steps from generated copies of the trace; the locality kept is
+    the one whose generated LRU and LFU hit-rate curves (mean over layers) are closest to the trace's."""
     from sim.workload.routing_stats import hit_rate_curves
 
     top_k = int(experts[0].shape[2])
     L = int(experts[0].shape[1])
-    offs = (np.arange(L) * num_experts)[None, :, None]
-    counts = np.zeros(L * num_experts, dtype=np.float64)
-    for seq in experts:
-        counts += np.bincount((seq.astype(np.int64) + offs).ravel(), minlength=L * num_experts)
-    counts = counts.reshape(L, num_experts)
-    share = counts / counts.sum(axis=1, keepdims=True)
-    share = np.maximum(share, 1e-4 / num_experts)
-    share /= share.sum(axis=1, keepdims=True)
+
+    def shares(seqs: Sequence[np.ndarray]) -> np.ndarray:
+        offs = (np.arange(L) * num_experts)[None, :, None]
+        counts = np.zeros(L * num_experts, dtype=np.float64)
+        for seq in seqs:
+            counts += np.bincount((seq.astype(np.int64) + offs).ravel(), minlength=L * num_experts)
+        share = np.maximum(counts.reshape(L, num_experts) / max(counts.sum() / L, 1), 1e-4 / num_experts)
+        return share / share.sum(axis=1, keepdims=True)
+
+    share = shares(experts)
+    labels = list(tasks) if tasks is not None else [None] * len(experts)
+    names = sorted({t for t in labels if t})
+    task_pop = {n: shares([e for e, t in zip(experts, labels) if t == n]) for n in names} or None
     q = share * top_k  # inclusion probabilities
     chance = np.minimum((q**2).sum(axis=1) / top_k, 0.999)
     observed = _overlap_per_layer(experts)
     persistence0 = np.clip((observed - chance) / (1 - chance), 0.0, 1.0)
+    affinity = _best_affinity(experts, num_experts) if L > 1 else np.zeros((0, num_experts), dtype=np.int64)
+    follow = _follow_rate(experts, affinity) if L > 1 else np.zeros(0)
+    follow_chance = np.array([(share[l] * q[l + 1][affinity[l]]).sum() for l in range(L - 1)])
+    coupling0 = np.clip((follow - follow_chance) / np.maximum(1 - follow_chance, 1e-3), 0.0, 1.0)
     lengths = [len(s) for s in experts]
     # Enough generated tokens for stable curves, whatever the trace's size.
     copies = max(1, -(-4000 // max(sum(lengths), 1)))
     target = hit_rate_curves(experts, num_experts, policies=("LRU", "LFU"))
     best: tuple[float, FittedParams] | None = None
     for loc in localities:
-        params = FittedParams(model, top_k, share, persistence0, float(loc))
+        params = FittedParams(model, top_k, share, persistence0, float(loc), None, coupling0, affinity, task_pop)
         for _ in range(2):
-            fake = params.generator(np.random.default_rng(seed)).like(lengths * copies)
-            got = _overlap_per_layer(fake)
-            pers = np.clip(params.persistence + (observed - got) / (1 - chance), 0.0, 1.0)
-            params = FittedParams(model, top_k, share, pers, float(loc))
-        fake = params.generator(np.random.default_rng(seed + 1)).like(lengths * copies)
+            fake = params.generator(np.random.default_rng(seed)).like(lengths * copies, labels * copies)
+            pers = np.clip(params.persistence + (observed - _overlap_per_layer(fake)) / (1 - chance), 0.0, 1.0)
+            coup = params.coupling
+            if L > 1:
+                coup = np.clip(coup + (follow - _follow_rate(fake, affinity)) / np.maximum(1 - follow_chance, 1e-3), 0, 1)
+            params = FittedParams(model, top_k, share, pers, float(loc), None, coup, affinity, task_pop)
+        fake = params.generator(np.random.default_rng(seed + 1)).like(lengths * copies, labels * copies)
         curves = hit_rate_curves(fake, num_experts, target["sizes"], policies=("LRU", "LFU"))
         score = sum(float(np.sum((np.subtract(curves[p]["overall"], target[p]["overall"])) ** 2)) for p in ("LRU", "LFU"))
         if best is None or score < best[0]:
@@ -500,9 +487,12 @@ def fit_routing(
     return best[1]
 
 
-def zipf_weights(num_layers: int, num_experts: int, exponent: float, rng: np.random.Generator) -> np.ndarray:
-    """Per layer, weight 1/rank^exponent with the ranks shuffled, so each layer has its own hot experts."""
-    base = 1.0 / np.arange(1, num_experts + 1, dtype=np.float64) ** exponent
+def zipf_weights(
+    num_layers: int, num_experts: int, exponent: float, rng: np.random.Generator, offset: float = 0.0
+) -> np.ndarray:
+    """Per layer, weight 1/(rank + offset)^exponent (Zipf-Mandelbrot; offset 0 is Zipf) with the ranks shuffled, so
+    each layer has its own hot experts. A positive offset flattens the head for the same tail."""
+    base = 1.0 / (np.arange(1, num_experts + 1, dtype=np.float64) + offset) ** exponent
     return np.stack([rng.permutation(base) for _ in range(num_layers)])
 
 
@@ -595,25 +585,54 @@ def build_routing(
     top_k: int,
     rng: np.random.Generator,
     base_dir: Path,
+    request_tasks: Sequence[str | None] | np.ndarray | None = None,
 ) -> RoutingSource:
-    """The routing source a scenario asks for, sized for the model."""
+    """The routing source a scenario asks for, sized for the model. ``request_tasks`` (the request table's task
+    column, by request id) gives the task-aware generators each request's task."""
+    source = _build_routing(spec, num_layers=num_layers, num_experts=num_experts, top_k=top_k, rng=rng, base_dir=base_dir)
+    if request_tasks is not None and hasattr(source, "set_request_tasks"):
+        source.set_request_tasks(request_tasks)
+    return source
+
+
+def _build_routing(
+    spec: UniformRouting | ZipfRouting | ReplayRouting | MarkovRouting | FittedRouting,
+    *,
+    num_layers: int,
+    num_experts: int,
+    top_k: int,
+    rng: np.random.Generator,
+    base_dir: Path,
+) -> RoutingSource:
     if isinstance(spec, UniformRouting):
         return GeneratedRouting(np.ones((num_layers, num_experts)), top_k, rng)
     if isinstance(spec, ZipfRouting):
         return GeneratedRouting(zipf_weights(num_layers, num_experts, spec.exponent, rng), top_k, rng)
     if isinstance(spec, MarkovRouting):
-        defaults = FAMILY_DEFAULTS.get(spec.family or "", {}) if spec.family else {}
-        if spec.family and not defaults:
-            raise TraceError(
-                f"workload.routing.family: unknown family {spec.family!r}; expected one of {', '.join(sorted(FAMILY_DEFAULTS))}"
+        from sim.workload.routing_markov import MarkovGeneratedRouting
+
+        defaults = family_defaults(spec.family) if spec.family else {}
+
+        def pick(name: str, value: float | None) -> float:
+            return value if value is not None else defaults.get(name, 0.0)
+
+        exponent = pick("zipf_exponent", spec.zipf_exponent)
+        offset = defaults.get("zipf_offset", 0.0) if spec.zipf_exponent is None else 0.0  # it belongs to the default exponent
+        weights = zipf_weights(num_layers, num_experts, exponent, rng, offset)
+        tasks = None
+        if spec.tasks:
+            seed = int(rng.integers(2**31))
+            tasks = task_popularity(weights, list(spec.tasks), pick("task_specificity", spec.task_specificity), seed)
+        try:
+            return MarkovGeneratedRouting(
+                weights, top_k, np.full(num_layers, pick("persistence", spec.persistence)), rng,
+                locality=pick("locality", spec.locality), hot_experts=spec.hot_experts or (
+                    max(top_k + 1, int(round(defaults["hot_experts_per_top_k"] * top_k)))
+                    if "hot_experts_per_top_k" in defaults else None),
+                coupling=pick("layer_coupling", spec.layer_coupling), task_weights=tasks, task_mix=spec.tasks,
             )
-        exponent = spec.zipf_exponent if spec.zipf_exponent is not None else defaults.get("zipf_exponent", 0.0)
-        persistence = spec.persistence if spec.persistence is not None else defaults.get("persistence", 0.0)
-        locality = spec.locality if spec.locality is not None else defaults.get("locality", 0.0)
-        weights = zipf_weights(num_layers, num_experts, exponent, rng)
-        return MarkovGeneratedRouting(
-            weights, top_k, np.full(num_layers, persistence), rng, locality=locality, hot_experts=spec.hot_experts
-        )
+        except ValueError as exc:
+            raise TraceError(f"workload.routing: {exc}") from None
     path = Path(spec.path)
     if not path.is_absolute():
         path = base_dir / path
@@ -624,9 +643,7 @@ def build_routing(
                 f"{path}: fitted for {params.popularity.shape[0]} MoE layers x {params.popularity.shape[1]} experts, "
                 f"top-{params.top_k}; the scenario's model has {num_layers} x {num_experts}, top-{top_k}"
             )
-        return MarkovGeneratedRouting(
-            params.popularity, top_k, params.persistence, rng, locality=params.locality, hot_experts=params.hot_experts
-        )
+        return params.generator(rng)
     fmt = spec.format or ("parquet" if path.suffix == ".parquet" else "jsonl")
     if fmt == "parquet":
         return load_routing_parquet(path, num_layers=num_layers, num_experts=num_experts, top_k=top_k)

@@ -129,18 +129,24 @@ def reuse_distance(experts: Experts, num_experts: int) -> dict:
     }
 
 
-def layer_transitions(experts: Experts, num_experts: int) -> dict:
-    """For each pair of consecutive layers, the joint counts of (expert in l, expert in l+1) over a
-    token's k x k choices; concentration as normalised mutual information I / H(l+1) and as the
-    mean over source experts of the top next-expert probability."""
+def transition_counts(experts: Experts, num_experts: int) -> np.ndarray:
+    """[L-1, E, E]: how often a token chose expert a in layer l together with expert b in layer l+1 (k x k pairs)."""
     E = num_experts
     L = experts[0].shape[1]
-    joint = np.zeros((L - 1, E, E), dtype=np.float64)
+    joint = np.zeros((max(L - 1, 0), E, E), dtype=np.float64)
     for seq in experts:
         a = seq[:, :-1, :, None].astype(np.int64)
         b = seq[:, 1:, None, :].astype(np.int64)
         flat = (np.arange(L - 1)[None, :, None, None] * E + a) * E + b
         joint += np.bincount(flat.ravel(), minlength=(L - 1) * E * E).reshape(L - 1, E, E)
+    return joint
+
+
+def layer_transitions(experts: Experts, num_experts: int) -> dict:
+    """For each pair of consecutive layers, the joint counts of (expert in l, expert in l+1) over a
+    token's k x k choices; concentration as normalised mutual information I / H(l+1) and as the
+    mean over source experts of the top next-expert probability."""
+    joint = transition_counts(experts, num_experts)
     p = joint / joint.sum(axis=(1, 2), keepdims=True)
     pa = p.sum(axis=2, keepdims=True)
     pb = p.sum(axis=1, keepdims=True)
@@ -365,25 +371,26 @@ def plot_hit_rate_curves(curves: dict, path: Path, title: str, reference: dict |
 def generated_hit_rates(
     num_experts: int, top_k: int, exponent: float, persistence: float, sizes: Sequence[int], *,
     num_layers: int = 4, num_requests: int = 48, num_tokens: int = 512, seed: int = 0,
-    policies: Sequence[str] = ("LRU",), locality: float = 0.0, hot_experts: int | None = None,
+    policies: Sequence[str] = ("LRU",), locality: float = 0.0, hot_experts: int | None = None, coupling: float = 0.0,
+    zipf_offset: float = 0.0,
 ) -> dict:
     """Hit-rate curves of the Markov generator (Zipf popularity, one persistence), replayed like moe-lrc."""
     from sim.workload.routing import MarkovGeneratedRouting, zipf_weights
 
     rng = np.random.default_rng(seed)
     gen = MarkovGeneratedRouting(
-        zipf_weights(num_layers, num_experts, exponent, rng), top_k, np.full(num_layers, persistence), rng,
-        locality=locality, hot_experts=hot_experts,
+        zipf_weights(num_layers, num_experts, exponent, rng, zipf_offset), top_k, np.full(num_layers, persistence), rng,
+        locality=locality, hot_experts=hot_experts, coupling=coupling,
     )
     return hit_rate_curves(gen.sequences(num_requests, num_tokens), num_experts, sizes, policies)
 
 
-def static_hit_rates(num_experts: int, top_k: int, exponent: float, sizes: Sequence[int]) -> np.ndarray:
+def static_hit_rates(num_experts: int, top_k: int, exponent: float, sizes: Sequence[int], offset: float = 0.0) -> np.ndarray:
     """Static-cache hit rate of Zipf popularity (Plackett-Luce top-k) for each size: the top-C inclusion
     probabilities over top_k, with a fixed private sampling stream."""
     from sim.workload.routing import GeneratedRouting, zipf_weights
 
-    w = zipf_weights(1, num_experts, exponent, np.random.default_rng(0))
+    w = zipf_weights(1, num_experts, exponent, np.random.default_rng(0), offset)
     incl = np.sort(GeneratedRouting(w, top_k, np.random.default_rng(0))._inclusion[0])[::-1]
     cum = np.cumsum(incl) / top_k
     return np.array([cum[min(c, num_experts) - 1] for c in sizes])
@@ -428,3 +435,58 @@ def fit_to_published_curves(
             best = (score, p, float(loc))
     assert best is not None
     return exponent, best[1], best[2]
+
+
+def plot_routing_stats(stats: dict, path: Path, title: str) -> Path:
+    """PNG with four panels: per-layer expert share (heatmap, experts sorted by share within each layer),
+    per-layer popularity entropy and token-to-token persistence, the reuse-distance histogram, and the
+    layer l -> l+1 transition structure (normalised MI and top-1 next-expert probability)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    share = np.sort(np.asarray(stats["popularity"]["share"]), axis=1)[:, ::-1]
+    ax = axes[0, 0]
+    im = ax.imshow(share.T, aspect="auto", origin="lower", cmap="viridis")
+    ax.set_xlabel("MoE layer")
+    ax.set_ylabel("expert rank within the layer")
+    ax.set_title("expert share per layer")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+
+    ax = axes[0, 1]
+    layers = np.arange(len(share))
+    ax.plot(layers, stats["popularity"]["per_layer"]["entropy"], marker=".", label="popularity entropy (1 = uniform)")
+    ax.plot(layers, stats["persistence"]["per_layer"]["overlap"], marker=".", label="overlap with previous token")
+    ax.plot(layers, stats["persistence"]["per_layer"]["same_set"], marker=".", label="same set as previous token")
+    ax.set_xlabel("MoE layer")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("skew and temporal locality per layer")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+
+    ax = axes[1, 0]
+    rd = stats["reuse_distance"]
+    labels = ["first use"] + rd["bins_tokens"]
+    ax.bar(range(len(labels)), [rd["first_use_fraction"]] + rd["fraction"], color="C2")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, fontsize=8)
+    ax.set_xlabel("tokens since the expert was last used (same request and layer)")
+    ax.set_ylabel("share of expert uses")
+    ax.set_title(f"reuse distance (median {rd['median_tokens']} tokens)")
+
+    ax = axes[1, 1]
+    tr = stats["layer_transitions"]["per_layer_pair"]
+    pairs = np.arange(len(tr["normalized_mi"]))
+    ax.plot(pairs, tr["normalized_mi"], marker=".", label="normalised mutual information")
+    ax.plot(pairs, tr["top1_next_probability"], marker=".", label="P(top next expert | expert)")
+    ax.plot(pairs, share[1:, 0], color="grey", linestyle=":", label="top share of layer l+1 (independent layers)")
+    ax.set_xlabel("layer pair (l, l+1)")
+    ax.set_title("layer-to-layer transitions")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
