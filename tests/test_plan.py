@@ -86,7 +86,9 @@ def test_a_candidate_missing_the_slo_at_low_load_is_pruned_with_the_bound_it_bro
     assert r.probes[1].scale == 0.25
     assert r.probes[1].rate_per_s / 0.25 == pytest.approx(r.probes[0].rate_per_s / r.probes[0].scale)
     assert r.reason.startswith(f"misses the SLO even at {r.probes[1].rate_per_s:.3g} req/s (TTFT P99 ")
-    assert "> 0.1 s" in r.reason and r.binding == "PCIe (expert loads)"
+    assert "> 0.1 s" in r.reason
+    assert r.probes[1].busy["h2d_utilization"] > 0.9
+    assert r.binding == f"PCIe (expert loads) ({r.probes[1].busy['h2d_utilization']:.0%} busy)"
 
 
 def test_a_faster_gpu_never_sustains_less_and_the_search_brackets_the_limit(planned):
