@@ -52,14 +52,18 @@ def code_version() -> str:
     """The moesim version and a hash of the simulator's sources and data files, e.g. ``0.1.0+3f2a9c1d0b7e``.
 
     Computed from the files themselves, so it holds for a checkout, an editable install and a wheel alike."""
-    root = Path(__file__).resolve().parent
+    return f"{__version__}+{source_hash(Path(__file__).resolve().parent)}"
+
+
+def source_hash(root: Path) -> str:
+    """Hash of the files under ``root`` that can change a simulated result (names and contents)."""
     digest = hashlib.sha256()
     for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".py", ".yaml", ".json", ".csv", ".txt")):
         rel = path.relative_to(root).as_posix()
         if rel.startswith(_NOT_RESULTS) or "__pycache__" in rel:
             continue
         digest.update(rel.encode() + b"\0" + path.read_bytes() + b"\0")
-    return f"{__version__}+{digest.hexdigest()[:12]}"
+    return digest.hexdigest()[:12]
 
 
 def point_key(scenario: dict[str, Any], profile: dict[str, Any]) -> str:
