@@ -193,3 +193,56 @@ def test_prices_file_override_changes_the_ranking(tmp_path, capsys):
     code, _, err = _run(capsys, "plan", str(_write(tmp_path, data)), "--no-progress")
     assert (code, err) == (2, f"moesim: error: {tmp_path / 'bad.yaml'}: usd_per_gpu_hour: expected a mapping of "
                               "profile name -> positive price\n")
+
+
+def test_budget_prunes_before_simulating_and_target_rate_overrides(tmp_path, capsys):
+    data = copy.deepcopy(PLAN)
+    data["plan"]["candidates"] = {"hardware.profile": ["h100-80gb", "a100-80gb"], "hardware.num_gpus": {"min": 1, "max": 2, "num": 2}}
+    path = _write(tmp_path, data)
+    code, out, _ = _run(capsys, "plan", str(path), "--no-progress", "--jobs", "1", "--out", str(tmp_path / "o"),
+                        "--budget", "$12/h", "--target-rate", "2")
+    assert code == 0
+    doc = json.loads((tmp_path / "o" / "plan.json").read_text())
+    assert doc["target_rate_per_s"] == 2.0 and doc["budget"] == {"usd_per_hour": 12.0, "max_gpus": None}
+    by = {(c["values"]["hardware.profile"], c["values"]["hardware.num_gpus"]): c for c in doc["candidates"]}
+    # Range {min 1, max 2, num 2} -> GPU counts 1 and 2. Over $12/h (H100 x1 at $12.29, H100 x2): never probed.
+    assert set(by) == {("h100-80gb", 1), ("h100-80gb", 2), ("a100-80gb", 1), ("a100-80gb", 2)}
+    for key in [("h100-80gb", 1), ("h100-80gb", 2)]:
+        assert by[key]["status"] == "pruned" and by[key]["probes"] == []
+    assert by[("h100-80gb", 1)]["reason"] == "over budget: $12.29/h > $12.00/h"
+    for key in [("a100-80gb", 1), ("a100-80gb", 2)]:
+        assert by[key]["status"] == "meets target" and by[key]["probes"][0]["rate_per_s"] == pytest.approx(2.0)
+    assert f"recommended: candidate {by[('a100-80gb', 1)]['index']} " in out  # A100 x1, the cheapest within budget
+    code, _, _ = _run(capsys, "plan", str(path), "--no-progress", "--jobs", "1", "--out", str(tmp_path / "g"), "--budget", "1gpu")
+    doc = json.loads((tmp_path / "g" / "plan.json").read_text())
+    assert code == 0 and [c["reason"] for c in doc["candidates"] if c["values"]["hardware.num_gpus"] == 2] == [
+        "over budget: 2 GPUs > 1"] * 2
+    code, _, err = _run(capsys, "plan", str(path), "--no-progress", "--budget", "lots")
+    assert (code, err) == (2, "moesim: error: --budget lots: expected a cost per hour (e.g. 40 or $40/h) or a GPU count "
+                              "(e.g. 8gpus)\n")
+
+
+def test_binding_reads_any_busy_field_of_the_summary():
+    from sim.plan import Probe, _binding, busy_fields
+
+    summary = {
+        "resources": [
+            {"replica": 0, "compute_utilization": 0.4, "h2d_utilization": 0.3, "all_to_all_utilization": 0.7},
+            {"replica": 1, "compute_utilization": 0.6, "h2d_utilization": 0.2, "all_to_all_utilization": 0.9},
+        ],
+        "busy": {"straggler_wait_fraction": 0.2, "nvlink_utilization": 0.1},
+    }
+    busy = busy_fields(summary)
+    assert busy == {"compute_utilization": 0.6, "h2d_utilization": 0.3, "all_to_all_utilization": 0.9,
+                    "straggler_wait_fraction": 0.2, "nvlink_utilization": 0.1}
+    probe = Probe(scale=1, rate_per_s=1, met=True, ttft_p99_s=0.1, tbt_p99_s=0.1, attainment=1.0, compute_utilization=0.6,
+                  h2d_utilization=0.3, kv_peak_fraction=0.1, preemptions=0, rejected=0, busy=busy)
+    assert _binding(probe) == "all-to-all (90% busy)"
+    probe.busy = {**busy, "all_to_all_utilization": 0.1, "straggler_wait_fraction": 0.95}
+    assert _binding(probe) == "stragglers (95% busy)"
+    probe.busy = {"compute_utilization": 0.2, "nvlink_utilization": 0.8}  # an unlisted field is named after itself
+    assert _binding(probe) == "nvlink (80% busy)"
+    probe.busy = {"compute_utilization": 0.2}
+    assert _binding(probe) == "latency SLO (resources not saturated)"
+    probe.preemptions = 3
+    assert _binding(probe) == "KV memory"
