@@ -52,6 +52,11 @@ def write_run_folder(result: SimulationResult, summary: dict[str, Any], out_dir:
         "iterations": _write_table(result.iterations, tmp / "iterations", fmt),
         "resources": _write_table(resources_frame(summary), tmp / "resources", fmt),
     }
+    from sim.report.tables import expert_load  # optional tables the report draws when present
+
+    load = expert_load(result)
+    if load is not None:
+        files["expert_load"] = _write_table(load, tmp / "expert_load", fmt)
     (tmp / "summary.json").write_text(json.dumps({**summary, "files": files}, indent=2, default=_json_default) + "\n")
     if out_dir.exists():
         shutil.rmtree(out_dir)
