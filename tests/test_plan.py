@@ -246,3 +246,24 @@ def test_binding_reads_any_busy_field_of_the_summary():
     assert _binding(probe) == "latency SLO (resources not saturated)"
     probe.preemptions = 3
     assert _binding(probe) == "KV memory"
+
+
+def test_plan_without_a_scenario_runs_the_shipped_default(tmp_path, capsys, monkeypatch):
+    import sim.plan
+    from sim.plan import DEFAULT_PLAN, candidates
+
+    # The shipped default compares the three GPUs, 1-8 GPUs, expert budgets and cache policies.
+    cands, base, _ = candidates(DEFAULT_PLAN)
+    values = [v for v, _ in cands]
+    assert {v["hardware.profile"] for v in values} == {"a100-80gb", "h100-80gb", "h200"}
+    assert sorted({v["hardware.num_gpus"] for v in values}) == [1, 2, 4, 8]
+    assert len({v["hardware.expert_memory.fraction"] for v in values}) >= 2
+    assert len({v["policies.expert_cache.name"] for v in values}) >= 2
+    # `moesim plan` with no argument plans whatever DEFAULT_PLAN names (here a tiny one).
+    data = copy.deepcopy(PLAN)
+    data["plan"]["candidates"]["hardware"] = PLAN["plan"]["candidates"]["hardware"][1:2]
+    monkeypatch.setattr(sim.plan, "DEFAULT_PLAN", str(_write(tmp_path, data, "tiny.yaml")))
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _run(capsys, "plan", "--no-progress", "--jobs", "1", "--report")
+    assert code == 0 and "recommended: candidate 0 " in out
+    assert err.endswith(f"report: {Path('reports') / 'plan-tiny.html'}\n") and (tmp_path / "runs" / "plan-tiny" / "plan.json").exists()
