@@ -274,11 +274,17 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from sim.scenario import find_scenario
-    from sim.sweep import run_sweep
+    from sim.sweep import SweepInterrupted, run_sweep
 
     stem = find_scenario(args.scenario).stem
     out = Path(args.out) if args.out else Path("runs") / f"sweep-{stem}"
-    table = run_sweep(args.scenario, out, jobs=args.jobs, progress=not args.no_progress and sys.stderr.isatty())
+    try:
+        table = run_sweep(args.scenario, out, jobs=args.jobs, progress=not args.no_progress and sys.stderr.isatty(),
+                          executor=args.executor, address=args.address)
+    except SweepInterrupted as stop:
+        print(f"moesim: interrupted: {stop.done} of {stop.total} points done, kept in {out / 'points'}; "
+              "run the same command again to resume", file=sys.stderr)
+        return 130
     shown = table.drop(columns=["key"])
     if "infeasible" in shown:  # the full reason is in sweep.csv; keep the terminal table narrow
         shown["infeasible"] = shown["infeasible"].map(lambda r: r if not isinstance(r, str) or len(r) < 48 else r[:45] + "...")
@@ -292,12 +298,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from sim.plan import recommended, run_plan, write_plan
+    from sim.plan import DEFAULT_PLAN, parse_budget, recommended, run_plan, write_plan
     from sim.scenario import find_scenario
 
-    stem = find_scenario(args.scenario).stem
-    table, results = run_plan(args.scenario, jobs=args.jobs, progress=not args.no_progress and sys.stderr.isatty())
-    out = write_plan(Path(args.out) if args.out else Path("runs") / f"plan-{stem}", args.scenario, table, results)
+    scenario = args.scenario or DEFAULT_PLAN
+    stem = find_scenario(scenario).stem
+    overrides = {"target_rate_per_s": args.target_rate, **(parse_budget(args.budget) if args.budget else {})}
+    table, results = run_plan(scenario, jobs=args.jobs, progress=not args.no_progress and sys.stderr.isatty(),
+                              executor=args.executor, address=args.address, overrides=overrides)
+    out = write_plan(Path(args.out) if args.out else Path("runs") / f"plan-{stem}", scenario, table, results, overrides)
     shown = table.drop(columns=["reason", "limit", "probes", "max_rate_upper_per_s"])
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-"))
     best = recommended(table)
@@ -450,7 +459,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("plan", help="the cheapest candidate configuration that meets the SLO at a target rate")
-    p.add_argument("scenario", help="scenario YAML with a plan: block, or shipped name")
+    p.add_argument("scenario", nargs="?", help="scenario YAML with a plan: block, or shipped name (default: mixtral-plan)")
+    p.add_argument("--target-rate", type=float, metavar="REQ_PER_S", help="requests/s to sustain (overrides plan.target_rate_per_s)")
+    p.add_argument("--budget", metavar="LIMIT",
+                   help="prune candidates over it before simulating: a cost per hour (40, $40/h) or a GPU count (8gpus)")
     _add_many_runs_options(p, "plan")
     p.set_defaults(func=cmd_plan)
 
@@ -492,6 +504,10 @@ def _add_many_runs_options(p: argparse.ArgumentParser, kind: str) -> None:
     """Options shared by the commands that run many simulations (sweep, plan)."""
     p.add_argument("--out", metavar="DIR", help=f"results folder (default: runs/{kind}-NAME)")
     p.add_argument("--jobs", type=int, metavar="N", help="worker processes (default: all cores; 1 runs in-process)")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="where simulations run: local processes (default) or Ray (pip install 'moesim[ray]')")
+    p.add_argument("--address", metavar="ADDR",
+                   help="Ray cluster to join (HOST:PORT, ray://HOST:PORT or auto; default: start a local Ray)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--report", nargs="?", const=True, metavar="HTML",

@@ -21,7 +21,7 @@ import copy
 import itertools
 import json
 import math
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -31,7 +31,7 @@ import pandas as pd
 import yaml
 
 from sim.errors import CapacityError, ScenarioError
-from sim.scenario import Scenario, find_scenario, parse_scenario, read_yaml, resolve, set_key_path
+from sim.scenario import Scenario, axis_values, find_scenario, parse_scenario, read_yaml, resolve, set_key_path
 
 
 @dataclass
@@ -47,6 +47,7 @@ class Probe:
     kv_peak_fraction: float
     preemptions: int
     rejected: int
+    busy: dict[str, float] = field(default_factory=dict)  # every busy/utilisation field of the run (max over GPUs)
 
 
 @dataclass
@@ -140,18 +141,50 @@ def _probe(data: dict[str, Any], source: str, base_dir: Path, scale: float, max_
         kv_peak_fraction=mem["kv_peak_bytes"] / mem["kv_capacity_bytes"] if mem["kv_capacity_bytes"] else 0.0,
         preemptions=s["preemptions"],
         rejected=s["requests"]["rejected"],
+        busy=busy_fields(s),
     )
 
 
+# Busy or utilisation fields of a run summary -> the resource they measure, as the plan names it. A field
+# not listed here still counts (named after itself): a new engine metric such as an all-to-all link's busy
+# fraction binds a plan as soon as the summary carries it, and gets a nicer name by one line here.
+BINDING_LABELS = {
+    "compute_utilization": "compute",
+    "h2d_utilization": "PCIe (expert loads)",
+    "all_to_all_utilization": "all-to-all",
+    "a2a_utilization": "all-to-all",
+    "interconnect_utilization": "all-to-all",
+    "straggler_wait_fraction": "stragglers",
+    "straggler_utilization": "stragglers",
+}
+BUSY_SUFFIXES = ("_utilization", "_utilisation", "_busy_fraction", "_wait_fraction")
+SATURATED = 0.5  # a resource busier than this at the sustainable limit is named as what binds
+
+
+def busy_fields(summary: dict[str, Any]) -> dict[str, float]:
+    """Every busy/utilisation fraction in a run summary: the fields of each ``resources`` row (per GPU)
+    and of an optional top-level ``busy`` mapping whose names end in one of ``BUSY_SUFFIXES``, each the
+    maximum over GPUs (the busiest GPU binds)."""
+    out: dict[str, float] = {}
+    rows = list(summary.get("resources") or []) + [summary.get("busy") or {}]
+    for row in rows:
+        for name, value in row.items():
+            if name.endswith(BUSY_SUFFIXES) and isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[name] = max(out.get(name, 0.0), float(value))
+    return out
+
+
 def _binding(p: Probe) -> str:
-    """What limits a configuration at its highest sustainable load."""
+    """What limits a configuration at its highest sustainable load: KV memory when requests were rejected
+    or preempted (or the KV cache ran full), else the busiest resource when it is saturated."""
     if p.rejected:
         return "KV memory (requests rejected)"
     if p.preemptions or p.kv_peak_fraction > 0.95:
         return "KV memory"
-    loads = {"PCIe (expert loads)": p.h2d_utilization, "compute": p.compute_utilization}
-    name, value = max(loads.items(), key=lambda kv: kv[1])
-    return name if value > 0.5 else "latency SLO (resources not saturated)"
+    busy = p.busy or {"compute_utilization": p.compute_utilization, "h2d_utilization": p.h2d_utilization}
+    name, value = max(busy.items(), key=lambda kv: kv[1])
+    label = BINDING_LABELS.get(name) or name.rsplit("_", 1)[0].replace("_", " ")
+    return f"{label} ({value:.0%} busy)" if value > SATURATED else "latency SLO (resources not saturated)"
 
 
 def _misses(p: Probe, slo: Any) -> str:
@@ -229,6 +262,10 @@ def candidate_search(
     price = prices.get(profile)
     if price is not None:
         result.usd_per_hour = price * scenario.hardware.num_gpus
+    over = over_budget(result, plan.budget_usd_per_hour, plan.max_gpus)
+    if over:
+        result.reason = over
+        return result
     cap = plan.max_requests_per_probe
     search = plan.rate_search
     seen: dict[float, Probe] = {}
@@ -325,6 +362,35 @@ def search_candidate(
     return _drive(gen, lambda scale: _probe(data, source, Path(base_dir), scale, data["plan"]["max_requests_per_probe"]))
 
 
+def over_budget(result: CandidateResult, budget_usd_per_hour: float | None, max_gpus: int | None) -> str:
+    """Why a candidate is over the plan's budget (pruned before anything is simulated), or ''."""
+    if max_gpus is not None and result.num_gpus > max_gpus:
+        return f"over budget: {result.num_gpus} GPUs > {max_gpus}"
+    if budget_usd_per_hour is not None:
+        if result.usd_per_hour is None:
+            return f"over budget: no price for {result.profile} in the price table, so its cost is unknown"
+        if result.usd_per_hour > budget_usd_per_hour:
+            return f"over budget: ${result.usd_per_hour:,.2f}/h > ${budget_usd_per_hour:,.2f}/h"
+    return ""
+
+
+DEFAULT_PLAN = "mixtral-plan"  # what `moesim plan` with no scenario runs
+
+
+def parse_budget(text: str) -> dict[str, Any]:
+    """``--budget``: ``40`` / ``$40/h`` / ``40usd`` (USD per hour) or ``8gpus`` / ``8 GPUs`` (GPU count)."""
+    import re
+
+    t = text.strip().lower().replace(" ", "")
+    gpus = re.fullmatch(r"(\d+)gpus?", t)
+    if gpus:
+        return {"max_gpus": int(gpus.group(1))}
+    usd = re.fullmatch(r"\$?(\d+(?:\.\d*)?|\.\d+)(?:usd)?(?:/h|/hour|perhour)?", t)
+    if usd and float(usd.group(1)) > 0:
+        return {"budget_usd_per_hour": float(usd.group(1))}
+    raise ScenarioError(f"--budget {text}: expected a cost per hour (e.g. 40 or $40/h) or a GPU count (e.g. 8gpus)")
+
+
 def _drive(gen: Search, run: Callable[[float], Probe]) -> CandidateResult:
     try:
         scale = next(gen)
@@ -339,10 +405,22 @@ def _drive(gen: Search, run: Callable[[float], Probe]) -> CandidateResult:
         return stop.value
 
 
-def candidates(path: str | Path) -> tuple[list[tuple[dict[str, Any], dict[str, Any]]], Scenario, Path]:
+def _with_overrides(raw: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """The scenario data with command-line settings (``--target-rate``, ``--budget``) put into its plan block."""
+    if not overrides:
+        return raw
+    raw = copy.deepcopy(raw)
+    plan = raw.setdefault("plan", {}) if isinstance(raw, dict) else {}
+    plan.update({k: v for k, v in overrides.items() if v is not None})
+    return raw
+
+
+def candidates(
+    path: str | Path, overrides: dict[str, Any] | None = None,
+) -> tuple[list[tuple[dict[str, Any], dict[str, Any]]], Scenario, Path]:
     """Every candidate as (axis values, full scenario data), validated up front."""
     file = find_scenario(path)
-    raw = read_yaml(file)
+    raw = _with_overrides(read_yaml(file), overrides)
     base = parse_scenario(raw, str(path))
     axes = base.plan.candidates
     if not axes:
@@ -351,7 +429,7 @@ def candidates(path: str | Path) -> tuple[list[tuple[dict[str, Any], dict[str, A
     names = list(axes)
     filled = base.model_dump(mode="json")
     filled["model"] = raw["model"]
-    for combo in itertools.product(*(axes[n] for n in names)):
+    for combo in itertools.product(*(axis_values(axes[n]) for n in names)):
         values = dict(zip(names, combo))
         data = copy.deepcopy(filled)
         for key_path, value in values.items():
@@ -361,12 +439,18 @@ def candidates(path: str | Path) -> tuple[list[tuple[dict[str, Any], dict[str, A
     return out, base, file.parent
 
 
-def run_plan(path: str | Path, *, jobs: int | None = None, progress: bool = True) -> tuple[pd.DataFrame, list[CandidateResult]]:
+def run_plan(
+    path: str | Path, *, jobs: int | None = None, progress: bool = True, executor: str = "local",
+    address: str | None = None, overrides: dict[str, Any] | None = None,
+) -> tuple[pd.DataFrame, list[CandidateResult]]:
     """Search every candidate; returns the ranked table and the full results (in candidate order).
 
     Probes, not candidates, are the unit of parallel work: every candidate's next probe is queued as soon
-    as its previous one returns, so the workers stay busy until the last few probes of the plan."""
-    cands, base, base_dir = candidates(path)
+    as its previous one returns, so the workers (local processes, or a Ray cluster: ``sim.executors``)
+    stay busy until the last few probes of the plan. ``overrides`` sets plan keys (target rate, budget)."""
+    from sim.executors import make_executor
+
+    cands, base, base_dir = candidates(path, overrides)
     prices = load_prices(base.plan.prices, base_dir)
     cap = base.plan.max_requests_per_probe
     rates: dict[str, tuple[float, float]] = {}
@@ -379,41 +463,40 @@ def run_plan(path: str | Path, *, jobs: int | None = None, progress: bool = True
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(cands), unit="candidate", desc="plan")
+        bar = tqdm(total=len(cands), unit="candidate", desc="plan",
+                   bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed} elapsed, ETA {remaining}]")
+    pool = make_executor(executor, jobs, address)
     try:
-        if jobs == 1:
-            for i, gen in enumerate(gens):
-                data = cands[i][1]
-                results[i] = _drive(gen, lambda scale, d=data: _probe(d, str(path), base_dir, scale, cap))
+        pending: dict[Future, int] = {}
+
+        def advance(i: int, step: Callable[[], float]) -> None:
+            try:
+                scale = step()
+            except StopIteration as stop:
+                results[i] = stop.value
                 if bar:
                     bar.update()
-        else:
-            with ProcessPoolExecutor(max_workers=jobs) as pool:
-                pending: dict[Future, int] = {}
+                return
+            pending[pool.submit(_probe, cands[i][1], str(path), base_dir, scale, cap)] = i
 
-                def advance(i: int, step: Callable[[], float]) -> None:
-                    try:
-                        scale = step()
-                    except StopIteration as stop:
-                        results[i] = stop.value
-                        if bar:
-                            bar.update()
-                        return
-                    pending[pool.submit(_probe, cands[i][1], str(path), base_dir, scale, cap)] = i
-
-                for i, gen in enumerate(gens):
-                    advance(i, gen.__next__)
-                while pending:
-                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                    for future in sorted(done, key=lambda f: pending[f]):
-                        i = pending.pop(future)
-                        exc = future.exception()
-                        if isinstance(exc, CapacityError):
-                            advance(i, lambda g=gens[i], e=exc: g.throw(e))
-                        elif exc is not None:
-                            raise exc
-                        else:
-                            advance(i, lambda g=gens[i], p=future.result(): g.send(p))
+        for i, gen in enumerate(gens):
+            advance(i, gen.__next__)
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in sorted(done, key=lambda f: pending[f]):
+                i = pending.pop(future)
+                exc = future.exception()
+                if isinstance(exc, CapacityError):
+                    advance(i, lambda g=gens[i], e=exc: g.throw(e))
+                elif exc is not None:
+                    raise exc
+                else:
+                    advance(i, lambda g=gens[i], p=future.result(): g.send(p))
+    except KeyboardInterrupt:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    else:
+        pool.shutdown()
     finally:
         if bar:
             bar.close()
@@ -477,13 +560,18 @@ def recommended(table: pd.DataFrame) -> pd.Series | None:
     return ok.iloc[0] if len(ok) else None
 
 
-def write_plan(out: Path, path: str | Path, table: pd.DataFrame, results: list[CandidateResult]) -> Path:
+def write_plan(
+    out: Path, path: str | Path, table: pd.DataFrame, results: list[CandidateResult],
+    overrides: dict[str, Any] | None = None,
+) -> Path:
     """plan.csv (the ranked table) and plan.json (settings, recommendation, Pareto front, every candidate
     with its probes), each written atomically."""
     from dataclasses import asdict
 
+    from sim.sweep import code_version
+
     file = find_scenario(path)
-    base = parse_scenario(read_yaml(file), str(path))
+    base = parse_scenario(_with_overrides(read_yaml(file), overrides), str(path))
     search = base.plan.rate_search
     target = next((r.target_rate_per_s for r in results if r.target_rate_per_s), base.plan.target_rate_per_s)
     own = next((p.rate_per_s / p.scale for r in results for p in r.probes), None)
@@ -496,6 +584,8 @@ def write_plan(out: Path, path: str | Path, table: pd.DataFrame, results: list[C
         "source": str(path),
         "slo": base.slo.model_dump(mode="json"),
         "objective": base.plan.objective,
+        "budget": {"usd_per_hour": base.plan.budget_usd_per_hour, "max_gpus": base.plan.max_gpus},
+        "code_version": code_version(),
         "target_rate_per_s": target,
         "workload_rate_per_s": own,
         "axes": list(base.plan.candidates),

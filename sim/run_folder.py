@@ -58,6 +58,11 @@ def write_run_folder(result: SimulationResult, summary: dict[str, Any], out_dir:
     if ep_tables is not None:
         files["ep_layers"] = _write_table(ep_tables[0], tmp / "ep_layers", fmt)
         files["ep_device_tokens"] = _write_table(ep_tables[1], tmp / "ep_device_tokens", fmt)
+    from sim.report.tables import expert_load  # optional tables the report draws when present
+
+    load = expert_load(result)
+    if load is not None:
+        files["expert_load"] = _write_table(load, tmp / "expert_load", fmt)
     (tmp / "summary.json").write_text(json.dumps({**summary, "files": files}, indent=2, default=_json_default) + "\n")
     if out_dir.exists():
         shutil.rmtree(out_dir)

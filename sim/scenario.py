@@ -203,9 +203,59 @@ class SloSpec(SloTargets):
     per_task: dict[str, SloTargets] = Field(default_factory=dict)
 
 
+class AxisRange(Spec):
+    """A numeric axis written as a range instead of a list: ``{start, stop, step}`` (stop included when
+    the steps land on it) or ``{min, max, num}`` (``num`` values, evenly or, with ``scale: log``,
+    geometrically spaced). Integer ends give integer values where the values are whole numbers."""
+
+    start: float | None = None
+    stop: float | None = None
+    step: float | None = Field(None, gt=0)
+    min: float | None = None
+    max: float | None = None
+    num: int | None = Field(None, ge=1, le=1000)
+    scale: Literal["linear", "log"] = "linear"
+
+    @model_validator(mode="after")
+    def _one_form(self) -> "AxisRange":
+        stepped = (self.start, self.stop, self.step)
+        counted = (self.min, self.max, self.num)
+        if all(v is not None for v in stepped) and all(v is None for v in counted) and self.scale == "linear":
+            if self.stop < self.start:
+                raise ValueError("stop must be >= start")
+        elif all(v is not None for v in counted) and all(v is None for v in stepped):
+            if self.max < self.min or (self.scale == "log" and self.min <= 0):
+                raise ValueError("need min <= max (and min > 0 with scale: log)")
+        else:
+            raise ValueError("give {start, stop, step} or {min, max, num} (optionally with scale: log)")
+        return self
+
+    def values(self) -> list[float | int]:
+        import numpy as np
+
+        if self.num is None:
+            count = int(np.floor((self.stop - self.start) / self.step + 1e-9)) + 1
+            raw = [self.start + i * self.step for i in range(count)]
+            whole = all(float(v).is_integer() for v in (self.start, self.stop, self.step))
+        else:
+            space = np.geomspace if self.scale == "log" else np.linspace
+            raw = [float(v) for v in space(self.min, self.max, self.num)]
+            whole = float(self.min).is_integer() and float(self.max).is_integer()
+        if whole and all(abs(v - round(v)) < 1e-9 * max(1.0, abs(v)) for v in raw):
+            return [int(round(v)) for v in raw]
+        return [round(v, 12) for v in raw]
+
+
+def axis_values(axis: "list[Any] | AxisRange") -> list[Any]:
+    """The values of a sweep axis or plan candidate axis, whichever form it was written in."""
+    return axis.values() if isinstance(axis, AxisRange) else list(axis)
+
+
 class SweepSpec(Spec):
-    axes: dict[str, list[Any]] = Field(
-        default_factory=dict, description="Key path (e.g. 'hardware.expert_memory.fraction') -> values."
+    axes: dict[str, list[Any] | AxisRange] = Field(
+        default_factory=dict,
+        description="Key path (e.g. 'hardware.expert_memory.fraction') -> values, or a range "
+        "{start, stop, step} / {min, max, num, scale}.",
     )
     variants: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
@@ -225,14 +275,20 @@ class RateSearchSpec(Spec):
 class PlanSpec(Spec):
     """Capacity planning: which candidate configuration is cheapest while meeting the SLO at a target rate."""
 
-    candidates: dict[str, list[Any]] = Field(
-        default_factory=dict, description="Key path -> values; every combination is a candidate."
+    candidates: dict[str, list[Any] | AxisRange] = Field(
+        default_factory=dict,
+        description="Key path -> values, or a range {start, stop, step} / {min, max, num, scale}; "
+        "every combination is a candidate.",
     )
     target_rate_per_s: float | None = Field(
         None, gt=0, description="Requests/s to sustain; default: the workload's own mean rate."
     )
     objective: Literal["cost", "gpus"] = Field("cost", description="Rank by GPU cost per hour, or by GPU count.")
     prices: str | None = Field(None, description="Price table YAML (profile -> usd_per_gpu_hour); default shipped.")
+    budget_usd_per_hour: float | None = Field(
+        None, gt=0, description="Prune, unsimulated, candidates costing more per hour (CLI: --budget 40)."
+    )
+    max_gpus: int | None = Field(None, ge=1, description="Prune, unsimulated, candidates with more GPUs (CLI: --budget 8gpus).")
     rate_search: RateSearchSpec = Field(default_factory=RateSearchSpec)
     max_requests_per_probe: int = Field(300, gt=0, description="Requests simulated per rate probe.")
     tolerate_failures: int = Field(
@@ -531,7 +587,7 @@ def expand_sweep(data: dict[str, Any], source: str) -> list[tuple[dict[str, Any]
         return [({}, base)]
     points: list[tuple[dict[str, Any], Scenario]] = []
     names = list(axes)
-    for values, variant in itertools.product(itertools.product(*(axes[n] for n in names)), list(variants) or [None]):
+    for values, variant in itertools.product(itertools.product(*(axis_values(axes[n]) for n in names)), list(variants) or [None]):
         point = dict(zip(names, values))
         point_data = copy.deepcopy(data)
         point_data.pop("sweep", None)
@@ -591,6 +647,8 @@ __all__ = [
     "parse_scenario",
     "resolve",
     "expand_sweep",
+    "axis_values",
+    "AxisRange",
     "json_schema",
     "MoesimError",
 ]

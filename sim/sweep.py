@@ -1,14 +1,21 @@
 """Run every point of a scenario's sweep grid, in parallel, with results cached per point.
 
-Each point is keyed by a hash of its resolved scenario, its hardware profile and the moesim version,
-and its run folder is written atomically under ``OUT/points/KEY``; a point whose folder exists is
-not simulated again, so an interrupted sweep resumes where it stopped and a re-run is instant."""
+Each point is keyed by a hash of its resolved scenario, its hardware profile and the code version (the
+moesim version and a hash of the simulator's sources), and its run folder is written atomically under
+``OUT/points/KEY``; a point whose folder exists is not simulated again, so an interrupted sweep resumes
+where it stopped, a re-run is instant, and a change to the simulator's code simulates every point anew.
+
+Points run on a local process pool, in this process (``jobs=1``) or on a Ray cluster (``sim.executors``);
+each worker returns its run folder's files and this process writes them, so the same files result
+wherever the work ran."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+import tempfile
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +23,7 @@ from typing import Any
 import pandas as pd
 
 from sim import __version__
-from sim.errors import CapacityError
+from sim.errors import CapacityError, ScenarioError
 from sim.scenario import expand_sweep, find_scenario, read_yaml, resolve, resolved_dict
 
 
@@ -28,17 +35,54 @@ class SweepPoint:
     scenario: dict[str, Any]  # the resolved scenario of this point, itself a valid scenario
 
 
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a sweep: the points finished so far are kept on disk (``done`` of ``total``)."""
+
+    def __init__(self, done: int, total: int, out: Path) -> None:
+        super().__init__(f"{done} of {total} points done")
+        self.done, self.total, self.out = done, total, out
+
+
+# Sources that cannot change a simulated result (rendering, the command line) stay out of the hash.
+_NOT_RESULTS = ("report/", "cli.py", "trace_cli.py", "executors.py")
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """The moesim version and a hash of the simulator's sources and data files, e.g. ``0.1.0+3f2a9c1d0b7e``.
+
+    Computed from the files themselves, so it holds for a checkout, an editable install and a wheel alike."""
+    return f"{__version__}+{source_hash(Path(__file__).resolve().parent)}"
+
+
+def source_hash(root: Path) -> str:
+    """Hash of the files under ``root`` that can change a simulated result (names and contents)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".py", ".yaml", ".json", ".csv", ".txt")):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith(_NOT_RESULTS) or "__pycache__" in rel:
+            continue
+        digest.update(rel.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
 def point_key(scenario: dict[str, Any], profile: dict[str, Any]) -> str:
     """Hash of what determines a point's result: scenario, profile and code version."""
-    blob = json.dumps({"scenario": scenario, "profile": profile, "version": __version__}, sort_keys=True, default=str)
+    blob = json.dumps({"scenario": scenario, "profile": profile, "version": code_version()}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def plan_points(path: str | Path) -> tuple[list[SweepPoint], Path]:
     """Expand and resolve every point (errors name the point) before anything runs."""
     file = find_scenario(path)
+    data = read_yaml(file)
+    if not (data or {}).get("sweep", {}).get("axes"):
+        raise ScenarioError(
+            f"{path}: sweep.axes: no sweep axes, so there is nothing to sweep; run one point with "
+            f"`moesim simulate {path}`, or add e.g. sweep: {{axes: {{hardware.num_gpus: [1, 2]}}}}"
+        )
     points = []
-    for index, (values, scenario) in enumerate(expand_sweep(read_yaml(file), str(path))):
+    for index, (values, scenario) in enumerate(expand_sweep(data, str(path))):
         loaded = resolve(scenario, str(path), file.parent)
         resolved = resolved_dict(loaded)
         key = point_key(resolved, loaded.profile.model_dump(mode="json"))
@@ -46,27 +90,41 @@ def plan_points(path: str | Path) -> tuple[list[SweepPoint], Path]:
     return points, file.parent
 
 
-def run_point(scenario: dict[str, Any], base_dir: str, out_dir: str) -> dict[str, Any]:
-    """Simulate one point and write its run folder (runs in a worker process)."""
+def run_point(scenario: dict[str, Any], base_dir: str) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """Simulate one point (in a worker); returns its summary and its run folder's files by name."""
     from sim.engine.simulation import simulate
     from sim.metrics import summarize
     from sim.run_folder import write_run_folder
     from sim.scenario import parse_scenario
 
-    source = str(Path(out_dir) / "scenario.resolved.yaml")
-    loaded = resolve(parse_scenario(scenario, source), source, Path(base_dir))
-    try:
-        result = simulate(loaded)
-    except CapacityError as exc:
-        # An infeasible point is a result of the sweep, not a failure of it: record why.
-        summary = {"infeasible": str(exc).split(": hardware: ", 1)[-1]}
-        folder = Path(out_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        return summary
-    summary = summarize(result)
-    write_run_folder(result, summary, Path(out_dir))
-    return summary
+    with tempfile.TemporaryDirectory(prefix="moesim-point-") as tmp:
+        folder = Path(tmp) / "point"
+        source = str(folder / "scenario.resolved.yaml")
+        loaded = resolve(parse_scenario(scenario, source), source, Path(base_dir))
+        try:
+            result = simulate(loaded)
+        except CapacityError as exc:
+            # An infeasible point is a result of the sweep, not a failure of it: record why.
+            summary = {"infeasible": str(exc).split(": hardware: ", 1)[-1]}
+            return summary, {"summary.json": (json.dumps(summary, indent=2) + "\n").encode()}
+        summary = summarize(result)
+        write_run_folder(result, summary, folder)
+        return summary, {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def write_point(folder: Path, files: dict[str, bytes]) -> None:
+    """Write a point's files into a sibling temporary folder renamed into place: a folder that exists is complete."""
+    import shutil
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for name, blob in files.items():
+        (tmp / name).write_bytes(blob)
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
 
 
 def metrics_row(summary: dict[str, Any]) -> dict[str, Any]:
@@ -116,8 +174,15 @@ def _expert_parallel_row(summary: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_sweep(path: str | Path, out: Path, *, jobs: int | None = None, progress: bool = True) -> pd.DataFrame:
-    """Run (or reuse) every point; returns one row per point with its axis values and metrics."""
+def run_sweep(
+    path: str | Path, out: Path, *, jobs: int | None = None, progress: bool = True,
+    executor: str = "local", address: str | None = None,
+) -> pd.DataFrame:
+    """Run (or reuse) every point; returns one row per point with its axis values and metrics.
+
+    Ctrl-C raises ``SweepInterrupted`` after cancelling what has not started; finished points stay."""
+    from sim.executors import make_executor
+
     points, base_dir = plan_points(path)
     out = Path(out)
     (out / "points").mkdir(parents=True, exist_ok=True)
@@ -133,28 +198,38 @@ def run_sweep(path: str | Path, out: Path, *, jobs: int | None = None, progress:
     if progress and todo:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(points), initial=len(points) - len(todo), unit="point", desc="sweep")
+        # The ETA counts only the points simulated in this run (resumed ones are shown as done already).
+        bar = tqdm(total=len(points), initial=len(points) - len(todo), unit="point", desc="sweep",
+                   bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed} elapsed, ETA {remaining}]")
+    pool = None
     try:
-        if todo and (jobs or 0) == 1:
-            for point in todo:
-                summaries[point.index] = run_point(point.scenario, str(base_dir), str(out / "points" / point.key))
-                if bar:
-                    bar.update()
-        elif todo:
-            with ProcessPoolExecutor(max_workers=jobs) as pool:
-                pending: dict[Future, SweepPoint] = {
-                    pool.submit(run_point, p.scenario, str(base_dir), str(out / "points" / p.key)): p for p in todo
-                }
-                while pending:
-                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        point = pending.pop(future)
-                        summaries[point.index] = future.result()
-                        if bar:
-                            bar.update()
+        if todo:
+            pool = make_executor(executor, jobs, address)
+            pending: dict[Future, SweepPoint] = {}
+            queue = list(reversed(todo))
+            limit = getattr(pool, "max_in_flight", len(todo))  # in-process: one at a time, each written at once
+            while queue or pending:
+                while queue and len(pending) < limit:
+                    p = queue.pop()
+                    pending[pool.submit(run_point, p.scenario, str(base_dir))] = p
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in sorted(done, key=lambda f: pending[f].index):
+                    point = pending.pop(future)
+                    summary, files = future.result()
+                    write_point(out / "points" / point.key, files)
+                    summaries[point.index] = summary
+                    if bar:
+                        bar.update()
+    except KeyboardInterrupt:
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+            pool = None
+        raise SweepInterrupted(len(summaries), len(points), out) from None
     finally:
         if bar:
             bar.close()
+        if pool is not None:
+            pool.shutdown()
     rows = []
     for point in points:
         row = {"point": point.index, **point.values, "key": point.key, **metrics_row(summaries[point.index])}

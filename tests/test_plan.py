@@ -86,7 +86,9 @@ def test_a_candidate_missing_the_slo_at_low_load_is_pruned_with_the_bound_it_bro
     assert r.probes[1].scale == 0.25
     assert r.probes[1].rate_per_s / 0.25 == pytest.approx(r.probes[0].rate_per_s / r.probes[0].scale)
     assert r.reason.startswith(f"misses the SLO even at {r.probes[1].rate_per_s:.3g} req/s (TTFT P99 ")
-    assert "> 0.1 s" in r.reason and r.binding == "PCIe (expert loads)"
+    assert "> 0.1 s" in r.reason
+    assert r.probes[1].busy["h2d_utilization"] > 0.9
+    assert r.binding == f"PCIe (expert loads) ({r.probes[1].busy['h2d_utilization']:.0%} busy)"
 
 
 def test_a_faster_gpu_never_sustains_less_and_the_search_brackets_the_limit(planned):
@@ -191,3 +193,77 @@ def test_prices_file_override_changes_the_ranking(tmp_path, capsys):
     code, _, err = _run(capsys, "plan", str(_write(tmp_path, data)), "--no-progress")
     assert (code, err) == (2, f"moesim: error: {tmp_path / 'bad.yaml'}: usd_per_gpu_hour: expected a mapping of "
                               "profile name -> positive price\n")
+
+
+def test_budget_prunes_before_simulating_and_target_rate_overrides(tmp_path, capsys):
+    data = copy.deepcopy(PLAN)
+    data["plan"]["candidates"] = {"hardware.profile": ["h100-80gb", "a100-80gb"], "hardware.num_gpus": {"min": 1, "max": 2, "num": 2}}
+    path = _write(tmp_path, data)
+    code, out, _ = _run(capsys, "plan", str(path), "--no-progress", "--jobs", "1", "--out", str(tmp_path / "o"),
+                        "--budget", "$12/h", "--target-rate", "2")
+    assert code == 0
+    doc = json.loads((tmp_path / "o" / "plan.json").read_text())
+    assert doc["target_rate_per_s"] == 2.0 and doc["budget"] == {"usd_per_hour": 12.0, "max_gpus": None}
+    by = {(c["values"]["hardware.profile"], c["values"]["hardware.num_gpus"]): c for c in doc["candidates"]}
+    # Range {min 1, max 2, num 2} -> GPU counts 1 and 2. Over $12/h (H100 x1 at $12.29, H100 x2): never probed.
+    assert set(by) == {("h100-80gb", 1), ("h100-80gb", 2), ("a100-80gb", 1), ("a100-80gb", 2)}
+    for key in [("h100-80gb", 1), ("h100-80gb", 2)]:
+        assert by[key]["status"] == "pruned" and by[key]["probes"] == []
+    assert by[("h100-80gb", 1)]["reason"] == "over budget: $12.29/h > $12.00/h"
+    for key in [("a100-80gb", 1), ("a100-80gb", 2)]:
+        assert by[key]["status"] == "meets target" and by[key]["probes"][0]["rate_per_s"] == pytest.approx(2.0)
+    assert f"recommended: candidate {by[('a100-80gb', 1)]['index']} " in out  # A100 x1, the cheapest within budget
+    code, _, _ = _run(capsys, "plan", str(path), "--no-progress", "--jobs", "1", "--out", str(tmp_path / "g"), "--budget", "1gpu")
+    doc = json.loads((tmp_path / "g" / "plan.json").read_text())
+    assert code == 0 and [c["reason"] for c in doc["candidates"] if c["values"]["hardware.num_gpus"] == 2] == [
+        "over budget: 2 GPUs > 1"] * 2
+    code, _, err = _run(capsys, "plan", str(path), "--no-progress", "--budget", "lots")
+    assert (code, err) == (2, "moesim: error: --budget lots: expected a cost per hour (e.g. 40 or $40/h) or a GPU count "
+                              "(e.g. 8gpus)\n")
+
+
+def test_binding_reads_any_busy_field_of_the_summary():
+    from sim.plan import Probe, _binding, busy_fields
+
+    summary = {
+        "resources": [
+            {"replica": 0, "compute_utilization": 0.4, "h2d_utilization": 0.3, "all_to_all_utilization": 0.7},
+            {"replica": 1, "compute_utilization": 0.6, "h2d_utilization": 0.2, "all_to_all_utilization": 0.9},
+        ],
+        "busy": {"straggler_wait_fraction": 0.2, "nvlink_utilization": 0.1},
+    }
+    busy = busy_fields(summary)
+    assert busy == {"compute_utilization": 0.6, "h2d_utilization": 0.3, "all_to_all_utilization": 0.9,
+                    "straggler_wait_fraction": 0.2, "nvlink_utilization": 0.1}
+    probe = Probe(scale=1, rate_per_s=1, met=True, ttft_p99_s=0.1, tbt_p99_s=0.1, attainment=1.0, compute_utilization=0.6,
+                  h2d_utilization=0.3, kv_peak_fraction=0.1, preemptions=0, rejected=0, busy=busy)
+    assert _binding(probe) == "all-to-all (90% busy)"
+    probe.busy = {**busy, "all_to_all_utilization": 0.1, "straggler_wait_fraction": 0.95}
+    assert _binding(probe) == "stragglers (95% busy)"
+    probe.busy = {"compute_utilization": 0.2, "nvlink_utilization": 0.8}  # an unlisted field is named after itself
+    assert _binding(probe) == "nvlink (80% busy)"
+    probe.busy = {"compute_utilization": 0.2}
+    assert _binding(probe) == "latency SLO (resources not saturated)"
+    probe.preemptions = 3
+    assert _binding(probe) == "KV memory"
+
+
+def test_plan_without_a_scenario_runs_the_shipped_default(tmp_path, capsys, monkeypatch):
+    import sim.plan
+    from sim.plan import DEFAULT_PLAN, candidates
+
+    # The shipped default compares the three GPUs, 1-8 GPUs, expert budgets and cache policies.
+    cands, base, _ = candidates(DEFAULT_PLAN)
+    values = [v for v, _ in cands]
+    assert {v["hardware.profile"] for v in values} == {"a100-80gb", "h100-80gb", "h200"}
+    assert sorted({v["hardware.num_gpus"] for v in values}) == [1, 2, 4, 8]
+    assert len({v["hardware.expert_memory.fraction"] for v in values}) >= 2
+    assert len({v["policies.expert_cache.name"] for v in values}) >= 2
+    # `moesim plan` with no argument plans whatever DEFAULT_PLAN names (here a tiny one).
+    data = copy.deepcopy(PLAN)
+    data["plan"]["candidates"]["hardware"] = PLAN["plan"]["candidates"]["hardware"][1:2]
+    monkeypatch.setattr(sim.plan, "DEFAULT_PLAN", str(_write(tmp_path, data, "tiny.yaml")))
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _run(capsys, "plan", "--no-progress", "--jobs", "1", "--report")
+    assert code == 0 and "recommended: candidate 0 " in out
+    assert err.endswith(f"report: {Path('reports') / 'plan-tiny.html'}\n") and (tmp_path / "runs" / "plan-tiny" / "plan.json").exists()

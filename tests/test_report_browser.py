@@ -90,10 +90,14 @@ def test_the_console_check_catches_an_error(tmp_path):
 def test_run_and_plan_reports_render_in_chromium(tmp_path):
     scenario = {k: v for k, v in copy.deepcopy(PLAN).items() if k != "plan"}
     scenario["workload"]["max_requests"] = 12
+    scenario["hardware"]["expert_memory"] = {"experts": 512}  # half the experts: a cache, hence the load heatmap
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(scenario))
-    assert main(["simulate", str(path), "--no-progress", "--out", str(tmp_path / "run"), "--report"]) == 0
-    _check_in_browser(tmp_path, tmp_path / "run" / "report.html", expected_images=5)
+    assert main(["simulate", str(path), "--no-progress", "--out", str(tmp_path / "run")]) == 0
+    # The optional per-layer table (hit rate by layer, time breakdown) as the engine would write it.
+    (tmp_path / "run" / "layers.csv").write_text("layer,hits,misses,attention_s,experts_s\n0,5,1,0.1,0.2\n1,3,3,0.1,0.3\n")
+    assert main(["report", str(tmp_path / "run")]) == 0
+    _check_in_browser(tmp_path, tmp_path / "run" / "report.html", expected_images=9)
     plan = copy.deepcopy(PLAN)
     plan["plan"]["candidates"]["hardware"] = plan["plan"]["candidates"]["hardware"][1:]
     path = tmp_path / "plan.yaml"
@@ -101,3 +105,21 @@ def test_run_and_plan_reports_render_in_chromium(tmp_path):
     assert main(["plan", str(path), "--no-progress", "--jobs", "1", "--out", str(tmp_path / "plan"),
                  "--report", str(tmp_path / "plan.html")]) == 0
     _check_in_browser(tmp_path, tmp_path / "plan.html", expected_images=2)
+
+
+def test_sweep_and_validation_reports_render_in_chromium(tmp_path):
+    sweep = {k: v for k, v in copy.deepcopy(PLAN).items() if k != "plan"}
+    sweep["workload"]["max_requests"] = 8
+    sweep["sweep"] = {"axes": {"hardware.profile": ["h100-80gb", "a100-80gb"]}}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    assert main(["sweep", str(path), "--no-progress", "--jobs", "1", "--out", str(tmp_path / "sweep"),
+                 "--report", str(tmp_path / "sweep.html")]) == 0
+    _check_in_browser(tmp_path, tmp_path / "sweep.html", expected_images=1)
+    folder = tmp_path / "validate"
+    folder.mkdir()
+    (folder / "summary.json").write_text(json.dumps({"scenario": "v", "profile": "p.yaml", "passed": True, "failures": [],
+                                                     "bounds": {"median_e2e_ape": 0.05}, "metrics": {"e2e_ape_median": 0.01}}))
+    (folder / "comparison.csv").write_text("e2e_s_real,e2e_s_sim,ttft_s_real,ttft_s_sim\n1,1.1,0.1,0.1\n2,1.9,0.2,0.3\n")
+    assert main(["report", str(folder), "-o", str(tmp_path / "validation.html")]) == 0
+    _check_in_browser(tmp_path, tmp_path / "validation.html", expected_images=1)

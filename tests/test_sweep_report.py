@@ -103,7 +103,8 @@ def test_report_is_self_contained_and_escapes_user_text(tmp_path, capsys):
     parser = _Images()
     parser.feed(html)
     assert parser.external == []
-    assert len(parser.sources) == 5
+    # latency CDFs, throughput, latency vs load, memory, utilisation, breakdown, expert load heatmap
+    assert len(parser.sources) == 7
     for src in parser.sources:
         assert src.startswith("data:image/png;base64,")
         png = base64.b64decode(src.split(",", 1)[1])

@@ -373,3 +373,87 @@ def speedup_vs_gamma(table: pd.DataFrame, gamma_axis: str, other_axes: list[str]
         if len(groups) > 1:
             ax.legend(fontsize=7)
     return _png(fig)
+
+
+# ---------------------------------------------------------------- optional run sections (sim.report.sections)
+
+
+def latency_vs_load(requests: pd.DataFrame, slo: dict[str, Any], bins: int = 30) -> str:
+    """Offered load against latency: per time window, the arrival rate against the P99 TTFT and the
+    median end-to-end latency of the requests that arrived in it."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 3.4))
+    req = requests[requests["status"] == "completed"]
+    if len(req) > 1:
+        arrived = requests["arrived_at_s"].to_numpy()
+        edges = np.linspace(arrived.min(), arrived.max() + 1e-9, bins + 1)
+        width = edges[1] - edges[0]
+        rate = np.histogram(arrived, edges)[0] / width
+        window = np.clip(np.digitize(req["arrived_at_s"].to_numpy(), edges) - 1, 0, bins - 1)
+        grouped = req.assign(window=window).groupby("window")
+        ttft = grouped["ttft_s"].quantile(0.99)
+        e2e = grouped["e2e_s"].median()
+        ax1.scatter(rate[ttft.index], ttft.to_numpy(), s=14, color="#1f77b4")
+        ax2.scatter(rate[e2e.index], e2e.to_numpy(), s=14, color="#ff7f0e")
+    target = slo.get("targets", {}).get("ttft_p99_s")
+    if target:
+        ax1.axhline(target["target_s"], color="#d62728", linestyle="--", label="SLO ttft_p99_s")
+        ax1.legend(fontsize=8)
+    ax1.set_ylabel("P99 TTFT of the window (s)")
+    ax2.set_ylabel("median end-to-end of the window (s)")
+    for ax in (ax1, ax2):
+        ax.set_xlabel(f"arrival rate in the window (req/s; {bins} windows)")
+        ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def hit_rate_by_layer(layers: pd.DataFrame) -> str:
+    fig, ax = plt.subplots(figsize=(13, 3))
+    total = (layers["hits"] + layers["misses"]).replace(0, np.nan)
+    ax.bar(layers["layer"], (layers["hits"] / total).to_numpy(), color="#2ca02c")
+    ax.set_xlabel("MoE layer")
+    ax.set_ylabel("hit rate")
+    ax.set_ylim(0, 1.05)
+    ax.grid(alpha=0.3, axis="y")
+    return _png(fig)
+
+
+def layer_time_breakdown(layers: pd.DataFrame, labels: dict[str, str]) -> str:
+    fig, ax = plt.subplots(figsize=(13, 3.4))
+    bottom = np.zeros(len(layers))
+    for column, label in labels.items():
+        values = layers[column].fillna(0).to_numpy(dtype=float)
+        ax.bar(layers["layer"], values, bottom=bottom, label=label)
+        bottom += values
+    ax.set_xlabel("layer")
+    ax.set_ylabel("seconds over the run")
+    ax.legend(fontsize=8, ncol=len(labels))
+    ax.grid(alpha=0.3, axis="y")
+    return _png(fig)
+
+
+def expert_load_heatmap(load: pd.DataFrame) -> str:
+    grid = load.pivot(index="layer", columns="expert", values="iterations").fillna(0).to_numpy(dtype=float)
+    mean = grid.mean(axis=1, keepdims=True)
+    relative = np.divide(grid, mean, out=np.zeros_like(grid), where=mean > 0)
+    fig, ax = plt.subplots(figsize=(13, max(3.0, min(8.0, 0.12 * grid.shape[0] + 1.5))))
+    image = ax.imshow(relative, aspect="auto", cmap="viridis", interpolation="nearest")
+    fig.colorbar(image, ax=ax, label="use / layer mean")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    return _png(fig)
+
+
+def validation_scatter(comparison: pd.DataFrame) -> str:
+    """Simulated against measured latency per request, e2e and TTFT, with the diagonal."""
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4))
+    for ax, metric in zip(axes, ("e2e", "ttft")):
+        real, sim_ = comparison.get(f"{metric}_s_real"), comparison.get(f"{metric}_s_sim")
+        if real is not None and sim_ is not None and len(real):
+            ax.scatter(real, sim_, s=10, alpha=0.6)
+            hi = float(np.nanmax([real.max(), sim_.max()])) * 1.05
+            ax.plot([0, hi], [0, hi], "k--", linewidth=0.8, label="simulated = measured")
+            ax.legend(fontsize=8)
+        ax.set_xlabel(f"measured {metric} (s)")
+        ax.set_ylabel(f"simulated {metric} (s)")
+        ax.grid(alpha=0.3)
+    return _png(fig)

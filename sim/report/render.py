@@ -13,6 +13,7 @@ import pandas as pd
 from sim import __version__
 from sim.errors import MoesimError
 from sim.report import plots
+from sim.report.sections import RunData, run_sections
 
 
 def _read_table(folder: Path, stem: str) -> pd.DataFrame:
@@ -57,6 +58,7 @@ def render_run_report(run_dir: Path, out: Path | None = None) -> Path:
     figures = {
         "latency": plots.latency_cdfs(requests, summary["slo"]),
         "throughput": plots.throughput_over_time(requests),
+        "latency_vs_load": plots.latency_vs_load(requests, summary["slo"]),
         "memory": plots.memory_over_time(iterations, summary["memory"]),
         "utilisation": plots.utilisation_over_time(iterations),
         "breakdown": plots.iteration_breakdown(iterations),
@@ -73,6 +75,7 @@ def render_run_report(run_dir: Path, out: Path | None = None) -> Path:
     html = _environment().get_template("run.html.j2").render(
         summary=summary,
         figures=figures,
+        sections=run_sections(RunData(run_dir, summary, requests, iterations)),
         version=__version__,
         run_dir=str(run_dir),
         scenario_text=(run_dir / "scenario.resolved.yaml").read_text() if (run_dir / "scenario.resolved.yaml").exists() else "",
@@ -100,7 +103,26 @@ def render_report(folder: Path, out: Path | None = None) -> Path:
         return render_plan_report(folder, out)
     if (folder / "sweep.csv").exists():
         return render_sweep_report(folder, out)
+    if (folder / "comparison.csv").exists() and (folder / "summary.json").exists():
+        return render_validation_report(folder, out)
     return render_run_report(folder, out)
+
+
+def render_validation_report(folder: Path, out: Path | None = None) -> Path:
+    """Write ``out`` (default: FOLDER/validation.html; ``moesim validate`` writes its own report.html there)
+    from a folder written by ``moesim validate``: every metric against its bound, and simulated against
+    measured latency per request."""
+    folder = Path(folder)
+    summary = _read_json(folder, "summary.json", "a validation folder", "moesim validate SCENARIO")
+    comparison = pd.read_csv(folder / "comparison.csv")
+    metrics = summary.get("metrics", {})
+    shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    html = _environment().get_template("validation.html.j2").render(
+        summary=summary, metrics=shown, bounds=summary.get("bounds", {}), failures=summary.get("failures", []),
+        figure=plots.validation_scatter(comparison), version=__version__, folder=str(folder),
+        fmt=lambda v: f"{v:.4g}" if isinstance(v, float) else str(v),
+    )
+    return _write(html, Path(out) if out else folder / "validation.html")
 
 
 def render_plan_report(plan_dir: Path, out: Path | None = None) -> Path:
