@@ -210,7 +210,7 @@ def print_summary(summary: dict[str, Any], out: Any = None) -> None:
     ep = summary.get("expert_parallel")
     if ep:
         tot = ep["totals_s"]
-        p(f"expert par.  dp {ep['dp']} x ep {ep['ep']} x tp {ep['tp']} over {ep['intra_node']}, placement {ep['placement']}, "
+        p(f"expert par.  dp {ep['dp']} x ep {ep['ep']} x tp {ep['tp']} over {ep['intra_node']} ({ep.get('collective_model', 'link')} collectives), placement {ep['placement']}, "
           f"capacity {ep['capacity']}, overlap {ep['overlap']}: MoE-layer seconds attention {tot['attention_s']:,.2f}, "
           f"experts {tot['expert_compute_s']:,.2f} (straggler wait {tot['straggler_wait_s']:,.2f}), dispatch "
           f"{tot['dispatch_s']:,.2f}, combine {tot['combine_s']:,.2f}, exposed comm {ep['exposed_comm_s']:,.2f}; "

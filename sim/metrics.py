@@ -325,6 +325,12 @@ def expert_parallel_tables(result: SimulationResult) -> tuple[pd.DataFrame, pd.D
     return layers, device
 
 
+def _collective_model(result: SimulationResult, kind: str) -> str:
+    """measured | link (| mixed when replicas differ) for collective ``kind`` of the EP groups."""
+    models = {r.planner.topology.collective_model(kind) for r in result.replicas if hasattr(r.planner, "topology")}
+    return models.pop() if len(models) == 1 else "mixed"
+
+
 def expert_parallel_summary(result: SimulationResult) -> dict[str, Any] | None:
     """Totals of the expert-parallel groups: where MoE-layer time went, imbalance, drops."""
     stats = _ep_stats(result)
@@ -344,6 +350,9 @@ def expert_parallel_summary(result: SimulationResult) -> dict[str, Any] | None:
     return {
         "dp": scenario.hardware.num_gpus // (par.ep * par.tp), "ep": par.ep, "tp": par.tp,
         "intra_node": scenario.hardware.topology.intra_node,
+        # measured: the profile's NCCL table (busiest-port mapping, sim/engine/topology.py); link: bandwidth + latency.
+        "collective_model": _collective_model(result, "all_to_all"),
+        "all_reduce_model": _collective_model(result, "all_reduce") if par.tp > 1 else None,
         "placement": spec.placement.name, "redundant_experts": spec.placement.redundant_experts,
         "placement_recomputations": int(sum(r.planner.placement.recomputations for r in result.replicas)),
         "capacity": spec.capacity.name, "gamma": getattr(spec.capacity, "gamma", None),

@@ -34,7 +34,7 @@ import numpy as np
 from sim.engine.iteration import BatchShape, IterationPlan, IterationPlanner
 from sim.engine.memory import MemoryBudget
 from sim.engine.placement import ExpertPlacement
-from sim.engine.topology import Topology, build_topology
+from sim.engine.topology import Topology, build_topology, measured_collectives
 from sim.errors import CapacityError, ScenarioError, TraceError
 from sim.policies.cache import make_cache
 from sim.policies.capacity import capacity, expanded_drop, reroute, threshold_drop, token_drop
@@ -574,6 +574,14 @@ def check_expert_parallel(loaded) -> None:
             f"expert, which only generated uniform/zipf routing provides (got routing kind {kind!r}; a replayed "
             f"trace with gate scores serves threshold); use drop, which needs counts only"
         )
+    hw = scenario.hardware
+    per_node = hw.num_gpus // hw.num_nodes
+    for replica in range(dp):
+        try:
+            measured_collectives(hw.topology, loaded.profile, group_gpus=ep * tp, gpus_per_node=per_node, tp=tp,
+                                 first_gpu=replica * ep * tp)
+        except ValueError as exc:
+            raise ScenarioError(f"{src}: hardware.topology.collective_model: {exc}") from None
     plan_memory_ep(loaded)
 
 
@@ -619,7 +627,7 @@ def build_group(loaded, profile: HardwareProfile, routing: RoutingSource, replic
     spec = scenario.policies.expert_parallel
     group = ep * tp
     topology = build_topology(hw.topology, profile, group_gpus=group, gpus_per_node=hw.num_gpus // hw.num_nodes,
-                              first_gpu=replica * group)
+                              first_gpu=replica * group, tp=tp)
     placement = ExpertPlacement(spec.placement, num_layers=loaded.model.num_moe_layers,
                                 num_experts=loaded.model.num_experts, num_ranks=ep)
     planner = ExpertParallelPlanner(model=loaded.model, profile=profile, spec=spec, topology=topology, ep=ep, tp=tp,

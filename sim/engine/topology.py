@@ -12,8 +12,22 @@ and a latency:
 A collective's flows run at once and share these links, so (fluid model) it lasts as long as its most
 loaded link needs to move its bytes, plus the latency of the slowest kind of link it uses:
 ``max over links (bytes on link / bandwidth) + latency``. Local bytes (a GPU to itself) are free.
-Collective costs come from link bandwidth and latency: the profiles carry no measured collective model
-yet. Cross-group contention (two replicas sharing a node's host bridge or NIC) is not modelled."""
+Cross-group contention (two replicas sharing a node's host bridge or NIC) is not modelled.
+
+Measured collectives (``hardware.topology.collective_model``, default ``auto``). A profile may carry
+NCCL tables (``HardwareProfile.collective_s``, e.g. the imported aiconfigurator H100/H200/A100 ones for
+2/4/8 GPUs of one NVLink node). Their ``nbytes`` is the per-rank buffer of nccl-tests: for all_reduce
+the buffer every rank reduces; for all_to_all the whole send buffer of one rank, split evenly over the
+G ranks (itself included), so a uniform all-to-all of buffer S puts S (G-1)/G bytes on every send and
+receive port. The engine's all-to-all is a per-pair traffic matrix, generally not uniform; it is mapped
+onto the table by its busiest port: with B = the largest bytes any GPU sends or receives off itself,
+the time is the measured time of the uniform all-to-all whose ports each carry B, i.e. at buffer
+S_eq = B G / (G-1). A balanced matrix gets exactly the measured figure; an unbalanced one the time of a
+uniform collective as loaded as its busiest port (the latency part is not multiplied by the imbalance,
+which scaling the uniform time by B / B_uniform would do). The tables were measured on one NVLink node,
+so ``auto`` uses them only for a group on one node with ``intra_node: nvlink`` and a table of that kind
+on exactly that GPU count, else the link model; ``measured`` demands them (a one-line error otherwise);
+``link`` never uses them."""
 
 from __future__ import annotations
 
@@ -36,6 +50,13 @@ class Topology:
     bridge_bytes_per_s: float | None  # shared host bridge per node (pcie only)
     nic_bytes_per_s: float
     nic_latency_s: float
+    # The profile whose NCCL tables cost the collectives, per kind (None: the link model for every kind).
+    measured: HardwareProfile | None = None
+    measured_kinds: frozenset[str] = frozenset()
+
+    def collective_model(self, kind: str) -> str:
+        """``measured`` or ``link``: which model costs collective ``kind`` in this group."""
+        return "measured" if kind in self.measured_kinds else "link"
 
     @property
     def num_gpus(self) -> int:
@@ -48,6 +69,10 @@ class Topology:
         G = self.num_gpus
         idx = np.arange(G)
         b[..., idx, idx] = 0.0  # a GPU's own tokens never leave it
+        if "all_to_all" in self.measured_kinds:
+            busiest = np.maximum(b.sum(axis=-1).max(axis=-1), b.sum(axis=-2).max(axis=-1))
+            uniform_buffer = busiest * G / (G - 1)  # the uniform all-to-all with the same busiest port
+            return np.asarray(self.measured.collective_s("all_to_all", uniform_buffer, G), dtype=np.float64)  # type: ignore[union-attr]
         same = self.node_of[:, None] == self.node_of[None, :]
         intra = np.where(same, b, 0.0)
         inter = b - intra
@@ -73,6 +98,8 @@ class Topology:
         n = len(gpus)
         if n <= 1:
             return np.zeros_like(nbytes)
+        if "all_reduce" in self.measured_kinds:
+            return np.asarray(self.measured.collective_s("all_reduce", nbytes, n), dtype=np.float64)  # type: ignore[union-attr]
         nodes = self.node_of[np.asarray(gpus)]
         crosses = nodes != np.roll(nodes, -1)  # ring edge i -> i+1 leaves the node
         chunk = nbytes / n
@@ -86,11 +113,54 @@ class Topology:
         return np.where(nbytes > 0, 2 * (n - 1) * (step_s + latency), 0.0)
 
 
+def collective_kinds_used(group_gpus: int, tp: int) -> dict[str, int]:
+    """The collectives a group runs and on how many GPUs: the EP all-to-all over the whole group (when it
+    has more than one rank) and the TP all-reduce inside a rank (when tp > 1)."""
+    used = {}
+    if group_gpus // tp > 1:
+        used["all_to_all"] = group_gpus
+    if tp > 1:
+        used["all_reduce"] = tp
+    return used
+
+
+def measured_collectives(
+    spec: TopologySpec, profile: HardwareProfile, *, group_gpus: int, gpus_per_node: int, tp: int = 1,
+    first_gpu: int = 0,
+) -> frozenset[str]:
+    """The collective kinds costed from the profile's tables under ``spec.collective_model``; raises
+    ValueError (a sentence) when ``measured`` is asked for and a table or the one-NVLink-node setting is missing."""
+    if spec.collective_model == "link":
+        return frozenset()
+    one_node = (first_gpu // gpus_per_node) == ((first_gpu + group_gpus - 1) // gpus_per_node)
+    usable = one_node and spec.intra_node == "nvlink"
+    have = set(profile.collective_kinds)
+    used = collective_kinds_used(group_gpus, tp)
+    if spec.collective_model == "measured":
+        if not usable:
+            raise ValueError(
+                "measured collectives need the group on one node with intra_node: nvlink (the profile's NCCL "
+                "tables were measured there); use collective_model: auto or link"
+            )
+        missing = [f"{kind} on {n} GPUs" for kind, n in used.items() if (kind, n) not in have]
+        if missing:
+            raise ValueError(
+                f"profile {profile.name!r} has no measured {', '.join(missing)} (it has "
+                f"{', '.join(f'{k} on {n}' for k, n in sorted(have)) or 'no collectives'}); use collective_model: auto or link"
+            )
+    if not usable:
+        return frozenset()
+    return frozenset(kind for kind, n in used.items() if (kind, n) in have)
+
+
 def build_topology(
-    spec: TopologySpec, profile: HardwareProfile, *, group_gpus: int, gpus_per_node: int, first_gpu: int = 0
+    spec: TopologySpec, profile: HardwareProfile, *, group_gpus: int, gpus_per_node: int, first_gpu: int = 0,
+    tp: int = 1,
 ) -> Topology:
     """The topology of one group of ``group_gpus`` GPUs starting at global GPU ``first_gpu``."""
     links = profile.links
+    kinds = measured_collectives(spec, profile, group_gpus=group_gpus, gpus_per_node=gpus_per_node, tp=tp,
+                                 first_gpu=first_gpu)
     node_of = (first_gpu + np.arange(group_gpus)) // gpus_per_node
     node_of = node_of - node_of.min()
     if spec.intra_node == "nvlink":
@@ -109,7 +179,9 @@ def build_topology(
         bridge_bytes_per_s=None if bridge is None else float(bridge),
         nic_bytes_per_s=float((spec.nic_gbps or links.node_to_node.bandwidth_gbps) * 1e9),
         nic_latency_s=float(spec.nic_latency_s if spec.nic_latency_s is not None else links.node_to_node.latency_s),
+        measured=profile if kinds else None,
+        measured_kinds=kinds,
     )
 
 
-__all__ = ["Topology", "build_topology"]
+__all__ = ["Topology", "build_topology", "collective_kinds_used", "measured_collectives"]

@@ -46,6 +46,11 @@ class TopologySpec(Spec):
     )
     nic_gbps: float | None = Field(None, gt=0, description="Per-GPU network bandwidth; default the profile's node_to_node.")
     nic_latency_s: float | None = Field(None, ge=0, description="Network latency; default the profile's node_to_node.")
+    collective_model: Literal["auto", "measured", "link"] = Field(
+        "auto", description="Cost of all-to-all / all-reduce: measured = the profile's NCCL table for that kind and "
+        "GPU count (one NVLink node only); link = link bandwidth and latency; auto = measured where the profile "
+        "has the table, else link."
+    )
 
 
 # ---------------------------------------------------------------- policies
