@@ -215,6 +215,11 @@ def print_summary(summary: dict[str, Any], out: Any = None) -> None:
           f"experts {tot['expert_compute_s']:,.2f} (straggler wait {tot['straggler_wait_s']:,.2f}), dispatch "
           f"{tot['dispatch_s']:,.2f}, combine {tot['combine_s']:,.2f}, exposed comm {ep['exposed_comm_s']:,.2f}; "
           f"imbalance max/mean {ep['mean_imbalance']:.2f}; dropped {ep['dropped_fraction']:.1%}, rerouted {ep['rerouted_fraction']:.1%}")
+        fo = ep.get("failover")
+        if fo:
+            p(f"failover     {fo['policy']}: routing fidelity {fo['routing_fidelity']:.1%}, rerouted {fo['rerouted_fraction']:.1%}, "
+              f"waiting {fo['waiting_fraction']:.1%} ({fo['blocked_iterations']} iterations stalled {fo['wait_s']:,.3f} s) "
+              f"over {fo['faulted_iterations']} iterations with a rank down")
     outside = summary.get("profile_outside_measured") or {}
     if outside:
         ops = ", ".join(f"{op} ({n:,} lookups)" for op, n in sorted(outside.items()))

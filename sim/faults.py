@@ -112,6 +112,11 @@ class FaultsSpec(Spec):
         "wait", description="Arrivals while no GPU is serving: wait for one to recover, or be rejected."
     )
     recovery: RecoverySpec = Field(default_factory=RecoverySpec)
+    expert_failover: Literal["reroute", "spread", "wait"] = Field(
+        "reroute", description="Expert parallelism: tokens routed to a failed rank's experts go to the layer's most "
+        "requested available expert (reroute), are spread over the available experts (spread), or their "
+        "iteration waits for the restore (wait)."
+    )
     timeline_window_s: float | None = Field(
         None, gt=0, description="Window of the latency/SLO timeline; default: 1/50 of the run."
     )

@@ -367,4 +367,6 @@ def expert_parallel_summary(result: SimulationResult) -> dict[str, Any] | None:
         "busy_s": float(it["duration_s"].sum()) if len(it) else 0.0,
         "mean_imbalance": float(layers["mean_imbalance"].mean()),
         "overall_imbalance": float((tok.max(axis=1) / np.maximum(tok.mean(axis=1), 1e-12)).mean()),
+        # Faults on EP members (sim/engine/ep_faults.py): routing fidelity, rerouted / waiting fractions, stall.
+        "failover": result.extra.get("faults", {}).get("expert_failover"),
     }

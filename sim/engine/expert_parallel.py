@@ -90,14 +90,18 @@ class ExpertParallelRouting:
         ):
             raise ValueError("scored routing needs a uniform or zipf routing source, or a replay with gate scores")
         self._rank_of: dict[int, int] = {}
+        self.alive_ranks: np.ndarray | None = None  # set by the EP fault injector: no sequence goes to a down rank
 
     def _assign(self, segments: list[Segment]) -> list[int]:
         R = self.num_ranks
-        per_rank = [0] * R
+        alive = self.alive_ranks
+        per_rank = [0] * R if alive is None else [0 if up else float("inf") for up in alive]
         ranks = []
         keep: dict[int, int] = {}
         for rid, _, _ in segments:
             r = self._rank_of.get(rid)
+            if r is not None and alive is not None and not alive[r]:
+                r = None  # its rank failed: re-pinned to a live one
             if r is not None:
                 per_rank[r] += 1
             keep[rid] = -1 if r is None else r
@@ -275,6 +279,11 @@ class ExpertParallelPlanner:
         self.rank_gpus = [np.arange(r * tp, (r + 1) * tp) for r in range(ep)]
         self.stats = ExpertParallelStats(self.num_moe, ep)
         self._tp_ar_memo: dict[int, float] = {}
+        self.failover = None  # sim.engine.ep_faults.Failover when the scenario has faults
+
+    def failover_block(self):
+        """The event an iteration must wait for before it runs (a failed rank's restore), or None."""
+        return None if self.failover is None else self.failover.block()
 
     # ---------------------------------------------------------------- costs
 
@@ -361,6 +370,8 @@ class ExpertParallelPlanner:
             shared.append(sh / tp + ar)
         kept = self._kept(mb)  # [R, L, E]
         share = self.placement.share  # [L, E, R]
+        if self.failover is not None:  # a failed rank's experts are routed around (sim.engine.ep_faults)
+            kept, share = self.failover.apply(kept, share)
         total = kept.sum(axis=0)  # [L, E]
         dev_tokens = total[:, :, None] * share  # [L, E, R]
         expert_s = self.profile.expert_ffn_s(tokens=dev_tokens, shape=self.expert_shape)

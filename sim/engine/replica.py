@@ -135,6 +135,8 @@ class Replica:
         # Algorithm-1 admission (eMoE's SLO scheduler): a policy with admit() may hold a new request back.
         self.admit = getattr(scheduler, "admit", None)
         self.held = 0  # admissions the scheduler refused (counted per refusal)
+        # An expert-parallel planner with faults may hold an iteration until a failed rank is restored.
+        self._failover_block = getattr(planner, "failover_block", None)
         self.process = env.process(self._lifecycle())
 
     # ---------------------------------------------------------------- arrivals
@@ -381,11 +383,18 @@ class Replica:
         timing = time_plan(plan)
         if plan.accesses:
             self.accesses.extend(plan.accesses)
+        waited_s = 0.0
+        if self._failover_block is not None:
+            blocker = self._failover_block()
+            if blocker is not None:
+                yield blocker
+                waited_s = env.now - started
+                self.planner.failover.stats.wait_s += waited_s
         yield env.timeout(timing.duration_s)
         now = env.now
         self.iterations.append(
             IterationRecord(
-                replica=self.index, started_at_s=started, duration_s=timing.duration_s,
+                replica=self.index, started_at_s=started, duration_s=timing.duration_s + waited_s,
                 num_prefill_seqs=len(prefill_new), num_decode_seqs=len(decode_ctx), num_tokens=shape.num_tokens,
                 expert_hits=plan.hits, expert_misses=plan.misses, prefetch_hits=plan.prefetch_hits,
                 expert_loads=timing.loads, stall_s=timing.stall_s, compute_busy_s=timing.compute_busy_s,

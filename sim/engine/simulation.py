@@ -86,10 +86,10 @@ def simulate(
     setup = build_offload_setup(loaded, profile)
     dp, ep, tp = group_shape(loaded)
     expert_parallel = ep * tp > 1  # a replica spans several GPUs: sim.engine.expert_parallel plans it
-    if expert_parallel and (setup is not None or uses_offload_planner(scenario.policies) or scenario.faults.active):
+    if expert_parallel and (setup is not None or uses_offload_planner(scenario.policies)):
         raise ScenarioError(
             f"{loaded.source}: hardware.parallelism: expert/tensor parallelism (ep {ep} x tp {tp}) is not combined "
-            f"with expert offloading policies, speculative decoding / CPU offloading or faults yet; "
+            f"with expert offloading policies or speculative decoding / CPU offloading yet; "
             f"use one of them per scenario"
         )
     if expert_parallel:
@@ -237,7 +237,16 @@ def _start_faults(
         _reject(req, reason, env.now, finished)
         req.status = status
 
-    # A recovering GPU brings back what it held at start: the non-expert weights and its expert slots.
+    # A recovering GPU brings back what it held at start: the non-expert weights and its expert slots
+    # (for an expert-parallel member, the per-GPU budget already is its shard).
+    _, ep, tp = group_shape(loaded)
+    if ep * tp > 1:
+        from sim.engine.ep_faults import ExpertParallelFaultInjector
+
+        return ExpertParallelFaultInjector(
+            env=env, replicas=replicas, schedule=schedule, spec=faults, profile=profile, num_nodes=hw.num_nodes,
+            restore_bytes=budget.non_expert_bytes + budget.expert_bytes, group=ep * tp, tp=tp, finish=finish,
+        )
     return FaultInjector(
         env=env, replicas=replicas, schedule=schedule, spec=faults, profile=profile, num_nodes=hw.num_nodes,
         restore_bytes=budget.non_expert_bytes + budget.expert_bytes, finish=finish,

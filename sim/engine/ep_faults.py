@@ -1,0 +1,310 @@
+"""Faults in an expert-parallel replica: a failed GPU takes its rank's experts away until restored.
+
+A replica of ``ep`` ranks x ``tp`` GPUs keeps serving when one of its GPUs fails (the fault-free
+single-GPU injector, ``sim.engine.faults``, takes the whole replica down instead):
+
+* the failed GPU's rank is down while any of its ``tp`` GPUs is down (an expert needs all its slices);
+  its experts are unavailable (``sim.policies.failover.available_experts``: a replicated expert stays
+  available while a live rank holds a copy) and no sequence is pinned to it (data-parallel attention
+  moves to the live ranks; the group's KV cache is pooled in this engine, so the failed GPU's KV blocks
+  are not tracked and not recomputed: stated simplification);
+* each iteration's routing goes through ``route_around`` with ``faults.expert_failover``:
+  ``reroute`` (to the layer's most requested available expert of the iteration), ``spread`` (over the
+  available experts in proportion to the iteration's requests), or ``wait``. An iteration with any
+  token-expert pair that must wait (``wait``, or a layer whose experts are all down) does not run
+  until every rank of the group is back; it then computes the routing as drawn, so no token is lost or
+  changed (the iteration stalls: simpler than holding sequences back, and correct). A ``wait`` group
+  whose member never comes back (a failure without an end) is failed as a whole, so its requests are
+  re-queued or failed by ``faults.in_flight`` rather than stalled forever;
+* a fault takes effect from the group's next iteration (the one in flight completes);
+* ``gpu_slow`` multiplies its rank's expert compute (the rank's slowest GPU; times any static
+  ``degraded_ranks`` factor); ``link_degrade`` is logged only (every expert is resident: no host loads);
+* restoring a GPU moves only its shard: the per-GPU bytes of the EP memory plan (its share of the
+  non-expert weights, non-expert / tp, and its rank's experts / tp), from the recovery source (host over
+  its host link, a live peer GPU over gpu_to_gpu on the same node or node_to_node, or storage);
+* the group fails as a whole (``Replica.fail``) only when every rank is down; it serves again when one
+  comes back.
+
+Routing fidelity = pairs computed by the expert the router chose / all pairs routed (eMoE's definition);
+under ``wait`` it stays 1 and the cost is the stall, reported as ``wait_s`` and ``waiting_fraction``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import simpy
+
+from sim.engine.faults import FaultInjector, RecoveryRecord, _product
+from sim.engine.replica import Replica, RequestState
+from sim.faults import Fault, FaultsSpec, node_of_gpu
+from sim.policies.failover import route_around
+from sim.profile import HardwareProfile
+
+
+@dataclass
+class FailoverStats:
+    assignments: int = 0  # token-expert pairs routed (after the capacity policy)
+    kept: int = 0  # computed by the expert the router chose
+    rerouted: int = 0
+    waiting: int = 0  # pairs of iterations that stalled for a restore
+    blocked_iterations: int = 0
+    wait_s: float = 0.0
+    faulted_iterations: int = 0  # iterations planned with a rank down
+
+    def as_dict(self) -> dict[str, Any]:
+        n = self.assignments
+        return {
+            "routing_fidelity": self.kept / n if n else 1.0,
+            "rerouted_fraction": self.rerouted / n if n else 0.0,
+            "waiting_fraction": self.waiting / n if n else 0.0,
+            "blocked_iterations": self.blocked_iterations, "faulted_iterations": self.faulted_iterations,
+            "wait_s": self.wait_s, "assignments": self.assignments,
+        }
+
+
+@dataclass
+class Failover:
+    """Per EP group: which ranks are up, and what the failover policy does to one micro-batch's pairs."""
+
+    env: simpy.Environment
+    num_ranks: int
+    policy: str
+    alive: np.ndarray = field(init=False)
+    stats: FailoverStats = field(default_factory=FailoverStats)
+    _blocked: bool = False
+    _back: simpy.Event | None = None
+
+    def __post_init__(self) -> None:
+        self.alive = np.ones(self.num_ranks, dtype=bool)
+
+    def set_alive(self, rank: int, up: bool) -> None:
+        self.alive[rank] = up
+        if not up and self._back is None:
+            self._back = self.env.event()
+        if up and self.alive.all() and self._back is not None:
+            self._back.succeed()
+            self._back = None
+
+    def apply(self, kept: np.ndarray, share: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``kept[rank, layer, expert]`` pairs and ``share[layer, expert, rank]`` placement -> what is
+        computed now and where. With every rank up: unchanged."""
+        st = self.stats
+        total = int(kept.sum())
+        st.assignments += total
+        if self.alive.all():
+            st.kept += total
+            return kept, share
+        st.faulted_iterations += 1
+        live_share = share * self.alive[None, None, :]
+        held = live_share.sum(axis=2)  # [L, E]
+        available = held > 0
+        if not (kept.sum(axis=0)[~available]).any():  # nothing routed to a missing expert
+            st.kept += total
+            return kept, _renormalised(live_share, held)
+        policy = "wait" if self.policy == "wait" else self.policy
+        preference = kept.sum(axis=0).astype(float)  # the iteration's own demand per expert
+        decisions = [route_around(kept[r], available, policy, preference) for r in range(kept.shape[0])]
+        waiting = sum(int(d.waiting.sum()) for d in decisions)
+        if waiting:
+            # Some pair must wait: the iteration runs once every rank is back, on the routing as drawn.
+            self._blocked = True
+            st.waiting += total
+            st.kept += total
+            st.blocked_iterations += 1
+            return kept, share
+        st.kept += sum(d.kept for d in decisions)
+        st.rerouted += sum(d.rerouted for d in decisions)
+        return np.stack([d.served for d in decisions]), _renormalised(live_share, held)
+
+    def block(self) -> simpy.Event | None:
+        """The event a blocked iteration waits for (every rank back), once per blocked iteration."""
+        if not self._blocked:
+            return None
+        self._blocked = False
+        return self._back
+
+
+def _renormalised(live_share: np.ndarray, held: np.ndarray) -> np.ndarray:
+    """A replicated expert's tokens split over its live copies only."""
+    return np.divide(live_share, held[:, :, None], out=np.zeros_like(live_share), where=held[:, :, None] > 0)
+
+
+class ExpertParallelFaultInjector(FaultInjector):
+    """The fault schedule on GPUs that are members of expert-parallel replicas of ``group`` GPUs each."""
+
+    def __init__(
+        self, *, env: simpy.Environment, replicas: list[Replica], schedule: list[Fault], spec: FaultsSpec,
+        profile: HardwareProfile, num_nodes: int, restore_bytes: float, group: int, tp: int,
+        finish: Callable[[RequestState, str, str], None],
+    ) -> None:
+        self.env = env
+        self.replicas = replicas
+        self.schedule = schedule
+        self.spec = spec
+        self.profile = profile
+        self.num_nodes = num_nodes
+        self.restore_bytes = restore_bytes  # one GPU's shard
+        self.finish = finish
+        self.group, self.tp = group, tp
+        self.num_gpus = group * len(replicas)
+        self.pending: list[RequestState] = []
+        self.events: list[dict[str, Any]] = []
+        self.recoveries: list[RecoveryRecord] = []
+        n = self.num_gpus
+        self._down = [0] * n
+        self._slow: list[list[float]] = [[] for _ in range(n)]
+        self._link: list[list[float]] = [[] for _ in range(n)]
+        self._epoch = [0] * n
+        self._open: dict[int, RecoveryRecord] = {}
+        self._unending = [False] * n
+        self._gpu_alive = np.ones(n, dtype=bool)
+        self.failovers = []
+        self._base_slowdown = []
+        for rep in replicas:
+            fo = Failover(env, rep.planner.ep, spec.expert_failover)
+            rep.planner.failover = fo
+            rep.routing.alive_ranks = fo.alive
+            self.failovers.append(fo)
+            self._base_slowdown.append(rep.planner.slowdown.copy())
+        env.process(self._run())
+
+    def _where(self, gpu: int) -> tuple[Replica, Failover, int]:
+        rep = gpu // self.group
+        return self.replicas[rep], self.failovers[rep], (gpu % self.group) // self.tp
+
+    def _rank_gpus(self, gpu: int) -> range:
+        first = gpu - gpu % self.tp
+        return range(first, first + self.tp)
+
+    def _may_recover(self) -> bool:
+        for rep in range(len(self.replicas)):
+            gpus = range(rep * self.group, (rep + 1) * self.group)
+            if self._never_back(gpus) is False:
+                return True
+        return False
+
+    def _never_back(self, gpus: range) -> bool:
+        """Whether a group with these GPUs will never serve again."""
+        gone = [self._unending[g] for g in gpus]
+        return all(gone) or (self.spec.expert_failover == "wait" and any(gone))
+
+    def _set_slowdown(self, gpu: int) -> None:
+        rep, _, rank = self._where(gpu)
+        factor = max(_product(self._slow[g]) for g in self._rank_gpus(gpu))
+        rep.planner.slowdown[rank] = self._base_slowdown[gpu // self.group][rank] * factor
+
+    def _start(self, fault: Fault) -> None:
+        gpu = fault.gpu
+        if fault.kind == "slow":
+            self._slow[gpu].append(fault.value)
+            self._set_slowdown(gpu)
+            self._log(fault, "start")
+            return
+        if fault.kind == "link":
+            self._link[gpu].append(fault.value)
+            self._log(fault, "start", effect="none: expert-parallel experts are resident (no host loads)")
+            return
+        rep, fo, rank = self._where(gpu)
+        self._down[gpu] += 1
+        if fault.duration_s is None:
+            self._unending[gpu] = True
+        self._epoch[gpu] += 1
+        record = self._open.get(gpu)
+        if record is None:
+            record = RecoveryRecord(gpu=gpu, failed_at_s=self.env.now)
+            self._open[gpu] = record
+            self.recoveries.append(record)
+        else:
+            record.restore_started_at_s = None
+        self._gpu_alive[gpu] = False
+        fo.set_alive(rank, False)
+        first = (gpu // self.group) * self.group
+        held: list[RequestState] = []
+        if not fo.alive.any() or self._never_back(range(first, first + self.group)):
+            held = rep.fail()
+        self._log(fault, "start", requests_held=len(held), rank=rank)
+        for req in held:
+            if self.spec.in_flight == "fail":
+                record.failed_requests += 1
+                self.finish(req, "failed", "gpu_failed")
+            else:
+                record.requeued += 1
+                self.dispatch(req)
+        if not self._may_recover():
+            waiting, self.pending = self.pending, []
+            for req in waiting:
+                self._give_up(req)
+
+    def _end(self, fault: Fault) -> None:
+        gpu = fault.gpu
+        if fault.kind == "slow":
+            self._slow[gpu].remove(fault.value)
+            self._set_slowdown(gpu)
+            self._log(fault, "end")
+            return
+        if fault.kind == "link":
+            self._link[gpu].remove(fault.value)
+            self._log(fault, "end")
+            return
+        self._down[gpu] -= 1
+        self._log(fault, "end")
+        if self._down[gpu] == 0:
+            self.env.process(self._restore(gpu, self._epoch[gpu]))
+
+    def restore_time(self, gpu: int) -> tuple[float, str]:
+        """Seconds to bring back one GPU's shard, and the source used: a live peer GPU on the same node
+        (gpu_to_gpu), else on another node (node_to_node), else the host; or host / storage."""
+        nbytes = self.restore_bytes
+        source = self.spec.recovery.source
+        if source == "storage":
+            rec = self.spec.recovery
+            return rec.storage_latency_s + nbytes / (rec.storage_gbps * 1e9), "storage"  # type: ignore[operator]
+        host_s = float(self.profile.h2d_copy_s(nbytes=nbytes))
+        if source == "peer":
+            node = node_of_gpu(gpu, self.num_gpus, self.num_nodes)
+            peers = [g for g in range(self.num_gpus) if self._gpu_alive[g] and g != gpu]
+            if any(node_of_gpu(p, self.num_gpus, self.num_nodes) == node for p in peers):
+                return float(self.profile.gpu_to_gpu_s(nbytes=nbytes)), "peer (gpu_to_gpu)"
+            if peers:
+                return float(self.profile.node_to_node_s(nbytes=nbytes)), "peer (node_to_node)"
+            return host_s, "host (no live peer)"
+        return host_s, "host"
+
+    def _restore(self, gpu: int, epoch: int):
+        record = self._open[gpu]
+        seconds, source = self.restore_time(gpu)
+        record.restore_started_at_s = self.env.now
+        record.restore_s = seconds
+        record.source = source
+        yield self.env.timeout(seconds)
+        if self._epoch[gpu] != epoch:
+            return
+        record.restored_at_s = self.env.now
+        record.restore_bytes += self.restore_bytes
+        del self._open[gpu]
+        self._gpu_alive[gpu] = True
+        rep, fo, rank = self._where(gpu)
+        if all(self._gpu_alive[g] for g in self._rank_gpus(gpu)):
+            fo.set_alive(rank, True)
+        if not rep.alive and fo.alive.any():
+            rep.restore()
+        self.events.append({"at_s": self.env.now, "gpu": gpu, "fault": "fail", "event": "restored", "value": seconds,
+                            "origin": source})
+        waiting, self.pending = self.pending, []
+        for req in waiting:
+            self.dispatch(req)
+
+    def summary(self) -> dict[str, Any]:
+        out = super().summary()
+        total = FailoverStats()
+        for fo in self.failovers:
+            for name in ("assignments", "kept", "rerouted", "waiting", "blocked_iterations", "wait_s",
+                         "faulted_iterations"):
+                setattr(total, name, getattr(total, name) + getattr(fo.stats, name))
+        out["expert_failover"] = {"policy": self.spec.expert_failover, **total.as_dict()}
+        return out
+
+
+__all__ = ["ExpertParallelFaultInjector", "Failover", "FailoverStats"]
