@@ -277,6 +277,8 @@ def _resources(result: SimulationResult, span_s: float) -> list[dict[str, Any]]:
                     "replica": rep.index, "compute_busy_s": compute, "compute_utilization": compute / span_s,
                     "h2d_busy_s": 0.0, "h2d_utilization": 0.0, "h2d_bytes": rep.swap_bytes, "expert_loads": 0,
                     "links_busy_s": copy, "links_utilization": copy / span_s,
+                    # Mean rank time spent waiting for the slowest rank's experts (a plan names it 'stragglers').
+                    "straggler_wait_fraction": float(rep.planner.stats.straggler_wait_s.sum()) / span_s,
                     "stall_s": float(mine["stall_s"].sum()), "iterations": int(len(mine)),
                 }
             )

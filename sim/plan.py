@@ -154,6 +154,7 @@ BINDING_LABELS = {
     "all_to_all_utilization": "all-to-all",
     "a2a_utilization": "all-to-all",
     "interconnect_utilization": "all-to-all",
+    "links_utilization": "all-to-all",  # an expert-parallel group's links carry its all-to-alls
     "straggler_wait_fraction": "stragglers",
     "straggler_utilization": "stragglers",
 }

@@ -171,6 +171,9 @@ def _expert_parallel_row(summary: dict[str, Any]) -> dict[str, Any]:
         "ep_straggler_wait_s": tot["straggler_wait_s"],
         "ep_exposed_comm_s": ep["exposed_comm_s"],
         "ep_imbalance": ep["mean_imbalance"],
+        "ep_collective_model": ep.get("collective_model"),
+        **({"ep_failover_fidelity": fo["routing_fidelity"], "ep_failover_waiting_fraction": fo["waiting_fraction"],
+            "ep_failover_wait_s": fo["wait_s"]} if (fo := ep.get("failover")) else {}),
     }
 
 
