@@ -106,3 +106,24 @@ def test_failover_renormalises_a_replicated_experts_share_and_blocks_only_on_wai
     assert np.array_equal(out, kept) and live[0, 0].tolist() == [1.0, 0.0] and fo.block() is None
     out, _ = fo.apply(np.array([[[1, 3]], [[0, 0]]]), share)  # expert 1 is down: the iteration waits
     assert fo.block() is not None and fo.stats.waiting == 4
+
+
+def test_a_slow_member_slows_its_rank_only_while_the_fault_lasts(tmp_path):
+    """gpu_slow x 4 on GPU 1 makes rank 1 the straggler: more straggler wait than the fault-free run; after the
+    fault its factor is back to the static one (1)."""
+    base = simulate(load(_data(tmp_path), tmp_path))
+    slow = simulate(load(_data(tmp_path, {"events": [{"kind": "gpu_slow", "gpu": 1, "at_s": 0.0, "duration_s": 0.2,
+                                                      "factor": 4.0}]}), tmp_path))
+    _all_served(slow)
+    planner = slow.replicas[0].planner
+    assert planner.stats.straggler_wait_s.sum() > base.replicas[0].planner.stats.straggler_wait_s.sum()
+    assert planner.slowdown.tolist() == [1.0, 1.0, 1.0, 1.0]
+
+
+def test_losing_every_member_for_good_ends_every_request(tmp_path):
+    """The whole group's node fails for good at 0.1 s: the group fails, and each request ends completed
+    (before), failed (in flight) or rejected (arrived after), none unfinished."""
+    result = simulate(load(_data(tmp_path, {"events": [{"kind": "node_fail", "node": 0, "at_s": 0.1}]}), tmp_path))
+    status = result.requests["status"]
+    assert set(status) <= {"completed", "failed", "rejected"} and (status != "completed").any()
+    assert (status == "completed").any() and not result.partial

@@ -288,7 +288,8 @@ class ExpertParallelFaultInjector(FaultInjector):
         rep, fo, rank = self._where(gpu)
         if all(self._gpu_alive[g] for g in self._rank_gpus(gpu)):
             fo.set_alive(rank, True)
-        if not rep.alive and fo.alive.any():
+        first = (gpu // self.group) * self.group
+        if not rep.alive and fo.alive.any() and not self._never_back(range(first, first + self.group)):
             rep.restore()
         self.events.append({"at_s": self.env.now, "gpu": gpu, "fault": "fail", "event": "restored", "value": seconds,
                             "origin": source})
