@@ -219,7 +219,7 @@ def print_summary(summary: dict[str, Any], out: Any = None) -> None:
         if fo:
             p(f"failover     {fo['policy']}: routing fidelity {fo['routing_fidelity']:.1%}, rerouted {fo['rerouted_fraction']:.1%}, "
               f"waiting {fo['waiting_fraction']:.1%} ({fo['blocked_iterations']} iterations stalled {fo['wait_s']:,.3f} s) "
-              f"over {fo['faulted_iterations']} iterations with a rank down")
+              f"over {fo['faulted_iterations']} iterations with a rank down ({fo['rerouted_while_down_fraction']:.1%} rerouted there)")
     outside = summary.get("profile_outside_measured") or {}
     if outside:
         ops = ", ".join(f"{op} ({n:,} lookups)" for op, n in sorted(outside.items()))

@@ -53,6 +53,7 @@ def test_a_failed_member_reroutes_its_tokens_and_every_request_ends(tmp_path, po
     assert fo["policy"] == policy
     assert 0 < fo["rerouted_fraction"] and fo["routing_fidelity"] == pytest.approx(1 - fo["rerouted_fraction"])
     assert fo["routing_fidelity"] < 1 and fo["waiting_fraction"] == 0 and fo["faulted_iterations"] > 0
+    assert fo["rerouted_while_down_fraction"] > fo["rerouted_fraction"]
     # While rank 1 was down it computed no token-expert pair and held no sequence.
     planner = result.replicas[0].planner
     assert planner.stats.device_tokens[:, 1].sum() < planner.stats.device_tokens[:, 0].sum()

@@ -52,6 +52,7 @@ class FailoverStats:
     blocked_iterations: int = 0
     wait_s: float = 0.0
     faulted_iterations: int = 0  # iterations planned with a rank down
+    faulted_assignments: int = 0  # pairs of those iterations
 
     def as_dict(self) -> dict[str, Any]:
         n = self.assignments
@@ -61,6 +62,8 @@ class FailoverStats:
             "waiting_fraction": self.waiting / n if n else 0.0,
             "blocked_iterations": self.blocked_iterations, "faulted_iterations": self.faulted_iterations,
             "wait_s": self.wait_s, "assignments": self.assignments,
+            # The same cost over the iterations that ran with a rank down only.
+            "rerouted_while_down_fraction": self.rerouted / self.faulted_assignments if self.faulted_assignments else 0.0,
         }
 
 
@@ -97,6 +100,7 @@ class Failover:
             st.kept += total
             return kept, share
         st.faulted_iterations += 1
+        st.faulted_assignments += total
         live_share = share * self.alive[None, None, :]
         held = live_share.sum(axis=2)  # [L, E]
         available = held > 0
@@ -302,7 +306,7 @@ class ExpertParallelFaultInjector(FaultInjector):
         total = FailoverStats()
         for fo in self.failovers:
             for name in ("assignments", "kept", "rerouted", "waiting", "blocked_iterations", "wait_s",
-                         "faulted_iterations"):
+                         "faulted_iterations", "faulted_assignments"):
                 setattr(total, name, getattr(total, name) + getattr(fo.stats, name))
         out["expert_failover"] = {"policy": self.spec.expert_failover, **total.as_dict()}
         return out
