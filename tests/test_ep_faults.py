@@ -64,11 +64,15 @@ def test_restore_moves_the_members_shard_over_the_recovery_source(tmp_path):
     1 ms + shard / 10 GB/s; peer on the same node: 10 us + shard / 100 GB/s."""
     model = tiny_model(**{k: v for k, v in MODEL8.items() if k != "name"})
     shard = model.non_expert_weight_bytes + 2 * model.num_moe_layers * model.expert_bytes
-    for source, seconds in (("host", 1e-3 + shard / 10e9), ("peer", 1e-5 + shard / 100e9)):
-        result = simulate(load(_data(tmp_path, {"events": [FAIL_GPU1], "recovery": {"source": source}}), tmp_path))
+    host_s, peer_s = 1e-3 + shard / 10e9, 1e-5 + shard / 100e9
+    # dp 1: no other GPU holds rank 1's experts, so a peer restore falls back to the host; dp 2: GPU 5 holds it.
+    for source, gpus, seconds, origin in (("host", 4, host_s, "host"), ("peer", 4, host_s, "host (no live peer holds the shard)"),
+                                          ("peer", 8, peer_s, "peer (gpu_to_gpu)")):
+        result = simulate(load(_data(tmp_path, {"events": [FAIL_GPU1], "recovery": {"source": source}}, num_gpus=gpus),
+                               tmp_path))
         rec = result.extra["faults"]["recoveries"][0]
         assert rec["restore_bytes"] == pytest.approx(shard)
-        assert rec["restore_s"] == pytest.approx(seconds)
+        assert (rec["restore_s"], rec["source"]) == (pytest.approx(seconds), origin)
         assert rec["restored_at_s"] == pytest.approx(0.15 + seconds)
 
 

@@ -21,7 +21,8 @@ single-GPU injector, ``sim.engine.faults``, takes the whole replica down instead
   ``degraded_ranks`` factor); ``link_degrade`` is logged only (every expert is resident: no host loads);
 * restoring a GPU moves only its shard: the per-GPU bytes of the EP memory plan (its share of the
   non-expert weights, non-expert / tp, and its rank's experts / tp), from the recovery source (host over
-  its host link, a live peer GPU over gpu_to_gpu on the same node or node_to_node, or storage);
+  its host link; a live peer holding the same shard, i.e. the same member of another replica, over
+  gpu_to_gpu on the same node or node_to_node, else the host; or storage);
 * the group fails as a whole (``Replica.fail``) only when every rank is down; it serves again when one
   comes back.
 
@@ -258,8 +259,9 @@ class ExpertParallelFaultInjector(FaultInjector):
             self.env.process(self._restore(gpu, self._epoch[gpu]))
 
     def restore_time(self, gpu: int) -> tuple[float, str]:
-        """Seconds to bring back one GPU's shard, and the source used: a live peer GPU on the same node
-        (gpu_to_gpu), else on another node (node_to_node), else the host; or host / storage."""
+        """Seconds to bring back one GPU's shard, and the source used. ``peer``: a live GPU holding the same
+        shard, i.e. the same member of another replica (the group's other members hold other experts), on
+        the same node (gpu_to_gpu) or another (node_to_node); without one, the host. Or host / storage."""
         nbytes = self.restore_bytes
         source = self.spec.recovery.source
         if source == "storage":
@@ -268,12 +270,12 @@ class ExpertParallelFaultInjector(FaultInjector):
         host_s = float(self.profile.h2d_copy_s(nbytes=nbytes))
         if source == "peer":
             node = node_of_gpu(gpu, self.num_gpus, self.num_nodes)
-            peers = [g for g in range(self.num_gpus) if self._gpu_alive[g] and g != gpu]
+            peers = [g for g in range(gpu % self.group, self.num_gpus, self.group) if self._gpu_alive[g] and g != gpu]
             if any(node_of_gpu(p, self.num_gpus, self.num_nodes) == node for p in peers):
                 return float(self.profile.gpu_to_gpu_s(nbytes=nbytes)), "peer (gpu_to_gpu)"
             if peers:
                 return float(self.profile.node_to_node_s(nbytes=nbytes)), "peer (node_to_node)"
-            return host_s, "host (no live peer)"
+            return host_s, "host (no live peer holds the shard)"
         return host_s, "host"
 
     def _restore(self, gpu: int, epoch: int):
