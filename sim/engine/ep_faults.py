@@ -108,9 +108,8 @@ class Failover:
         if not (kept.sum(axis=0)[~available]).any():  # nothing routed to a missing expert
             st.kept += total
             return kept, _renormalised(live_share, held)
-        policy = "wait" if self.policy == "wait" else self.policy
         preference = kept.sum(axis=0).astype(float)  # the iteration's own demand per expert
-        decisions = [route_around(kept[r], available, policy, preference) for r in range(kept.shape[0])]
+        decisions = [route_around(kept[r], available, self.policy, preference) for r in range(kept.shape[0])]
         waiting = sum(int(d.waiting.sum()) for d in decisions)
         if waiting:
             # Some pair must wait: the iteration runs once every rank is back, on the routing as drawn.
