@@ -86,6 +86,8 @@ def register_validate(sub: Any) -> None:
     v.add_argument("--out", metavar="DIR", help="folder for the tables and report (default reports/validate-NAME)")
     v.add_argument("--max-requests", type=int, metavar="N", help="serve only the first N requests")
     v.add_argument("--no-progress", action="store_true", help="no calibration progress bar")
+    v.add_argument("--report", nargs="?", const=True, metavar="HTML",
+                   help="also write the HTML report to this file (default: reports/validate-NAME.html)")
     v.set_defaults(func=_cmd_validate)
 
 

@@ -482,4 +482,13 @@ def cmd_validate(args: Any) -> int:
                       progress=not args.no_progress)
     print(format_table(result, QUICK_BOUNDS if args.quick else FULL_BOUNDS))
     print(f"wrote {result.folder}/report.html, summary.json and the runtime/simulator tables")
+    if getattr(args, "report", None):
+        # --report [HTML]: the report also as a file of its own, like simulate/sweep/plan (default
+        # reports/validate-NAME.html); it is self-contained, so a copy is the whole report.
+        import shutil
+
+        target = Path("reports") / f"validate-{Path(args.scenario).stem}.html" if args.report is True else Path(args.report)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(result.folder) / "report.html", target)
+        print(f"report: {target}")
     return 0 if result.passed else 1

@@ -191,7 +191,7 @@ def quick_validation(tmp_path_factory: pytest.TempPathFactory):
 
     out = tmp_path_factory.mktemp("validate") / "out"
     code = sim.cli.main(["validate", "--quick", str(REPO / "scenarios" / "validate-prefetch.yaml"), "--out", str(out),
-                         "--no-progress"])
+                         "--no-progress", "--report", str(out.parent / "validate.html")])
     return code, json.loads((out / "summary.json").read_text()), out
 
 
@@ -211,6 +211,9 @@ def test_quick_validation_runs_and_reports(quick_validation) -> None:
     assert m["same_batch_iterations_with_other_decisions"] == 0
     report = (out / "report.html").read_text()
     assert report.startswith("<!doctype html>") and report.count("<img") == 4
+    # --report also writes one self-contained file through `moesim report`'s renderer.
+    single = (out.parent / "validate.html").read_text()
+    assert "<img" in single and "Predicted vs measured" in single
     for title in ("Predicted vs measured", "Timelines", "Per-iteration time breakdown, side by side", "Error structure"):
         assert title in report
     # Every category of the runtime's time has the simulator's counterpart on the same batches.
