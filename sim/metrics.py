@@ -248,6 +248,10 @@ def _routing_fidelity(result: SimulationResult) -> float:
     for rep in result.replicas:
         total += getattr(rep.planner, "num_assignments", 0)
         kept += getattr(rep.planner, "num_kept", 0)
+        failover = getattr(rep.planner, "failover", None)  # an expert-parallel group routing around a failed rank
+        if failover is not None:
+            total += failover.stats.assignments
+            kept += failover.stats.kept
     return kept / total if total else 1.0
 
 
