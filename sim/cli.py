@@ -202,7 +202,9 @@ def print_summary(summary: dict[str, Any], out: Any = None) -> None:
               f"{off['drafted_tokens']:,} drafts accepted ({acc}), {per_step} tokens per sequence per decode step")
         p(f"placement    attention prefill {off['attention']['prefill']} / decode {off['attention']['decode']}, CPU experts "
           f"{'on' if off['cpu_experts'] else 'off'}, {off['micro_batches']} micro-batch(es); host "
-          f"{off['host_profile'] or '-'} ({off['host_threads'] or '?'} thread(s)); KV on {'host' if off['kv_on_host'] else 'GPU'}")
+          f"{off['host_profile'] or '-'} ({off['host_threads'] or '?'} thread(s)); KV on {'host' if off['kv_on_host'] else 'GPU'}"
+          + (f"; draft KV {off['draft_kv_gpu_fraction']:.0%} GPU / rest host (CPU attention)"
+             if off["draft_length"] and off.get("draft_on_gpu") and off.get("draft_kv_gpu_fraction", 1.0) < 1 else ""))
         p(f"decode step  {_fmt_s(off['decode_iteration_mean_s'])} mean: busy H2D weights {_fmt_s(b['h2d_weights_s'])}, "
           f"GPU MoE {_fmt_s(b['gpu_moe_s'])}, GPU other {_fmt_s(b['gpu_other_s'])}, CPU attention "
           f"{_fmt_s(b['cpu_attention_s'])}, CPU experts {_fmt_s(b['cpu_experts_s'])}, activations "

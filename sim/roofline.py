@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sim.engine.draft_kv import HostDraftAttention
 from sim.engine.speculative import DraftCost, verify_attention_s
 from sim.profile import HardwareProfile
 from sim.spec import ModelSpec
@@ -74,9 +75,10 @@ def estimate_decode(
     *, model: ModelSpec, profile: HardwareProfile, host: HardwareProfile | None, batch: int, context_tokens: float,
     draft_length: int, emitted_per_step: float, micro_batches: int, attention_decode: str, cpu_experts: bool,
     resident_experts: int, stream_all: bool, draft: ModelSpec | None = None, draft_profile: HardwareProfile | None = None,
-    cpu_chunked: bool = True,
+    cpu_chunked: bool = True, draft_kv_gpu_fraction: float = 1.0,
 ) -> RooflineEstimate:
-    """One steady-state decode iteration of ``batch`` sequences (see the module docstring)."""
+    """One steady-state decode iteration of ``batch`` sequences (see the module docstring).
+    ``draft_kv_gpu_fraction`` < 1 (needs ``host``): the draft's KV is split by batch (``sim.engine.draft_kv``)."""
     E, L, k = model.num_experts, model.num_moe_layers, draft_length
     tokens = batch * (k + 1)
     resident_per_layer = min(E, resident_experts // L)
@@ -118,11 +120,16 @@ def estimate_decode(
         layer_s = max(weights_layer_s, gpu_layer_s + cpu_layer_s)
     draft_s = 0.0
     if draft is not None and k > 0:
-        cost = DraftCost(draft, draft_profile or profile)
+        host_attention = None
+        if draft_kv_gpu_fraction < 1.0 and host is not None:
+            host_attention = HostDraftAttention(draft, profile, host, chunked=cpu_chunked)
+        cost = DraftCost(draft, draft_profile or profile, host_attention, draft_kv_gpu_fraction)
         ks = np.full(batch, k, dtype=np.int64)
         emitted_each = np.full(batch, max(1, round(emitted_per_step)), dtype=np.int64)
+        on_host = cost.split(ctx + emitted_each)
         draft_s = cost.step_s(prefill_new=np.zeros(0, np.int64), prefill_ctx=np.zeros(0, np.int64),
-                              catchup_ctx=ctx, catchup_tokens=emitted_each, next_ctx=ctx + emitted_each, next_drafts=ks)
+                              catchup_ctx=ctx, catchup_tokens=emitted_each, next_ctx=ctx + emitted_each, next_drafts=ks,
+                              catchup_host=on_host, next_host=on_host)
     emitted = batch * emitted_per_step
     iteration_s = L * layer_s + draft_s
     return RooflineEstimate(iteration_s, emitted, L * weights_layer_s, L * gpu_layer_s, L * cpu_layer_s, draft_s)

@@ -106,6 +106,7 @@ def estimate(loaded: LoadedScenario, config: dict[str, Any], prompt: float, outp
         micro_batches=config["micro_batches"], attention_decode=off.attention.decode, cpu_experts=off.cpu_experts,
         resident_experts=budget.expert_slots, stream_all=off.stream_experts == "all", draft=draft,
         draft_profile=draft_profile, cpu_chunked=off.cpu_attention_kernel == "chunked",
+        draft_kv_gpu_fraction=spec.draft_kv_gpu_fraction if spec is not None else 1.0,
     )
     return {**row, "infeasible": "", "estimate_tokens_per_s": est.throughput_tokens_per_s,
             "estimate_iteration_s": est.iteration_s, "estimate_bound": est.bound}

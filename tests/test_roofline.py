@@ -85,3 +85,23 @@ def test_streaming_estimate_is_bound_by_the_link_when_compute_is_small():
     assert est.iteration_s == pytest.approx(max(est.weights_s, est.gpu_s, est.cpu_s))
     assert est.bound == "PCIe weights"
     assert est.tokens_per_iteration == 4
+
+
+def test_draft_kv_split_moves_the_host_part_of_the_draft_attention_to_the_cpu_in_the_estimate():
+    """Fraction 1.0 is the estimate without a split; 0.5 on a 1000x slower host puts half the batch's draft
+    attention (k = 2: a catch-up pass and one decode pass) on that host: the draft takes longer, the rest is unchanged."""
+    model = tiny_model()
+    profile = toy_profile()
+    slow = parse_profile(TOY_PROFILE_YAML.replace("peak_tflops: {bf16: 1.0}, memory_bandwidth_gbps: 1000.0",
+                                                  "peak_tflops: {bf16: 0.001}, memory_bandwidth_gbps: 1.0"),
+                         origin="slow.yaml")
+    kw = dict(model=model, profile=profile, host=slow, batch=4, context_tokens=10, draft_length=2,
+              emitted_per_step=2.0, micro_batches=2, attention_decode="cpu", cpu_experts=False, resident_experts=0,
+              stream_all=True, draft=model)
+    plain = estimate_decode(**kw)
+    one = estimate_decode(**kw, draft_kv_gpu_fraction=1.0)
+    half = estimate_decode(**kw, draft_kv_gpu_fraction=0.5)
+    assert one == plain and plain.draft_s > 0
+    assert half.draft_s > 10 * plain.draft_s
+    assert (half.weights_s, half.gpu_s, half.cpu_s) == (plain.weights_s, plain.gpu_s, plain.cpu_s)
+    assert half.iteration_s == pytest.approx(plain.iteration_s - plain.draft_s + half.draft_s)

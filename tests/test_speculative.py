@@ -317,3 +317,131 @@ def test_every_request_gets_exactly_its_tokens_in_order(tmp_path_factory, k, rat
     decode = result.iterations[result.iterations["num_prefill_seqs"] == 0]
     assert (decode["emitted_tokens"] <= (k + 1) * decode["num_decode_seqs"]).all()
     assert (result.iterations["accepted_tokens"] <= result.iterations["drafted_tokens"]).all()
+
+
+# ---------------------------------------------------------------- the batch token budget counts k_i + 1
+
+
+def test_the_token_budget_counts_every_verified_position_by_hand(tmp_path):
+    """4 requests (prompt 2, output 9, arriving just after one another), k = 3, everything accepted,
+    max_batch_tokens 10, max_num_seqs 4. A decode gets min(k_i, budget left - 1 - decodes still to come) drafts.
+    1: req 1 prefills (2 tokens). 2: req 1 verifies 1 + min(3, 10 - 1 - 0) = 4 tokens, reqs 2-4 prefill 2 each
+    (10); req 1 has 5 tokens. 3: req 1 4 tokens (6 left), req 2 1 + min(3, 6 - 1 - 2) = 4 (2 left), req 3
+    1 + min(3, 2 - 1 - 1) = 1, req 4 1 + 0 = 1: 10 tokens where counting 1 per decode would verify 16; req 1 is
+    done (9), req 2 has 5, reqs 3-4 have 2. 4: req 2 4 (6 left), req 3 1 + min(3, 6 - 1 - 1) = 4 (2 left), req 4
+    1 + min(3, 2 - 1) = 2: 10. 5: req 3 (6 tokens) 1 + min(9 - 6 - 1, ...) = 3, req 4 (4) 4: 7. 6: req 4 (8) 1."""
+    data = offload_data(tmp_path, speculative=spec_block(3, {"kind": "fixed", "rate": 1.0}), prompt_tokens=2,
+                        output_tokens=9, max_requests=4, rate_per_s=1e9)
+    data["policies"]["batching"] = {"max_num_seqs": 4, "max_batch_tokens": 10}
+    result = simulate(load(data, tmp_path))
+    it = result.iterations
+    assert it["num_prefill_seqs"].tolist() == [1, 3, 0, 0, 0, 0]
+    assert it["num_decode_seqs"].tolist() == [0, 1, 4, 3, 2, 1]
+    assert it["num_tokens"].tolist() == [2, 10, 10, 10, 7, 1]
+    assert it["drafted_tokens"].tolist() == [0, 3, 6, 7, 5, 0]
+    assert it["emitted_tokens"].tolist() == [1, 7, 10, 10, 7, 1]
+    assert (result.requests["generated_tokens"] == 9).all()
+
+
+# ---------------------------------------------------------------- the draft's KV split between GPU and host
+
+
+SLOW_HOST = TOY_PROFILE_YAML.replace("peak_tflops: {bf16: 1.0}, memory_bandwidth_gbps: 1000.0",
+                                     "peak_tflops: {bf16: 0.001}, memory_bandwidth_gbps: 1.0").replace("toy-round", "slow-host")
+
+
+def _split_spec(k: int, fraction: float | None, rate: float = 0.6) -> dict:
+    block = spec_block(k, {"kind": "fixed", "rate": rate})
+    if fraction is not None:
+        block["draft_kv_gpu_fraction"] = fraction
+    return block
+
+
+def test_draft_kv_fraction_one_is_todays_engine_exactly(tmp_path):
+    """1.0 is the default: the same run with the key given or not, and no host profile needed for it."""
+    kw = dict(prompt_tokens=12, output_tokens=7, max_requests=8, rate_per_s=3.0)
+    default = simulate(load(offload_data(tmp_path, speculative=_split_spec(2, None), host=False, **kw), tmp_path))
+    one = simulate(load(offload_data(tmp_path, speculative=_split_spec(2, 1.0), host=False, **kw), tmp_path))
+    assert default.iterations["draft_s"].gt(0).any()
+    assert default.requests.equals(one.requests) and default.iterations.equals(one.iterations)
+    assert np.array_equal(default.tbt_samples_s, one.tbt_samples_s)
+    assert one.budget.host_kv_block_bytes == 0 and one.budget.draft_kv_gpu_fraction == 1.0
+
+
+def test_draft_kv_split_memory_by_hand(tmp_path):
+    """Target KV 2 layers x 2 (K, V) x 2 heads x 32 x 2 B = 512 B/token, draft KV 1 x 2 x 1 x 32 x 2 = 128 B.
+    Fraction 0.25: a 16-token block holds 16 x (512 + 32) = 8704 B on the GPU and 16 x 96 = 1536 B on the
+    host; with CPU decode attention the target's 512 B/token joins the draft's 96 B on the host."""
+    from sim.spec import ModelSpec
+
+    draft = ModelSpec.model_validate(DRAFT)
+    loaded_all = load(offload_data(tmp_path, speculative=_split_spec(2, 1.0)), tmp_path)
+    loaded = load(offload_data(tmp_path, speculative=_split_spec(2, 0.25)), tmp_path)
+    assert loaded.model.kv_bytes_per_token == 512 and draft.kv_bytes_per_token == 128
+    all_gpu = plan_offload_memory(loaded_all, draft, pipelined=False)
+    split = plan_offload_memory(loaded, draft, pipelined=False)
+    assert all_gpu.kv_block_bytes == 16 * 640 and all_gpu.host_kv_block_bytes == 0
+    assert split.kv_block_bytes == 8704 and split.host_kv_block_bytes == 1536
+    gpu_free = split.gpu_bytes - split.non_expert_bytes - split.expert_slots * split.expert_slot_bytes \
+        - split.reserve_bytes - split.draft_weight_bytes
+    host_free = 1.0e8 - loaded.model.routed_expert_bytes_total
+    assert all_gpu.kv_blocks == int(gpu_free // (16 * 640))
+    assert split.kv_blocks == min(int(gpu_free // 8704), int(host_free // 1536))
+    assert int(gpu_free // 8704) > all_gpu.kv_blocks  # the GPU got the moved draft KV back (the host binds here)
+    cpu_attn = load(offload_data(tmp_path, speculative=_split_spec(2, 0.25), offload={"attention": {"decode": "cpu"}}),
+                    tmp_path)
+    both = plan_offload_memory(cpu_attn, draft, pipelined=True)
+    assert both.kv_block_bytes == 16 * 32 and both.host_kv_block_bytes == 16 * (512 + 96)
+    assert both.kv_blocks == min(int((gpu_free - both.staging_bytes) // (16 * 32)), int(host_free // (16 * 608)))
+
+
+def test_draft_attention_over_the_host_part_is_timed_by_the_host_profile():
+    """Two sequences catch up one token each at contexts 10 and 30; fraction 0.5 keeps the first on the GPU
+    (10 <= 0.5 x 40) and the second on the host. The one-layer draft's pass = the all-GPU pass without the
+    host sequence's GPU attention, plus what its chain (QKV down: (32 + 64) x 2 B, the host's attention of 1
+    query over 30 tokens, output up: 32 x 2 B) takes beyond the GPU part's attention core."""
+    from sim.engine.draft_kv import HostDraftAttention, split_by_batch
+    from sim.engine.speculative import DraftCost
+    from sim.spec import ModelSpec
+
+    draft = ModelSpec.model_validate(DRAFT)
+    host = parse_profile(SLOW_HOST, origin="slow-host.yaml")
+    shape = draft.attention_shape
+    ctx, tokens = np.array([10, 30]), np.array([1, 1])
+    assert split_by_batch(ctx, 0.5).tolist() == [False, True]
+    assert split_by_batch(ctx, 0.2).tolist() == [True, True] and split_by_batch(ctx, 1.0).tolist() == [False, False]
+    kw = dict(prefill_new=np.zeros(0, np.int64), prefill_ctx=np.zeros(0, np.int64), catchup_ctx=ctx,
+              catchup_tokens=tokens, next_ctx=ctx + 1, next_drafts=np.array([1, 1]))
+    all_gpu = DraftCost(draft, TOY).step_s(**kw)
+    split_cost = DraftCost(draft, TOY, HostDraftAttention(draft, TOY, host, chunked=True), 0.5)
+    host_flags = split_cost.split(kw["next_ctx"])
+    split = split_cost.step_s(**kw, catchup_host=host_flags, next_host=host_flags)
+    core = lambda c: float(TOY.attention_prefill_s(new_tokens=np.array([1]), context_tokens=np.array([c]), shape=shape).sum())  # noqa: E731
+    chain = (float(TOY.d2h_copy_s(nbytes=192.0)) + float(host.attention_prefill_s(
+        new_tokens=np.array([1]), context_tokens=np.array([30]), shape=shape).sum()) + float(TOY.h2d_copy_s(nbytes=64.0)))
+    assert chain > 100 * core(30)  # the slow host dominates
+    assert split == pytest.approx(all_gpu - core(30) + (chain - core(10)), rel=1e-12)
+    # Decode passes (k = 3: two more single-query passes) put the same sequence on the host.
+    kw3 = {**kw, "next_drafts": np.array([3, 3])}
+    assert split_cost.step_s(**kw3, catchup_host=host_flags, next_host=host_flags) > DraftCost(draft, TOY).step_s(**kw3) + 2 * chain
+
+
+def test_draft_kv_split_runs_end_to_end_and_needs_a_host_profile(tmp_path):
+    (tmp_path / "slow-host.yaml").write_text(SLOW_HOST)
+    runs = {}
+    for fraction in (1.0, 0.5):
+        data = offload_data(tmp_path, speculative=_split_spec(2, fraction, rate=1.0), output_tokens=7, max_requests=3,
+                            rate_per_s=1e9)
+        data["hardware"]["host_profile"] = str(tmp_path / "slow-host.yaml")
+        runs[fraction] = simulate(load(data, tmp_path))
+    one, half = runs[1.0], runs[0.5]
+    assert one.iterations["num_tokens"].tolist() == half.iterations["num_tokens"].tolist()
+    assert (half.iterations["draft_s"] >= one.iterations["draft_s"]).all()
+    assert (half.iterations["draft_s"] > one.iterations["draft_s"]).any()
+    assert half.budget.host_kv_block_bytes == 16 * 64 and half.budget.draft_kv_gpu_fraction == 0.5
+    data = offload_data(tmp_path, speculative=_split_spec(2, 0.5), host=False)
+    with pytest.raises(ScenarioError, match=r"hardware\.host_profile: policies\.speculative\.draft_kv_gpu_fraction < 1"):
+        simulate(load(data, tmp_path))
+    bad = offload_data(tmp_path, speculative={**_split_spec(2, 0.5), "draft_placement": "cpu"})
+    with pytest.raises(ScenarioError, match="draft_kv_gpu_fraction < 1 needs draft_placement: gpu"):
+        load(bad, tmp_path)

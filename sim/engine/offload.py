@@ -7,7 +7,9 @@ Memory (per replica): the GPU holds the non-expert weights, the expert slots, a 
 (two layers of experts, when experts are streamed by the pipelined planner), the reserve, the draft model's
 weights when it runs on the GPU, and the KV cache of whatever attends on the GPU. The host holds every
 routed expert (the offloaded copy), the draft's weights when it runs on the CPU, and the KV cache of
-whatever attends on the CPU (``policies.offload.attention.decode: cpu`` moves the target's KV there).
+whatever attends on the CPU (``policies.offload.attention.decode: cpu`` moves the target's KV there;
+``policies.speculative.draft_kv_gpu_fraction`` f < 1 keeps f of the draft's KV bytes per token on the GPU
+and 1 - f on the host, ``sim.engine.draft_kv``).
 Each cached token needs room in both places at once, so the number of KV blocks is the smaller of the two
 pools' (``hardware.host_memory_bytes`` bounds the host pool)."""
 
@@ -18,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from sim.engine.draft_kv import HostDraftAttention
 from sim.engine.host_compute import PipelinedIteration, host_threads, require_host
 from sim.engine.memory import MemoryBudget
 from sim.engine.speculative import (
@@ -45,6 +48,7 @@ class OffloadMemoryBudget(MemoryBudget):
     draft_weight_bytes: float = 0.0
     draft_on_gpu: bool = True
     kv_on_host: bool = False
+    draft_kv_gpu_fraction: float = 1.0
 
     @property
     def host_kv_bytes(self) -> float:
@@ -73,8 +77,12 @@ def plan_offload_memory(loaded: LoadedScenario, draft: ModelSpec | None, *, pipe
     draft_kv = float(draft.kv_bytes_per_token) if draft is not None else 0.0
     kv_on_host = policies.offload.attention.decode == "cpu"
     target_kv = float(model.kv_bytes_per_token)
-    gpu_per_token = (0.0 if kv_on_host else target_kv) + (draft_kv if draft_on_gpu else 0.0)
-    host_per_token = (target_kv if kv_on_host else 0.0) + (0.0 if draft_on_gpu else draft_kv)
+    # The draft's KV per token: all where the draft runs, or split f / 1 - f when a GPU draft splits it.
+    draft_gpu_fraction = (spec.draft_kv_gpu_fraction if draft_on_gpu else 0.0) if spec is not None else 1.0
+    draft_kv_gpu = draft_gpu_fraction * draft_kv
+    draft_kv_host = draft_kv - draft_kv_gpu
+    gpu_per_token = (0.0 if kv_on_host else target_kv) + draft_kv_gpu
+    host_per_token = (target_kv if kv_on_host else 0.0) + draft_kv_host
     block_tokens = policies.batching.kv_block_tokens
     gpu_free = gpu - non_expert - slots * model.expert_bytes - staging - reserve - (draft_weights if draft_on_gpu else 0.0)
     host_experts = float(model.routed_expert_bytes_total)
@@ -105,7 +113,7 @@ def plan_offload_memory(loaded: LoadedScenario, draft: ModelSpec | None, *, pipe
         reserve_bytes=reserve, kv_block_tokens=block_tokens, kv_block_bytes=block_tokens * gpu_per_token,
         kv_blocks=blocks, host_bytes=host, host_expert_bytes=host_experts,
         host_kv_block_bytes=block_tokens * host_per_token, staging_bytes=staging, draft_weight_bytes=draft_weights,
-        draft_on_gpu=draft_on_gpu, kv_on_host=kv_on_host,
+        draft_on_gpu=draft_on_gpu, kv_on_host=kv_on_host, draft_kv_gpu_fraction=draft_gpu_fraction,
     )
 
 
@@ -158,6 +166,7 @@ class OffloadSetup:
             "staging_bytes": b.staging_bytes,
             "draft_weight_bytes": b.draft_weight_bytes,
             "draft_on_gpu": b.draft_on_gpu,
+            "draft_kv_gpu_fraction": b.draft_kv_gpu_fraction,
         }
 
 
@@ -174,13 +183,19 @@ def build_offload_setup(loaded: LoadedScenario, profile: Any) -> OffloadSetup | 
         require_host(loaded.host_profile, src, "policies.offload.attention")
     if off.cpu_experts:
         require_host(loaded.host_profile, src, "policies.offload.cpu_experts")
+    if spec is not None and spec.draft_kv_gpu_fraction < 1.0:
+        require_host(loaded.host_profile, src, "policies.speculative.draft_kv_gpu_fraction < 1 (draft attention over its host KV)")
     draft = draft_cost = None
     if spec is not None and draft_length > 0:
         draft = resolve_draft_model(spec, src)
         draft_profile = profile
         if spec.draft_placement == "cpu":
             draft_profile = require_host(loaded.host_profile, src, "policies.speculative.draft_placement: cpu")
-        draft_cost = DraftCost(draft, draft_profile)
+        host_attention = None
+        if spec.draft_kv_gpu_fraction < 1.0:
+            host_attention = HostDraftAttention(draft, profile, loaded.host_profile,
+                                                chunked=off.cpu_attention_kernel == "chunked")
+        draft_cost = DraftCost(draft, draft_profile, host_attention, spec.draft_kv_gpu_fraction)
     budget = plan_offload_memory(loaded, draft, pipelined=off.active)
     rng = np.random.default_rng(np.random.SeedSequence(scenario.workload.seed).spawn(3)[2])
     run_lengths = None

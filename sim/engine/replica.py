@@ -209,7 +209,8 @@ class Replica:
                 continue
             if budget < 1 or len(batch) >= self.max_num_seqs:
                 break
-            while not self._grow(req, 1):
+            step_tokens = self._decode_step_tokens(req, budget)
+            while not self._grow(req, step_tokens):
                 # Out of KV blocks: preempt a request not yet in this batch (possibly this one).
                 candidates = [r for r in self.running if r.request_id not in scheduled]
                 victim = candidates[self.scheduler.choose_victim(candidates)]
@@ -220,7 +221,7 @@ class Replica:
             if req.request_id not in preempted:
                 batch.append((req, 1))
                 scheduled.add(req.request_id)
-                budget -= 1
+                budget -= step_tokens
         # 2. Running prefills (chunked), then 3. admissions in the scheduler's order.
         for req in [r for r in self.running if r.in_prefill]:
             if budget < 1 or len(batch) >= self.max_num_seqs:
@@ -262,6 +263,11 @@ class Replica:
         for item in held:
             heapq.heappush(self.waiting, item)
         return batch, swap_out, swap_in
+
+    def _decode_step_tokens(self, req: RequestState, budget: int) -> int:
+        """Tokens a decode step of ``req`` computes (and needs KV room for): 1 here; a speculative replica
+        verifies k_i + 1 (``sim.engine.speculative``)."""
+        return 1
 
     def _chunk(self, req: RequestState, budget: int) -> int:
         remaining = req.prefill_target - req.context

@@ -2,7 +2,13 @@
 
 Per decode step of a sequence with ``c`` tokens in its KV cache and ``r`` output tokens still to go:
 
-* the draft length is ``k_i = min(k, r - 1)`` (drafting past the end of the output is pointless);
+* the draft length is ``k_i = min(k, r - 1)`` (drafting past the end of the output is pointless), cut
+  further by the batch token budget: the ``k_i + 1`` verified positions count against
+  ``policies.batching.max_batch_tokens``. Decodes are scheduled first, in running order; the budget keeps
+  one token for each decode still to come this step (the plain engine's set of decodes is scheduled
+  unchanged), and a sequence gets ``min(k_i, budget left - 1 - decodes still to come)`` drafts verified,
+  down to 0 (a plain decode step). The draft model drafted the full ``k_i`` at the end of the previous step
+  (it cannot know the next batch), so drafts cut here were drafted but are not verified;
 * the target verifies ``k_i + 1`` tokens (the last emitted token and the k_i drafts) at positions
   ``c .. c + k_i`` in the same pass as every other sequence of the batch, so each loaded expert serves
   more tokens; the routing source draws the experts of all ``k_i + 1`` positions;
@@ -191,14 +197,31 @@ def resolve_draft_model(spec: SpeculativeSpec, source: str) -> ModelSpec:
         raise ScenarioError(f"{source}: policies.speculative.draft_model.name: {exc}") from None
 
 
+@dataclass(frozen=True, slots=True)
+class SplitBatchShape(BatchShape):
+    """A draft pass whose arrays describe the GPU part only; ``host_tokens`` more tokens (the host part,
+    attending on the CPU) still go through the GPU's projections and FFN."""
+
+    host_tokens: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.prefill_new_tokens.sum()) + len(self.decode_context_tokens) + self.host_tokens
+
+
 class DraftCost:
     """Seconds the draft model spends per step, from its profile (GPU or host CPU) like any model.
 
     Every draft weight is resident where it runs (SpecMoEOff keeps the EAGLE head on the GPU); a MoE draft
-    spreads its tokens evenly over its experts (only their compute time matters when nothing is loaded)."""
+    spreads its tokens evenly over its experts (only their compute time matters when nothing is loaded).
+    ``host_attention`` (a ``sim.engine.draft_kv.HostDraftAttention``) with ``gpu_kv_fraction < 1``: the draft's
+    KV is split by batch and the host part attends on the CPU (``sim.engine.draft_kv``)."""
 
-    def __init__(self, model: ModelSpec, profile: HardwareProfile) -> None:
+    def __init__(self, model: ModelSpec, profile: HardwareProfile, host_attention=None,
+                 gpu_kv_fraction: float = 1.0) -> None:
         self.model = model
+        self.host_attention = host_attention if gpu_kv_fraction < 1.0 else None
+        self.gpu_kv_fraction = gpu_kv_fraction
         cache = make_cache("all_resident", num_layers=model.num_moe_layers, num_experts=model.num_experts,
                            capacity_experts=model.num_moe_layers * model.num_experts, per_layer=False)
         self.planner = IterationPlanner(model=model, profile=profile, cache=cache)
@@ -208,7 +231,22 @@ class DraftCost:
         per_expert = -(-tokens * m.top_k // m.num_experts)
         return np.full((m.num_moe_layers, m.num_experts), min(per_expert, tokens), dtype=np.int64)
 
-    def _pass_s(self, shape: BatchShape) -> float:
+    def split(self, context_tokens: np.ndarray) -> np.ndarray:
+        """True for the sequences whose draft KV is on the host (none without a split)."""
+        if self.host_attention is None:
+            return np.zeros(len(context_tokens), dtype=bool)
+        from sim.engine.draft_kv import split_by_batch
+
+        return split_by_batch(context_tokens, self.gpu_kv_fraction)
+
+    def _pass_s(self, shape: BatchShape, host_ctx: np.ndarray | None = None, host_q: np.ndarray | None = None) -> float:
+        """One pass; ``host_ctx``/``host_q``: the host part's sequences (cached tokens, queries), not in ``shape``."""
+        if host_q is not None and len(host_q):
+            gpu = SplitBatchShape(shape.prefill_new_tokens, shape.prefill_context_tokens, shape.decode_context_tokens,
+                                  shape.num_emitting, host_tokens=int(host_q.sum()))
+            seconds = time_plan(self.planner.plan(gpu, self._counts(gpu.num_tokens))).duration_s
+            core = {flag: self.planner._attention_core_s(gpu, sliding=flag) for flag in (False, True)}
+            return seconds + self.host_attention.extra_s(core, host_ctx, host_q)
         if shape.num_tokens == 0:
             return 0.0
         return time_plan(self.planner.plan(shape, self._counts(shape.num_tokens))).duration_s
@@ -216,24 +254,30 @@ class DraftCost:
     def step_s(
         self, *, prefill_new: np.ndarray, prefill_ctx: np.ndarray, catchup_ctx: np.ndarray,
         catchup_tokens: np.ndarray, next_ctx: np.ndarray, next_drafts: np.ndarray,
+        catchup_host: np.ndarray | None = None, next_host: np.ndarray | None = None,
     ) -> float:
         """One step of the draft after a verification. First pass: the draft prefills the target's prompt chunks
         and catches up on the tokens each decoding sequence just emitted (``catchup_tokens`` at ``catchup_ctx``, a
         chunk like a prefill), which drafts every sequence's first token; then one single-token pass per further
-        draft token: pass j runs the sequences with ``next_drafts > j`` at context ``next_ctx + j - 1``."""
+        draft token: pass j runs the sequences with ``next_drafts > j`` at context ``next_ctx + j - 1``.
+        ``catchup_host``/``next_host``: which of those sequences keep their draft KV on the host (default none)."""
         empty = np.zeros(0, dtype=np.int64)
         if not len(prefill_new) and not len(catchup_tokens):
             return 0.0
+        c_host = np.zeros(len(catchup_tokens), bool) if catchup_host is None else np.asarray(catchup_host, bool)
+        n_host = np.zeros(len(next_ctx), bool) if next_host is None else np.asarray(next_host, bool)
         first = BatchShape(
-            prefill_new_tokens=np.concatenate([prefill_new, catchup_tokens]).astype(np.int64),
-            prefill_context_tokens=np.concatenate([prefill_ctx, catchup_ctx]).astype(np.int64),
+            prefill_new_tokens=np.concatenate([prefill_new, catchup_tokens[~c_host]]).astype(np.int64),
+            prefill_context_tokens=np.concatenate([prefill_ctx, catchup_ctx[~c_host]]).astype(np.int64),
             decode_context_tokens=empty, num_emitting=int(np.count_nonzero(next_drafts)),
         )
-        seconds = self._pass_s(first)
+        seconds = self._pass_s(first, catchup_ctx[c_host].astype(np.int64), catchup_tokens[c_host].astype(np.int64))
         for j in range(1, int(next_drafts.max()) if len(next_drafts) else 0):
             still = next_drafts > j
             ctx = (next_ctx[still] + j - 1).astype(np.int64)
-            seconds += self._pass_s(BatchShape(empty, empty, ctx, int(still.sum())))
+            on_host = n_host[still]
+            seconds += self._pass_s(BatchShape(empty, empty, ctx[~on_host], int(still.sum())),
+                                    ctx[on_host], np.ones(int(on_host.sum()), dtype=np.int64))
         return seconds
 
 
@@ -258,11 +302,21 @@ class SpecReplica(Replica):
     def draft_tokens(self, req: RequestState) -> int:
         return max(0, min(self.draft_length, req.output_tokens - req.generated - 1))
 
-    def _grow(self, req: RequestState, tokens: int) -> bool:
-        # A decode step needs KV room for the k_i + 1 tokens it verifies, not one.
-        if tokens == 1 and not req.in_prefill:
-            tokens = 1 + self.draft_tokens(req)
-        return super()._grow(req, tokens)
+    def form_batch(self):
+        # Decodes the plain engine would schedule this step (each needs at least its one token).
+        decoding = sum(1 for r in self.running if not r.in_prefill)
+        self._decodes_to_come = min(decoding, self.max_num_seqs, self.max_batch_tokens)
+        self._step_drafts: dict[int, int] = {}
+        return super().form_batch()
+
+    def _decode_step_tokens(self, req: RequestState, budget: int) -> int:
+        """The k_i + 1 positions a decode verifies, counted against max_batch_tokens: the budget first keeps
+        one token for every decode still to come this step (so every sequence the plain engine would schedule
+        is scheduled), and a sequence whose drafts do not fit the rest verifies fewer of them, down to 0."""
+        self._decodes_to_come -= 1
+        k_i = min(self.draft_tokens(req), max(0, budget - 1 - self._decodes_to_come))
+        self._step_drafts[req.request_id] = k_i
+        return 1 + k_i
 
     def _run_iteration(self, batch, swap_out: float, swap_in: float, preempted: int):
         env = self.env
@@ -278,7 +332,7 @@ class SpecReplica(Replica):
                 if req.context + n >= req.prefill_target:
                     emitting += 1
                 continue
-            k_i = self.draft_tokens(req)
+            k_i = self._step_drafts[req.request_id]
             drafts[i] = k_i
             segments.append((req.request_id, req.context, k_i + 1))
             emitting += k_i + 1  # the LM head scores every verified position
@@ -336,6 +390,7 @@ class SpecReplica(Replica):
         """The draft model's step after verification: prefill what the target prefilled, catch up on the emitted
         tokens, and draft the tokens of every sequence's next verification."""
         prefill_new, prefill_ctx, catch_ctx, catch_tokens, next_ctx, next_drafts = [], [], [], [], [], []
+        catching_up: list[bool] = []  # per next_* entry: does it also catch up (a decoding sequence)?
         for (req, n), a in zip(batch, accepted.tolist()):
             if req.in_prefill:
                 if req.output_tokens < 2:
@@ -345,6 +400,7 @@ class SpecReplica(Replica):
                 if req.context + n >= req.prefill_target:  # the prompt is done: its first verification is next
                     next_ctx.append(req.context + n)
                     next_drafts.append(max(0, min(self.draft_length, req.output_tokens - req.generated - 2)))
+                    catching_up.append(False)
                 continue
             emitted = a + 1
             k_next = max(0, min(self.draft_length, req.output_tokens - req.generated - emitted - 1))
@@ -354,11 +410,14 @@ class SpecReplica(Replica):
             catch_tokens.append(emitted)
             next_ctx.append(req.context + emitted)
             next_drafts.append(k_next)
+            catching_up.append(True)
         as_array = lambda v: np.asarray(v, dtype=np.int64)  # noqa: E731
         assert self.draft is not None
+        next_host = self.draft.split(as_array(next_ctx))
         return self.draft.step_s(prefill_new=as_array(prefill_new), prefill_ctx=as_array(prefill_ctx),
                                  catchup_ctx=as_array(catch_ctx), catchup_tokens=as_array(catch_tokens),
-                                 next_ctx=as_array(next_ctx), next_drafts=as_array(next_drafts))
+                                 next_ctx=as_array(next_ctx), next_drafts=as_array(next_drafts),
+                                 catchup_host=next_host[np.asarray(catching_up, dtype=bool)], next_host=next_host)
 
     def _advance_spec(self, batch, accepted: np.ndarray, now: float) -> int:
         """Advance every sequence; a verifying sequence emits its accepted drafts plus one token together."""

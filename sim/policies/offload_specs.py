@@ -93,6 +93,17 @@ class SpeculativeSpec(Spec):
     draft_placement: Literal["gpu", "cpu"] = Field(
         "gpu", description="Where the draft model runs (and where its weights and KV cache live).")
     acceptance: AcceptanceSpec = Field(description="How many drafted tokens the target accepts.")
+    draft_kv_gpu_fraction: float = Field(
+        1.0, ge=0, le=1,
+        description="Fraction of the draft model's KV cache held in GPU memory (draft_placement: gpu); the rest lives "
+                    "in host memory and the draft's attention over it runs on the CPU (hardware.host_profile), as in "
+                    "SpecMoEOff's batch-wise split. 1.0: all on the GPU.")
+
+    @model_validator(mode="after")
+    def _split_needs_gpu_draft(self) -> "SpeculativeSpec":
+        if self.draft_kv_gpu_fraction < 1 and self.draft_placement != "gpu":
+            raise ValueError("draft_kv_gpu_fraction < 1 needs draft_placement: gpu (a CPU draft keeps all its KV on the host)")
+        return self
 
 
 # ---------------------------------------------------------------- offloading
