@@ -103,7 +103,10 @@ def _scaled(data: dict[str, Any], scale: float, max_requests: int) -> dict[str, 
     out.pop("sweep", None)
     plan = out.pop("plan", None) or {}
     if plan.get("tolerate_failures", 0):
+        spares = (out.get("faults") or {}).get("spare_gpus", 0)  # the scenario's spares cover the lost GPUs
         out["faults"] = failed_from_start(out, plan["tolerate_failures"], plan.get("failure_unit", "gpu"))
+        if spares:
+            out["faults"]["spare_gpus"] = spares
     return out
 
 
@@ -262,7 +265,8 @@ def candidate_search(
     result = CandidateResult(index=index, values=values, status="pruned", profile=profile, num_gpus=scenario.hardware.num_gpus)
     price = prices.get(profile)
     if price is not None:
-        result.usd_per_hour = price * scenario.hardware.num_gpus
+        # Spare GPUs (faults.spare_gpus) sit idle but are paid for.
+        result.usd_per_hour = price * (scenario.hardware.num_gpus + scenario.faults.spare_gpus)
     over = over_budget(result, plan.budget_usd_per_hour, plan.max_gpus)
     if over:
         result.reason = over
