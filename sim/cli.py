@@ -235,7 +235,7 @@ def print_faults(faults: dict[str, Any], p: Callable[..., None]) -> None:
     p(f"faults       {faults['outages']} GPU outage(s), {faults['unrecovered']} not recovered; "
       f"{faults['requeued']:,} requests re-queued, {faults['failed_requests']:,} failed; "
       f"{_gb(faults['bytes_moved_for_recovery'])} GB moved for recovery"
-      + (f"; {faults['spares_used']} of the outages taken over by one of {faults['spare_gpus']} spare GPU(s)"
+      + (f"; {faults['spare_gpus']} spare GPU(s), {faults['spares_used']} outage(s) taken over by a spare"
          if faults.get("spare_gpus") else ""))
     for rec in faults["recoveries"]:
         back = ("not restored" if rec["restored_at_s"] is None else

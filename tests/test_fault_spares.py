@@ -181,3 +181,16 @@ def test_a_wait_group_whose_member_is_lost_for_good_is_whole_again_on_the_spare(
     rec = faults["recoveries"][0]
     assert rec["spare_gpu"] == 4 and rec["requeued"] == 0
     assert result.replicas[0].alive and faults["spare_pool_at_end"] == []
+
+
+def test_cli_fault_lines_show_the_spare(tmp_path: Path) -> None:
+    from sim.cli import print_faults
+
+    _, summary = run(tmp_path, {"events": [{"kind": "gpu_fail", "gpu": 1, "at_s": 2e-4, "duration_s": 2e-3}],
+                                "recovery": STORAGE, "spare_gpus": 1}, rate_per_s=10_000)
+    lines: list[str] = []
+    print_faults(summary["faults"], lambda *a: lines.append(" ".join(map(str, a))))
+    text = "\n".join(lines)
+    assert "1 spare GPU(s), 1 outage(s) taken over by a spare" in text
+    assert "GPU 1 failed at 0.000 s, replaced at once by spare GPU 2" in text
+    assert "0.00 GB moved" in text and "restore 0.3 ms from storage" in text
