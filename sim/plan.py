@@ -103,10 +103,7 @@ def _scaled(data: dict[str, Any], scale: float, max_requests: int) -> dict[str, 
     out.pop("sweep", None)
     plan = out.pop("plan", None) or {}
     if plan.get("tolerate_failures", 0):
-        spares = (out.get("faults") or {}).get("spare_gpus", 0)  # the scenario's spares cover the lost GPUs
         out["faults"] = failed_from_start(out, plan["tolerate_failures"], plan.get("failure_unit", "gpu"))
-        if spares:
-            out["faults"]["spare_gpus"] = spares
     return out
 
 
