@@ -236,12 +236,16 @@ def print_faults(faults: dict[str, Any], p: Callable[..., None]) -> None:
     pct = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
     p(f"faults       {faults['outages']} GPU outage(s), {faults['unrecovered']} not recovered; "
       f"{faults['requeued']:,} requests re-queued, {faults['failed_requests']:,} failed; "
-      f"{_gb(faults['bytes_moved_for_recovery'])} GB moved for recovery")
+      f"{_gb(faults['bytes_moved_for_recovery'])} GB moved for recovery"
+      + (f"; {faults['spare_gpus']} spare GPU(s), {faults['spares_used']} outage(s) taken over by a spare"
+         if faults.get("spare_gpus") else ""))
     for rec in faults["recoveries"]:
         back = ("not restored" if rec["restored_at_s"] is None else
                 f"back at {rec['restored_at_s']:,.3f} s (restore {_fmt_s(rec['restore_s'])} from {rec['source']}, "
+                f"{_gb(rec['restore_bytes'])} GB moved, "
                 f"time to recovery {_fmt_s(rec['time_to_recovery_s'])})")
-        p(f"  GPU {rec['gpu']} failed at {rec['failed_at_s']:,.3f} s, {back}")
+        onto = "" if rec.get("spare_gpu") is None else f", replaced at once by spare GPU {rec['spare_gpu']}"
+        p(f"  GPU {rec['gpu']} failed at {rec['failed_at_s']:,.3f} s{onto}, {back}")
     names = {"fail": "down", "slow": "slowed", "link": "link degraded"}
     for a in faults["around_faults"]:
         until = "end" if a["end_s"] is None else f"{a['end_s']:,.3f} s"

@@ -112,6 +112,11 @@ class FaultsSpec(Spec):
         "wait", description="Arrivals while no GPU is serving: wait for one to recover, or be rejected."
     )
     recovery: RecoverySpec = Field(default_factory=RecoverySpec)
+    spare_gpus: int = Field(
+        0, ge=0, description="Idle GPUs of the same profile kept as spares (they are paid for). A failed GPU's place "
+        "is taken at once by a free spare, which restores its weights / shard from recovery.source and serves; the "
+        "failed GPU, once repaired, joins the spare pool. 0: a failed GPU restores itself after its repair."
+    )
     expert_failover: Literal["reroute", "spread", "wait"] = Field(
         "reroute", description="Expert parallelism: tokens routed to a failed rank's experts go to the layer's most "
         "requested available expert (reroute), are spread over the available experts (spread), or their "

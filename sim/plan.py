@@ -262,7 +262,8 @@ def candidate_search(
     result = CandidateResult(index=index, values=values, status="pruned", profile=profile, num_gpus=scenario.hardware.num_gpus)
     price = prices.get(profile)
     if price is not None:
-        result.usd_per_hour = price * scenario.hardware.num_gpus
+        # Spare GPUs (faults.spare_gpus) sit idle but are paid for.
+        result.usd_per_hour = price * (scenario.hardware.num_gpus + scenario.faults.spare_gpus)
     over = over_budget(result, plan.budget_usd_per_hour, plan.max_gpus)
     if over:
         result.reason = over

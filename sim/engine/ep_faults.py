@@ -24,7 +24,9 @@ single-GPU injector, ``sim.engine.faults``, takes the whole replica down instead
   its host link; a live peer holding the same shard, i.e. the same member of another replica, over
   gpu_to_gpu on the same node or node_to_node, else the host; or storage);
 * the group fails as a whole (``Replica.fail``) only when every rank is down; it serves again when one
-  comes back.
+  comes back;
+* spares (``faults.spare_gpus``, see ``sim.engine.faults``): a spare that takes a failed member's place
+  restores only that member's shard, then serves as that member.
 
 Routing fidelity = pairs computed by the expert the router chose / all pairs routed (eMoE's definition);
 under ``wait`` it stays 1 and the cost is the stall, reported as ``wait_s`` and ``waiting_fraction``."""
@@ -39,7 +41,7 @@ import simpy
 
 from sim.engine.faults import FaultInjector, RecoveryRecord, _product
 from sim.engine.replica import Replica, RequestState
-from sim.faults import Fault, FaultsSpec, node_of_gpu
+from sim.faults import Fault, FaultsSpec
 from sim.policies.failover import route_around
 from sim.profile import HardwareProfile
 
@@ -157,12 +159,11 @@ class ExpertParallelFaultInjector(FaultInjector):
         self.events: list[dict[str, Any]] = []
         self.recoveries: list[RecoveryRecord] = []
         n = self.num_gpus
-        self._down = [0] * n
         self._slow: list[list[float]] = [[] for _ in range(n)]
         self._link: list[list[float]] = [[] for _ in range(n)]
         self._epoch = [0] * n
         self._open: dict[int, RecoveryRecord] = {}
-        self._unending = [False] * n
+        self._init_spares(n)
         self._gpu_alive = np.ones(n, dtype=bool)
         self.failovers = []
         self._base_slowdown = []
@@ -190,8 +191,8 @@ class ExpertParallelFaultInjector(FaultInjector):
         return False
 
     def _never_back(self, gpus: range) -> bool:
-        """Whether a group with these GPUs will never serve again."""
-        gone = [self._unending[g] for g in gpus]
+        """Whether a group with these member positions will never serve again."""
+        gone = [self._position_gone(g) for g in gpus]
         return all(gone) or (self.spec.expert_failover == "wait" and any(gone))
 
     def _set_slowdown(self, gpu: int) -> None:
@@ -210,10 +211,13 @@ class ExpertParallelFaultInjector(FaultInjector):
             self._link[gpu].append(fault.value)
             self._log(fault, "start", effect="none: expert-parallel experts are resident (no host loads)")
             return
-        rep, fo, rank = self._where(gpu)
         self._down[gpu] += 1
         if fault.duration_s is None:
             self._unending[gpu] = True
+        if self._fail_unplaced(fault):
+            return
+        gpu = self._position_of[gpu]
+        rep, fo, rank = self._where(gpu)
         self._epoch[gpu] += 1
         record = self._open.get(gpu)
         if record is None:
@@ -236,6 +240,7 @@ class ExpertParallelFaultInjector(FaultInjector):
             else:
                 record.requeued += 1
                 self.dispatch(req)
+        self._take_spare(gpu)
         if not self._may_recover():
             waiting, self.pending = self.pending, []
             for req in waiting:
@@ -254,8 +259,9 @@ class ExpertParallelFaultInjector(FaultInjector):
             return
         self._down[gpu] -= 1
         self._log(fault, "end")
-        if self._down[gpu] == 0:
-            self.env.process(self._restore(gpu, self._epoch[gpu]))
+        if self._down[gpu] == 0 and not self._repaired(gpu):
+            pos = self._position_of[gpu]
+            self.env.process(self._restore(pos, self._epoch[pos]))
 
     def restore_time(self, gpu: int) -> tuple[float, str]:
         """Seconds to bring back one GPU's shard, and the source used. ``peer``: a live GPU holding the same
@@ -268,9 +274,9 @@ class ExpertParallelFaultInjector(FaultInjector):
             return rec.storage_latency_s + nbytes / (rec.storage_gbps * 1e9), "storage"  # type: ignore[operator]
         host_s = float(self.profile.h2d_copy_s(nbytes=nbytes))
         if source == "peer":
-            node = node_of_gpu(gpu, self.num_gpus, self.num_nodes)
+            node = self._node(self._phys[gpu])
             peers = [g for g in range(gpu % self.group, self.num_gpus, self.group) if self._gpu_alive[g] and g != gpu]
-            if any(node_of_gpu(p, self.num_gpus, self.num_nodes) == node for p in peers):
+            if any(self._node(self._phys[p]) == node for p in peers):
                 return float(self.profile.gpu_to_gpu_s(nbytes=nbytes)), "peer (gpu_to_gpu)"
             if peers:
                 return float(self.profile.node_to_node_s(nbytes=nbytes)), "peer (node_to_node)"

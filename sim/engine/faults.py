@@ -6,6 +6,17 @@ of the active bandwidth fractions. When the last failure covering a GPU ends, th
 weights and experts (bytes / bandwidth of the recovery source) and only then serves again; a failure
 during the restore starts it over once that failure ends.
 
+Spares (``faults.spare_gpus``): idle GPUs of the same profile, numbered after the serving ones
+(``num_gpus`` .. ``num_gpus + spare_gpus - 1``; spare k sits on node k mod num_nodes, which only
+matters for a peer restore). Faults name the physical GPUs that serve at the start; each serving
+position (a replica, or an EP member) is held by one physical GPU. When a GPU fails and a spare is
+free, the spare takes its position at once and restores the position's weights (bytes / bandwidth
+of the recovery source, starting at the failure, not after the repair); the failed GPU, once
+repaired, joins the spare pool (and goes at once to a position still waiting for its own repair).
+Without a free spare, the position waits for its GPU's repair as before. Simplifications: a spare,
+in the pool or serving, never fails (no fault names it); ``gpu_slow`` and ``link_degrade`` act on
+the serving position with that index.
+
 The injector also routes requests (``dispatch``): to the live replica with the fewest outstanding
 requests, as the fault-free engine does; with no replica live, a request waits for one to recover or
 is rejected (``no_replica``); a request that no replica will ever serve again is rejected or failed,
@@ -34,6 +45,7 @@ class RecoveryRecord:
     restore_s: float | None = None
     restore_bytes: float = 0.0
     source: str = ""
+    spare_gpu: int | None = None  # the spare that took the position (None: the GPU restored itself)
     requeued: int = 0
     failed_requests: int = 0
 
@@ -69,12 +81,11 @@ class FaultInjector:
         self.events: list[dict[str, Any]] = []
         self.recoveries: list[RecoveryRecord] = []
         n = len(replicas)
-        self._down = [0] * n  # active failures per GPU
         self._slow = [[] for _ in range(n)]  # active slowdown factors per GPU
         self._link = [[] for _ in range(n)]  # active bandwidth fractions per GPU
-        self._epoch = [0] * n  # bumped by every failure: a restore from an older epoch is stale
+        self._epoch = [0] * n  # per position, bumped by every failure: a restore from an older epoch is stale
         self._open: dict[int, RecoveryRecord] = {}
-        self._unending = [False] * n  # a failure that never ends covers this GPU
+        self._init_spares(n)
         self._base_load_s = [r.planner.expert_load_s for r in replicas]
         self._base_profile = [r.profile for r in replicas]
         env.process(self._run())
@@ -96,7 +107,73 @@ class FaultInjector:
             self.pending.append(req)
 
     def _may_recover(self) -> bool:
-        return any(not unending for unending in self._unending)
+        return any(not self._position_gone(pos) for pos in range(len(self._phys)))
+
+    # ---------------------------------------------------------------- spares
+
+    def _init_spares(self, positions: int) -> None:
+        """Physical GPUs 0..positions-1 hold the positions; spares follow them, idle in the pool."""
+        total = positions + self.spec.spare_gpus
+        self._num_positions = positions
+        self._down = [0] * total  # active failures per physical GPU
+        self._unending = [False] * total  # a failure that never ends covers this physical GPU
+        self._phys = list(range(positions))  # position -> the physical GPU holding it
+        self._position_of: dict[int, int] = {p: p for p in range(positions)}
+        self._pool: list[int] = list(range(positions, total))
+
+    def _node(self, phys: int) -> int:
+        if phys < self._num_positions:
+            return node_of_gpu(phys, self._num_positions, self.num_nodes)
+        return (phys - self._num_positions) % self.num_nodes
+
+    def _spare_coming(self) -> bool:
+        """A spare is free now or a GPU outside every position will be repaired into the pool."""
+        return bool(self._pool) or any(
+            not self._unending[p] for p in range(len(self._down)) if p not in self._position_of)
+
+    def _position_gone(self, pos: int) -> bool:
+        """The position will never serve again: its GPU never returns and no spare will come."""
+        return self._unending[self._phys[pos]] and not self._spare_coming()
+
+    def _fail_unplaced(self, fault: Fault) -> bool:
+        """A failure of a GPU that holds no position (in the pool, or replaced and under repair): it only
+        leaves the pool. Returns True when handled."""
+        if fault.gpu in self._position_of:
+            return False
+        if fault.gpu in self._pool:
+            self._pool.remove(fault.gpu)
+        self._log(fault, "start", requests_held=0, position=None)
+        return True
+
+    def _take_spare(self, pos: int) -> None:
+        """A free spare takes a position whose GPU is down, and starts restoring it now."""
+        old = self._phys[pos]
+        if not self._pool or self._down[old] == 0:
+            return
+        spare = self._pool.pop(0)
+        del self._position_of[old]
+        self._phys[pos] = spare
+        self._position_of[spare] = pos
+        self._epoch[pos] += 1
+        self._open[pos].spare_gpu = spare
+        self.events.append({"at_s": self.env.now, "gpu": pos, "fault": "fail", "event": "spare_in", "value": spare,
+                            "origin": f"GPU {old} replaced by spare GPU {spare}"})
+        self.env.process(self._restore(pos, self._epoch[pos]))
+
+    def _repaired(self, phys: int) -> bool:
+        """The last failure of a physical GPU ended. One outside every position joins the spare pool (and
+        goes at once to the first position still waiting for its own GPU); returns False when the GPU
+        holds a position, which it then restores itself."""
+        if phys in self._position_of:
+            return False
+        self._pool.append(phys)
+        self.events.append({"at_s": self.env.now, "gpu": phys, "fault": "fail", "event": "to_spare_pool",
+                            "value": len(self._pool), "origin": "repaired"})
+        for pos in list(self._open):
+            if self._down[self._phys[pos]] > 0:
+                self._take_spare(pos)
+                break
+        return True
 
     def _give_up(self, req: RequestState) -> None:
         started = req.generated > 0 or req.admitted_at_s == req.admitted_at_s
@@ -136,6 +213,10 @@ class FaultInjector:
             self._down[gpu] += 1
             if fault.duration_s is None:
                 self._unending[gpu] = True
+            if self._fail_unplaced(fault):
+                return
+            gpu = self._position_of[gpu]
+            replica = self.replicas[gpu]
             self._epoch[gpu] += 1
             record = self._open.get(gpu)
             if record is None:
@@ -153,6 +234,7 @@ class FaultInjector:
                 else:
                     record.requeued += 1
                     self.dispatch(req)
+            self._take_spare(gpu)
             if not self._may_recover():  # every GPU is gone for good: nothing will serve the waiting
                 waiting, self.pending = self.pending, []
                 for req in waiting:
@@ -173,8 +255,9 @@ class FaultInjector:
             return
         self._down[gpu] -= 1
         self._log(fault, "end")
-        if self._down[gpu] == 0:
-            self.env.process(self._restore(gpu, self._epoch[gpu]))
+        if self._down[gpu] == 0 and not self._repaired(gpu):
+            pos = self._position_of[gpu]
+            self.env.process(self._restore(pos, self._epoch[pos]))
 
     def _apply_link(self, gpu: int) -> None:
         """The host-to-device link at the product of the active fractions: expert loads and swaps slow."""
@@ -199,9 +282,9 @@ class FaultInjector:
             rec = self.spec.recovery
             return rec.storage_latency_s + nbytes / (rec.storage_gbps * 1e9), "storage"  # type: ignore[operator]
         if source == "peer":
-            node = node_of_gpu(gpu, len(self.replicas), self.num_nodes)
+            node = self._node(self._phys[gpu])
             peers = [r.index for r in self.replicas if r.alive and r.index != gpu]
-            if any(node_of_gpu(p, len(self.replicas), self.num_nodes) == node for p in peers):
+            if any(self._node(self._phys[p]) == node for p in peers):
                 return float(self.profile.gpu_to_gpu_s(nbytes=nbytes)), "peer (gpu_to_gpu)"
             if peers:
                 return float(self.profile.node_to_node_s(nbytes=nbytes)), "peer (node_to_node)"
@@ -240,6 +323,9 @@ class FaultInjector:
             "policy": {"in_flight": self.spec.in_flight, "no_replica": self.spec.no_replica,
                        "recovery_source": self.spec.recovery.source},
             "restore_bytes_per_gpu": self.restore_bytes,
+            "spare_gpus": self.spec.spare_gpus,
+            "spares_used": sum(1 for r in self.recoveries if r.spare_gpu is not None),
+            "spare_pool_at_end": list(self._pool),
             "events": self.events,
             "recoveries": recoveries,
             "outages": len(self.recoveries),
