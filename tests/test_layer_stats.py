@@ -131,3 +131,24 @@ def test_offloading_policies_write_no_layers_table(tmp_path: Path):
     folder = write_run_folder(result, summarize(result), tmp_path / "run")
     assert (folder / "iterations.csv").exists() and not (folder / "layers.csv").exists()
     assert "Per-layer time breakdown" not in render_report(folder).read_text()
+
+
+def test_a_straggler_slowdown_scales_the_layers_compute_like_the_iterations(tmp_path: Path):
+    """A gpu_slow fault multiplies every op by 3 after planning: the per-layer compute seconds follow, so
+    they still add up (with the LM head) to the iterations' compute busy time, and are 3x the plain run's."""
+    frames = {}
+    for factor in (1.0, 3.0):
+        data = scenario_data(write_toy_profile(tmp_path), prompt_tokens=6, output_tokens=4, max_requests=1,
+                             hardware={"expert_memory": {"experts": 2}}, policies={"expert_cache": {"name": "lru"}})
+        data["faults"] = {"events": [{"kind": "gpu_slow", "gpu": 0, "at_s": 0.0, "factor": factor}]}
+        result = simulate(load(data, tmp_path))
+        layers = result.replicas[0].planner.layer_stats.frame()
+        it = result.iterations
+        compute = (layers["attention_s"] + layers["gate_shared_s"] + layers["experts_s"]).sum()
+        frames[factor] = (layers, it, compute)
+    (base, base_it, base_compute), (slow, slow_it, slow_compute) = frames[1.0], frames[3.0]
+    assert slow_compute == pytest.approx(3.0 * base_compute, rel=1e-12)
+    outside_base = base_it["compute_busy_s"].sum() - base_compute
+    assert outside_base > 0
+    assert slow_it["compute_busy_s"].sum() == pytest.approx(slow_compute + 3.0 * outside_base, rel=1e-12)
+    assert list(slow["misses"]) == list(base["misses"])

@@ -268,6 +268,7 @@ class IterationPlanner:
             stats.attention_full_s += attention_full_s
             stats.attention_sliding_s += attention_sliding_s
             stats.gate_shared_s += gate_s + shared_s
+            stats.last = (expert_s, attention_full_s, attention_sliding_s, gate_s + shared_s)
             plan.layer_stall_s = stats.stall_s
 
         cache = self.cache

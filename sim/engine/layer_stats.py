@@ -5,7 +5,8 @@ The planner (``sim.engine.iteration``) adds to these accumulators as it plans ea
 the run, one slot per MoE layer, so the cost per iteration is a few vector adds; the ``layers`` table of
 a run folder (``sim.report.sections``) is made from them. What no MoE layer owns (dense layers, the LM
 head, the per-iteration overhead) is left out: the table's compute seconds plus those ops make the run's
-compute busy time. A straggler fault's ``slowdown`` scales ops after planning and is not applied here."""
+compute busy time. A straggler fault's ``slowdown`` scales an iteration's ops after planning: the replica
+then calls ``scale_last``."""
 
 from __future__ import annotations
 
@@ -34,6 +35,20 @@ class LayerStats:
         self.attention_full_s = 0.0
         self.attention_sliding_s = 0.0
         self.gate_shared_s = 0.0
+        self.last: tuple[np.ndarray, float, float, float] | None = None  # the last iteration's compute costs
+
+    def scale_last(self, factor: float) -> None:
+        """The last planned iteration ran ``factor`` times slower (a straggler fault): scale its compute
+        costs. Load interference is not scaled (0 s on GPU profiles, where faults apply)."""
+        if self.last is None:
+            return
+        expert_s, attention_full_s, attention_sliding_s, gate_shared_s = self.last
+        extra = factor - 1.0
+        self.expert_s_grid += extra * expert_s
+        self.attention_full_s += extra * attention_full_s
+        self.attention_sliding_s += extra * attention_sliding_s
+        self.gate_shared_s += extra * gate_shared_s
+        self.last = None
 
     def frame(self) -> pd.DataFrame:
         misses = np.asarray(self.misses, dtype=np.int64)
