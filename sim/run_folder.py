@@ -63,6 +63,11 @@ def write_run_folder(result: SimulationResult, summary: dict[str, Any], out_dir:
     load = expert_load(result)
     if load is not None:
         files["expert_load"] = _write_table(load, tmp / "expert_load", fmt)
+    from sim.engine.layer_stats import layers_table  # per-MoE-layer hits and time split (single GPU)
+
+    layers = layers_table(result)
+    if layers is not None:
+        files["layers"] = _write_table(layers, tmp / "layers", fmt)
     (tmp / "summary.json").write_text(json.dumps({**summary, "files": files}, indent=2, default=_json_default) + "\n")
     if out_dir.exists():
         shutil.rmtree(out_dir)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from sim.engine.layer_stats import LayerStats
 from sim.policies.cache import ExpertCache
 from sim.policies.next_layer import predict_next_layer, reserve_prefetch
 from sim.profile import HardwareProfile
@@ -63,6 +64,10 @@ class IterationPlan:
     bypassed: int = 0  # misses loaded into a staging buffer because no slot could be freed
     accesses: list[np.ndarray] = field(default_factory=list)  # expert keys in access order
     start_offset_s: float = 0.0  # stream and copy engine are busy until then (e.g. a KV swap-out)
+    # Per-layer totals (sim.engine.layer_stats): the MoE layer each load is for, and the planner's stall
+    # list that time_plan adds each wait to (None: the planner keeps no per-layer totals).
+    load_layer: list[int] = field(default_factory=list)
+    layer_stall_s: list[float] | None = None
 
     def add_op(self, seconds: float, kind: str, load: int = -1) -> int:
         self.op_s.append(seconds)
@@ -101,6 +106,7 @@ def time_plan(plan: IterationPlan) -> IterationTiming:
     stall = 0.0
     issue_after = plan.load_issue_after
     load_s = plan.load_s
+    layer_stall_s, load_layer = plan.layer_stall_s, plan.load_layer
 
     # Loads issued at the iteration start.
     while next_load < n_loads and issue_after[next_load] < 0:
@@ -112,6 +118,8 @@ def time_plan(plan: IterationPlan) -> IterationTiming:
             ready = load_done[load]
             if ready > t:
                 stall += ready - t
+                if layer_stall_s is not None:
+                    layer_stall_s[load_layer[load]] += ready - t
                 t = ready
         t += seconds
         # Loads issued when op i ends queue on the copy engine in FIFO order.
@@ -177,6 +185,9 @@ class IterationPlanner:
                                     or profile.operations.iteration_overhead is not None)
         self._overhead_memo: dict[tuple[int, int], tuple[float, float]] = {}
         self._pinned = np.zeros(self.num_moe_layers * self.num_experts, dtype=bool)
+        # Run totals per MoE layer (hits, misses, time split); a planner that plans layers its own way sets None.
+        moe_sliding = [self.layer_is_sliding[i] for i in model.moe_layer_indices]
+        self.layer_stats: LayerStats | None = LayerStats(moe_sliding, self.use_counts)
 
     # ---------------------------------------------------------------- per-layer costs
 
@@ -251,6 +262,14 @@ class IterationPlanner:
         if self._has_expert_overhead:
             expert_s = expert_s + self.profile.expert_overhead_s(tokens=counts)
         used = counts > 0
+        stats = self.layer_stats
+        if stats is not None:  # accesses per layer come from use_counts, which plan() updates below
+            stats.expert_s_grid += expert_s
+            stats.attention_full_s += attention_full_s
+            stats.attention_sliding_s += attention_sliding_s
+            stats.gate_shared_s += gate_s + shared_s
+            stats.last = (expert_s, attention_full_s, attention_sliding_s, gate_s + shared_s)
+            plan.layer_stall_s = stats.stall_s
 
         cache = self.cache
         if cache.holds_everything:
@@ -312,6 +331,10 @@ class IterationPlanner:
         bounds = np.concatenate(([0], np.cumsum(used.sum(axis=1)))).tolist()
         op_s, op_kind, op_load = plan.op_s, plan.op_kind, plan.op_load
         loads_s, issue_after, is_prefetch = plan.load_s, plan.load_issue_after, plan.load_is_prefetch
+        stats = self.layer_stats
+        if stats is not None:  # per-layer totals, bound once: the loop adds to list slots only
+            load_layer, layer_misses, layer_loads_s = plan.load_layer, stats.misses, stats.loads_s
+            layer_prefetch_hits, layer_interference_s = stats.prefetch_hits, stats.interference_s
         # Load index of each expert key prefetched in this iteration.
         prefetched: dict[int, int] = {}
         prefetching = self.prefetch == "next_layer"
@@ -356,6 +379,9 @@ class IterationPlanner:
                     miss_times.append(seconds)
             plan.hits += len(keys) - len(miss_keys)
             plan.prefetch_hits += len(waits)
+            if waits and stats is not None:
+                layer_prefetch_hits[moe_layer] += len(waits)
+                layer_interference_s[moe_layer] += interference_s * len(waits)
             # Resident and already loaded: one back-to-back run on the stream, no dependency.
             if ready_s:
                 op_s.append(ready_s)
@@ -379,6 +405,11 @@ class IterationPlanner:
                 loads_s.extend([load_s] * m)
                 issue_after.extend([gate_op] * m)
                 is_prefetch.extend([False] * m)
+                if stats is not None:
+                    load_layer.extend([moe_layer] * m)
+                    layer_misses[moe_layer] += m
+                    layer_loads_s[moe_layer] += load_s * m
+                    layer_interference_s[moe_layer] += interference_s * m
                 op_s.extend([t + interference_s for t in miss_times] if interference_s else miss_times)
                 op_kind.extend(["expert"] * m)
                 op_load.extend(range(first, first + m))
@@ -398,5 +429,9 @@ class IterationPlanner:
     ) -> None:
         """Queue loads for the predicted experts of MoE layer ``target`` that are not resident."""
         keys = target * self.num_experts + self._predict(target, counts)
-        for key in reserve_prefetch(self.cache, self._pinned, keys).tolist():
+        queued = reserve_prefetch(self.cache, self._pinned, keys).tolist()
+        for key in queued:
             prefetched[key] = plan.add_load(self.expert_load_s, issue_after, prefetch=True)
+        if queued and self.layer_stats is not None:
+            plan.load_layer.extend([target] * len(queued))
+            self.layer_stats.loads_s[target] += self.expert_load_s * len(queued)

@@ -324,6 +324,7 @@ class OffloadPlanner(IterationPlanner):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.layer_stats = None  # its own layer loop keeps no per-layer totals: the run writes no layers table
         self.residency = residency
         self.miss = miss
         self.offload_prefetch = offload_prefetch

@@ -386,6 +386,9 @@ class Replica:
         plan = self.planner.plan(shape, counts, start_offset_s=self._swap_s(swap_out, swap_in))
         if self.slowdown != 1.0:
             plan.op_s = [seconds * self.slowdown for seconds in plan.op_s]
+            layer_stats = getattr(self.planner, "layer_stats", None)  # per-layer totals (sim.engine.layer_stats)
+            if layer_stats is not None:
+                layer_stats.scale_last(self.slowdown)
         timing = time_plan(plan)
         if plan.accesses:
             self.accesses.extend(plan.accesses)

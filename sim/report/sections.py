@@ -55,12 +55,15 @@ def run_sections(run: RunData) -> list[Section]:
 
 
 # Columns of an optional ``layers`` table (one row per MoE layer, summed over the run), as the engine
-# may write it: expert hits and misses, and seconds spent per kind of work. Any other ``*_s`` column is
-# drawn too, named after itself.
+# writes it (sim.engine.layer_stats): expert hits and misses, and seconds spent per kind of work. Any other
+# ``*_s`` column is drawn too, named after itself; columns of other resources than the compute stream
+# (the copy engine's busy time overlaps the stream's) are given in the note instead of stacked.
 LAYER_TIME_LABELS = {
-    "attention_s": "attention", "experts_s": "experts", "loads_s": "expert loads (stall)",
+    "attention_s": "attention", "gate_shared_s": "gate + shared experts", "experts_s": "experts",
+    "stall_s": "waiting for expert loads", "loads_s": "expert loads (stall)",
     "all_to_all_s": "all-to-all", "straggler_wait_s": "straggler wait",
 }
+LAYER_OFF_STREAM = {"loads_busy_s": "copy engine busy loading the layer's experts"}
 
 
 @run_section
@@ -78,13 +81,15 @@ def layer_hit_rate(run: RunData) -> Section | None:
 @run_section
 def layer_time(run: RunData) -> Section | None:
     layers = run.table("layers")
-    columns = [] if layers is None else [c for c in layers.columns if c.endswith("_s")]
+    columns = [] if layers is None else [c for c in layers.columns if c.endswith("_s") and c not in LAYER_OFF_STREAM]
     if layers is None or "layer" not in layers or not columns:
         return None
     labels = {c: LAYER_TIME_LABELS.get(c, c.removesuffix("_s").replace("_", " ")) for c in columns}
+    off_stream = "".join(f" Not stacked: {label}, {layers[c].sum():.3g} s over all layers (it overlaps the stream)."
+                         for c, label in LAYER_OFF_STREAM.items() if c in layers)
     return Section(
         "Per-layer time breakdown",
-        "Seconds spent in each layer over the run, by kind of work: " + ", ".join(labels.values()) + ".",
+        "Seconds spent in each layer over the run, by kind of work: " + ", ".join(labels.values()) + "." + off_stream,
         figures=[("per-layer time breakdown", plots.layer_time_breakdown(layers, labels))],
     )
 
