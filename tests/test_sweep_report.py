@@ -103,8 +103,9 @@ def test_report_is_self_contained_and_escapes_user_text(tmp_path, capsys):
     parser = _Images()
     parser.feed(html)
     assert parser.external == []
-    # latency CDFs, throughput, latency vs load, memory, utilisation, breakdown, expert load heatmap
-    assert len(parser.sources) == 7
+    # latency CDFs, throughput, latency vs load, memory, utilisation, breakdown, expert load heatmap,
+    # hit rate by layer and the per-layer time breakdown (layers.csv)
+    assert len(parser.sources) == 9
     for src in parser.sources:
         assert src.startswith("data:image/png;base64,")
         png = base64.b64decode(src.split(",", 1)[1])
