@@ -145,25 +145,10 @@ class ExpertParallelFaultInjector(FaultInjector):
         profile: HardwareProfile, num_nodes: int, restore_bytes: float, group: int, tp: int,
         finish: Callable[[RequestState, str, str], None],
     ) -> None:
-        self.env = env
-        self.replicas = replicas
-        self.schedule = schedule
-        self.spec = spec
-        self.profile = profile
-        self.num_nodes = num_nodes
-        self.restore_bytes = restore_bytes  # one GPU's shard
-        self.finish = finish
         self.group, self.tp = group, tp
-        self.num_gpus = group * len(replicas)
-        self.pending: list[RequestState] = []
-        self.events: list[dict[str, Any]] = []
-        self.recoveries: list[RecoveryRecord] = []
-        n = self.num_gpus
-        self._slow: list[list[float]] = [[] for _ in range(n)]
-        self._link: list[list[float]] = [[] for _ in range(n)]
-        self._epoch = [0] * n
-        self._open: dict[int, RecoveryRecord] = {}
-        self._init_spares(n)
+        self.num_gpus = n = group * len(replicas)
+        # restore_bytes is one GPU's shard.
+        self._init_state(env, replicas, schedule, spec, profile, num_nodes, restore_bytes, finish, n)
         self._gpu_alive = np.ones(n, dtype=bool)
         self.failovers = []
         self._base_slowdown = []

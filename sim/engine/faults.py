@@ -69,6 +69,18 @@ class FaultInjector:
         restore_bytes: float,
         finish: Callable[[RequestState, str, str], None],
     ) -> None:
+        self._init_state(env, replicas, schedule, spec, profile, num_nodes, restore_bytes, finish, len(replicas))
+        self._base_load_s = [r.planner.expert_load_s for r in replicas]
+        self._base_profile = [r.profile for r in replicas]
+        env.process(self._run())
+
+    def _init_state(
+        self, env: simpy.Environment, replicas: list[Replica], schedule: list[Fault], spec: FaultsSpec,
+        profile: HardwareProfile, num_nodes: int, restore_bytes: float,
+        finish: Callable[[RequestState, str, str], None], num_positions: int,
+    ) -> None:
+        """The state every injector keeps, for ``num_positions`` GPUs (one per replica here; one per EP member
+        in ``sim.engine.ep_faults``)."""
         self.env = env
         self.replicas = replicas
         self.schedule = schedule
@@ -80,15 +92,12 @@ class FaultInjector:
         self.pending: list[RequestState] = []  # waiting for any replica to come back
         self.events: list[dict[str, Any]] = []
         self.recoveries: list[RecoveryRecord] = []
-        n = len(replicas)
-        self._slow = [[] for _ in range(n)]  # active slowdown factors per GPU
-        self._link = [[] for _ in range(n)]  # active bandwidth fractions per GPU
+        n = num_positions
+        self._slow: list[list[float]] = [[] for _ in range(n)]  # active slowdown factors per GPU
+        self._link: list[list[float]] = [[] for _ in range(n)]  # active bandwidth fractions per GPU
         self._epoch = [0] * n  # per position, bumped by every failure: a restore from an older epoch is stale
         self._open: dict[int, RecoveryRecord] = {}
         self._init_spares(n)
-        self._base_load_s = [r.planner.expert_load_s for r in replicas]
-        self._base_profile = [r.profile for r in replicas]
-        env.process(self._run())
 
     # ---------------------------------------------------------------- routing
 
