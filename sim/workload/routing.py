@@ -15,7 +15,6 @@ one iteration, given as segments (request id, first token position, number of to
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal, Protocol, Sequence
