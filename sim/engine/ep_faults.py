@@ -39,7 +39,7 @@ from typing import Any, Callable
 import numpy as np
 import simpy
 
-from sim.engine.faults import FaultInjector, RecoveryRecord, _product
+from sim.engine.faults import FaultInjector, _product
 from sim.engine.replica import Replica, RequestState
 from sim.faults import Fault, FaultsSpec
 from sim.policies.failover import route_around
@@ -203,14 +203,7 @@ class ExpertParallelFaultInjector(FaultInjector):
             return
         gpu = self._position_of[gpu]
         rep, fo, rank = self._where(gpu)
-        self._epoch[gpu] += 1
-        record = self._open.get(gpu)
-        if record is None:
-            record = RecoveryRecord(gpu=gpu, failed_at_s=self.env.now)
-            self._open[gpu] = record
-            self.recoveries.append(record)
-        else:
-            record.restore_started_at_s = None
+        record = self._open_record(gpu)
         self._gpu_alive[gpu] = False
         fo.set_alive(rank, False)
         first = (gpu // self.group) * self.group
@@ -218,18 +211,7 @@ class ExpertParallelFaultInjector(FaultInjector):
         if not fo.alive.any() or self._never_back(range(first, first + self.group)):
             held = rep.fail()
         self._log(fault, "start", requests_held=len(held), rank=rank)
-        for req in held:
-            if self.spec.in_flight == "fail":
-                record.failed_requests += 1
-                self.finish(req, "failed", "gpu_failed")
-            else:
-                record.requeued += 1
-                self.dispatch(req)
-        self._take_spare(gpu)
-        if not self._may_recover():
-            waiting, self.pending = self.pending, []
-            for req in waiting:
-                self._give_up(req)
+        self._after_failure(gpu, record, held)
 
     def _end(self, fault: Fault) -> None:
         gpu = fault.gpu

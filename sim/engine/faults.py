@@ -226,28 +226,38 @@ class FaultInjector:
                 return
             gpu = self._position_of[gpu]
             replica = self.replicas[gpu]
-            self._epoch[gpu] += 1
-            record = self._open.get(gpu)
-            if record is None:
-                record = RecoveryRecord(gpu=gpu, failed_at_s=self.env.now)
-                self._open[gpu] = record
-                self.recoveries.append(record)
-            else:  # failed again while restoring: the restore starts over when this failure ends
-                record.restore_started_at_s = None
+            record = self._open_record(gpu)
             held = replica.fail()
             self._log(fault, "start", requests_held=len(held))
-            for req in held:
-                if self.spec.in_flight == "fail":
-                    record.failed_requests += 1
-                    self.finish(req, "failed", "gpu_failed")
-                else:
-                    record.requeued += 1
-                    self.dispatch(req)
-            self._take_spare(gpu)
-            if not self._may_recover():  # every GPU is gone for good: nothing will serve the waiting
-                waiting, self.pending = self.pending, []
-                for req in waiting:
-                    self._give_up(req)
+            self._after_failure(gpu, record, held)
+
+    def _open_record(self, gpu: int) -> RecoveryRecord:
+        """The recovery record of a position that has just failed (a new epoch: older restores are stale)."""
+        self._epoch[gpu] += 1
+        record = self._open.get(gpu)
+        if record is None:
+            record = RecoveryRecord(gpu=gpu, failed_at_s=self.env.now)
+            self._open[gpu] = record
+            self.recoveries.append(record)
+        else:  # failed again while restoring: the restore starts over when this failure ends
+            record.restore_started_at_s = None
+        return record
+
+    def _after_failure(self, gpu: int, record: RecoveryRecord, held: list[RequestState]) -> None:
+        """The requests a failure took off a GPU are failed or re-queued by policy; a spare takes the position
+        if one is free; and when nothing can ever serve again, the waiting requests end."""
+        for req in held:
+            if self.spec.in_flight == "fail":
+                record.failed_requests += 1
+                self.finish(req, "failed", "gpu_failed")
+            else:
+                record.requeued += 1
+                self.dispatch(req)
+        self._take_spare(gpu)
+        if not self._may_recover():  # every GPU is gone for good: nothing will serve the waiting
+            waiting, self.pending = self.pending, []
+            for req in waiting:
+                self._give_up(req)
 
     def _end(self, fault: Fault) -> None:
         gpu = fault.gpu
