@@ -429,20 +429,18 @@ def resolve(scenario: Scenario, source: str, base_dir: Path) -> LoadedScenario:
 
     model = _resolve_model(scenario, source)
     check_faults(scenario.faults, scenario.hardware.num_gpus, scenario.hardware.num_nodes, source)
-    try:
-        profile_ref = scenario.hardware.profile
-        candidate = base_dir / profile_ref
-        profile = load_profile(candidate if candidate.suffix in (".yaml", ".yml") and candidate.exists() else profile_ref)
-    except ProfileError as exc:
-        raise ScenarioError(f"{source}: hardware.profile: {exc}") from None
-    host_profile = None
-    if scenario.hardware.host_profile is not None:
+
+    def load(key: str, ref: str):
+        """A profile named by the scenario: a YAML path relative to the scenario, or a shipped name."""
         try:
-            host_ref = scenario.hardware.host_profile
-            candidate = base_dir / host_ref
-            host_profile = load_profile(candidate if candidate.suffix in (".yaml", ".yml") and candidate.exists() else host_ref)
+            candidate = base_dir / ref
+            return load_profile(candidate if candidate.suffix in (".yaml", ".yml") and candidate.exists() else ref)
         except ProfileError as exc:
-            raise ScenarioError(f"{source}: hardware.host_profile: {exc}") from None
+            raise ScenarioError(f"{source}: hardware.{key}: {exc}") from None
+
+    profile = load("profile", scenario.hardware.profile)
+    host_ref = scenario.hardware.host_profile
+    host_profile = None if host_ref is None else load("host_profile", host_ref)
     loaded = LoadedScenario(scenario=scenario, model=model, profile=profile, source=source, base_dir=base_dir,
                             host_profile=host_profile)
     check_memory_fits(loaded)

@@ -250,18 +250,8 @@ class ExpertParallelFaultInjector(FaultInjector):
             return host_s, "host (no live peer holds the shard)"
         return host_s, "host"
 
-    def _restore(self, gpu: int, epoch: int):
-        record = self._open[gpu]
-        seconds, source = self.restore_time(gpu)
-        record.restore_started_at_s = self.env.now
-        record.restore_s = seconds
-        record.source = source
-        yield self.env.timeout(seconds)
-        if self._epoch[gpu] != epoch:
-            return
-        record.restored_at_s = self.env.now
-        record.restore_bytes += self.restore_bytes
-        del self._open[gpu]
+    def _bring_back(self, gpu: int) -> None:
+        """A restored member's experts are available again; its group serves again once it can."""
         self._gpu_alive[gpu] = True
         rep, fo, rank = self._where(gpu)
         if all(self._gpu_alive[g] for g in self._rank_gpus(gpu)):
@@ -269,11 +259,6 @@ class ExpertParallelFaultInjector(FaultInjector):
         first = (gpu // self.group) * self.group
         if not rep.alive and fo.alive.any() and not self._never_back(range(first, first + self.group)):
             rep.restore()
-        self.events.append({"at_s": self.env.now, "gpu": gpu, "fault": "fail", "event": "restored", "value": seconds,
-                            "origin": source})
-        waiting, self.pending = self.pending, []
-        for req in waiting:
-            self.dispatch(req)
 
     def summary(self) -> dict[str, Any]:
         out = super().summary()

@@ -322,12 +322,16 @@ class FaultInjector:
         record.restored_at_s = self.env.now
         record.restore_bytes += self.restore_bytes
         del self._open[gpu]
-        self.replicas[gpu].restore()
+        self._bring_back(gpu)
         self.events.append({"at_s": self.env.now, "gpu": gpu, "fault": "fail", "event": "restored", "value": seconds,
                             "origin": source})
         waiting, self.pending = self.pending, []
         for req in waiting:
             self.dispatch(req)
+
+    def _bring_back(self, gpu: int) -> None:
+        """A restored position serves again (the EP injector brings back a group member instead)."""
+        self.replicas[gpu].restore()
 
     # ---------------------------------------------------------------- results
 
