@@ -55,19 +55,24 @@ def runtime_spec() -> Any:
 
 
 # Batches (context before, new tokens, is prefill) covering decode-only, prefill-only and mixed iterations.
-_DECODE_BATCHES = (1, 2, 4, 8, 12)
+# Decode batches of every size up to a full batch, each at a short and a long context: serving spends most
+# iterations decoding, and the fit weighs every grid batch alike, so decode shapes must dominate the grid
+# as they dominate a run (with a grid of mostly prefill, decode iterations came out 5-10% slow).
+_DECODE_BATCHES = (1, 2, 3, 4, 5, 6, 7, 8)
 _PREFILL_CHUNKS = ((16,), (64,), (128,), (48, 48), (24, 96))
-_MIXED = ((2, 24), (4, 64), (6, 96), (8, 16))
+_MIXED = ((1, 96), (2, 24), (3, 64), (4, 96), (6, 16), (8, 32))
 
 
 def overhead_batches(seed: int = 0, max_context: int = 192) -> list[list[tuple[int, int, bool]]]:
     """The grid of batches the overhead is measured on (seeded decode contexts)."""
     rng = np.random.default_rng(seed)
+    middle = max_context // 2
 
-    def decodes(n: int) -> list[tuple[int, int, bool]]:
-        return [(int(c), 1, False) for c in rng.integers(16, max_context, n)]
+    def decodes(n: int, low: int = 16, high: int = max_context) -> list[tuple[int, int, bool]]:
+        return [(int(c), 1, False) for c in rng.integers(low, high, n)]
 
-    batches = [decodes(b) for b in _DECODE_BATCHES]
+    batches = [decodes(b, 16, middle) for b in _DECODE_BATCHES]
+    batches += [decodes(b, middle, max_context) for b in _DECODE_BATCHES]
     batches += [[(0, n, True) for n in chunk] for chunk in _PREFILL_CHUNKS]
     batches += [decodes(b) + [(int(rng.integers(0, 64)), n, True)] for b, n in _MIXED]
     return batches
