@@ -375,7 +375,9 @@ def measure_group(tasks: Sequence[Task], bufs: _Buffers, device: str, budget: Bu
                 samples[j] += sample(call, warmup=budget.warmup if r == 0 else 0, min_repeats=per_round_min,
                                      max_repeats=per_round_max, time_s=budget.time_s / rounds,
                                      start=len(samples[j]) + r, cuda=device == "cuda",
-                                     clock=budget.clock if (device == "cpu" and task.threads == 1) else "wall")
+                                     clock=budget.clock if (device == "cpu" and task.threads == 1) else "wall",
+                                     short_call_s=budget.short_call_s,
+                                     short_call_repeat_factor=budget.short_call_repeat_factor)
     return [summarize(s) for s in samples]
 
 

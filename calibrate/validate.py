@@ -355,8 +355,6 @@ def validate(scenario: str | Path, *, profile: str | Path | None = None, quick: 
         profile_path = p if p.exists() else None  # a shipped name: resolve gives its path below
         if profile_path is None:
             load_profile(str(profile))  # raises ProfileError naming the choices
-            from sim.profile import shipped_profiles  # noqa: F401
-
             import sim.data.profiles as shipped
 
             profile_path = Path(shipped.__file__).parent / f"{profile}.yaml"

@@ -65,6 +65,20 @@ def test_summary_drops_a_preempted_sample_and_keeps_the_median():
     assert s.cv < 0.02
 
 
+def test_short_calls_get_more_repeats_long_calls_keep_the_cap():
+    """A call under ``short_call_s`` may take ``short_call_repeat_factor`` x the repeats; any other keeps
+    ``max_repeats``. An instant call with a generous time budget makes both limits the only stop."""
+    from calibrate.timing import sample
+
+    def instant(i: int) -> None:
+        return None
+
+    common = dict(warmup=0, min_repeats=2, max_repeats=5, time_s=60.0, short_call_repeat_factor=4)
+    assert len(sample(instant, short_call_s=1.0, **common)) == 20
+    assert len(sample(instant, short_call_s=0.0, **common)) == 5
+    assert len(sample(instant, short_call_s=1.0, **{**common, "short_call_repeat_factor": 1})) == 5
+
+
 def test_identical_samples_keep_everything():
     s = summarize([2.0, 2.0, 2.0])
     assert (s.median_s, s.num_samples, s.num_dropped, s.cv) == (2.0, 3, 0, 0.0)
