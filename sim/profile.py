@@ -382,10 +382,17 @@ class BatchOverhead(_Section):
 
 
 class ExpertOverhead(_Section):
-    """Seconds ``max(0, fixed_s + per_token_s * tokens)`` per expert call (0 for an expert with no tokens)."""
+    """Seconds ``max(0, fixed_s + per_token_s * tokens)`` per expert call (0 for an expert with no tokens), and
+    the share ``kernel_scale`` of the ``expert_ffn`` table that the call pays (``routed_expert_s``).
+
+    Why a scale: the table times an expert alone, its weights rotated cold; inside a serving iteration the
+    same call runs between other layers' work and costs an amount that is affine in its tokens rather than
+    the table's shape (on the CPU runtime the fitted scale is near 0). 1.0 (the default) keeps the table."""
 
     fixed_s: float = Field(default=0.0, allow_inf_nan=False)
     per_token_s: float = Field(default=0.0, allow_inf_nan=False)
+    kernel_scale: float = Field(default=1.0, ge=0, allow_inf_nan=False,
+                                description="Share of the expert_ffn table each call pays (1: all of it).")
     fit_error: FitError | None = Field(default=None, description="null when not fitted (datasheet).")
 
     def seconds(self, tokens: np.ndarray) -> np.ndarray:
@@ -674,6 +681,15 @@ class HardwareProfile(_Section):
         if model is None:
             return _out(np.zeros_like(t))
         return _out(model.seconds(t))
+
+    def routed_expert_s(self, *, tokens: np.ndarray | int, shape: Any) -> np.ndarray:
+        """Seconds of one routed expert call per element of ``tokens``: the ``expert_ffn`` table (times the
+        overhead's ``kernel_scale``) plus ``expert_overhead``; what the planners charge per expert."""
+        ffn = self.expert_ffn_s(tokens=tokens, shape=shape)
+        model = self.operations.expert_overhead
+        if model is None:
+            return ffn
+        return _out(model.kernel_scale * np.asarray(ffn) + model.seconds(_sizes("tokens", tokens)))
 
     def iteration_overhead_s(self, *, tokens: np.ndarray | int, sequences: np.ndarray | int = 0) -> np.ndarray:
         """Seconds of per-iteration overhead (batch assembly, embedding, sampling); 0 tokens -> 0 s."""

@@ -447,6 +447,21 @@ def test_overheads_are_affine_vectorised_and_zero_without_tokens():
     assert p.iteration_overhead_s(tokens=0) == 0.0
 
 
+def test_routed_expert_call_pays_the_scaled_table_plus_its_overhead(toy_profile):
+    """``routed_expert_s`` = kernel_scale x expert_ffn table + fixed + per-token (0 for an expert without
+    tokens); without an overhead term it is the table itself."""
+    tokens = np.array([[0, 1], [4, 16]])
+    table = toy_profile.expert_ffn_s(tokens=tokens, shape=EXPERT)
+    assert toy_profile.routed_expert_s(tokens=tokens, shape=EXPERT).tolist() == table.tolist()
+    p = _with_overheads(expert_overhead={"fixed_s": 2e-4, "per_token_s": 3e-6, "kernel_scale": 0.25})
+    expected = 0.25 * p.expert_ffn_s(tokens=tokens, shape=EXPERT) + np.where(tokens > 0, 2e-4 + 3e-6 * tokens, 0.0)
+    assert p.routed_expert_s(tokens=tokens, shape=EXPERT).ravel().tolist() == pytest.approx(expected.ravel().tolist())
+    assert p.routed_expert_s(tokens=0, shape=EXPERT) == 0.0
+    whole = _with_overheads(expert_overhead={"fixed_s": 2e-4})  # kernel_scale defaults to the whole table
+    assert whole.routed_expert_s(tokens=4, shape=EXPERT) == pytest.approx(
+        float(whole.expert_ffn_s(tokens=4, shape=EXPERT)) + 2e-4)
+
+
 def test_a_negative_slope_never_gives_a_negative_overhead():
     p = _with_overheads(expert_overhead={"fixed_s": 1e-4, "per_token_s": -1e-6})
     assert p.expert_overhead_s(tokens=np.array([50, 200])).tolist() == pytest.approx([5e-5, 0.0])

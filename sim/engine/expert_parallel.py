@@ -374,9 +374,7 @@ class ExpertParallelPlanner:
             kept, share = self.failover.apply(kept, share)
         total = kept.sum(axis=0)  # [L, E]
         dev_tokens = total[:, :, None] * share  # [L, E, R]
-        expert_s = self.profile.expert_ffn_s(tokens=dev_tokens, shape=self.expert_shape)
-        if base._has_expert_overhead:
-            expert_s = expert_s + self.profile.expert_overhead_s(tokens=dev_tokens)
+        expert_s = self.profile.routed_expert_s(tokens=dev_tokens, shape=self.expert_shape)
         rank_s = expert_s.sum(axis=1) * self.slowdown[None, :]  # [L, R]
         slowest = rank_s.max(axis=1)
         flows = np.einsum("sle,led->lsd", kept, share) * self.token_bytes  # [L, R(src), R(dst)]

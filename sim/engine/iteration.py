@@ -180,7 +180,6 @@ class IterationPlanner:
         self._token_cost_memo: dict[int, tuple[float, float, float, float]] = {}
         self._lm_head_memo: dict[int, float] = {}
         # Overhead terms of the profile (absent: 0 s), memoised per (tokens, sequences).
-        self._has_expert_overhead = profile.operations.expert_overhead is not None
         self._has_batch_overhead = (profile.operations.layer_overhead is not None
                                     or profile.operations.iteration_overhead is not None)
         self._overhead_memo: dict[tuple[int, int], tuple[float, float]] = {}
@@ -258,9 +257,7 @@ class IterationPlanner:
             projections_s + layer_overhead_s + self._attention_core_s(batch, sliding=True)
             if self.sliding_window else attention_full_s
         )
-        expert_s = self.profile.expert_ffn_s(tokens=counts, shape=self.expert_shape)
-        if self._has_expert_overhead:
-            expert_s = expert_s + self.profile.expert_overhead_s(tokens=counts)
+        expert_s = self.profile.routed_expert_s(tokens=counts, shape=self.expert_shape)
         used = counts > 0
         stats = self.layer_stats
         if stats is not None:  # accesses per layer come from use_counts, which plan() updates below

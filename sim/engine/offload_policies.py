@@ -451,9 +451,7 @@ class OffloadPlanner(IterationPlanner):
         if self.miss == "reroute" and not serve_all:
             served = self._reroute_all(counts, preference)
             if served is not counts:
-                expert_s = self.profile.expert_ffn_s(tokens=served, shape=self.expert_shape)
-                if self._has_expert_overhead:
-                    expert_s = expert_s + self.profile.expert_overhead_s(tokens=served)
+                expert_s = self.profile.routed_expert_s(tokens=served, shape=self.expert_shape)
         # eMoE's and the static policy's resident sets are theirs: a fetched miss streams through a
         # staging buffer; before eMoE's first prediction every expert is served (fetched into the cache).
         insert_misses = self.residency is None or serve_all

@@ -19,7 +19,7 @@ from sim.engine.iteration import BatchShape, IterationPlanner, time_plan
 from sim.engine.memory import MemoryBudget
 from sim.policies.scheduler import SchedulerPolicy
 from sim.profile import HardwareProfile
-from sim.workload.routing import RoutingSource, Segment
+from sim.workload.routing import RoutingSource
 
 
 class RequestState:
