@@ -93,8 +93,12 @@ def _r(x: float) -> float:
 
 
 def measure_overheads(spec: Any, profile: Any, *, seed: int = 0, threads: int = 1, rounds: int = 5,
-                      log: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+                      log: Any = None, fit_kernel_scale: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run the runtime on the grid and fit the three overhead terms against ``profile``'s op lookups.
+
+    ``fit_kernel_scale``: also fit the share of the ``expert_ffn`` table an expert call pays. Only for a
+    profile of exactly ``spec``'s shapes (``moesim validate``): the fitted call cost is then ``spec``'s own,
+    and a general profile (``moesim calibrate``), used for other models' experts, keeps the whole table.
 
     Returns the ``operations`` entries (``layer_overhead``, ``expert_overhead``, ``iteration_overhead``) and a
     provenance mapping (grid, method, fitted coefficients, errors)."""
@@ -173,13 +177,15 @@ def measure_overheads(spec: Any, profile: Any, *, seed: int = 0, threads: int = 
     expert_real = np.array([r["expert_real"] for r in rows])
     n_calls = np.array([r["n_calls"] for r in rows], dtype=np.float64)
     routed = np.array([r["routed"] for r in rows], dtype=np.float64)
-    # The table's share is fitted too (``kernel_scale``): an expert alone with cold rotated weights is not
-    # what the call costs between the other work of an iteration (fitted near 0 on the CPU runtime, where a
-    # call is affine in its tokens); a negative share is not physical, so it is then fixed at 0.
-    e_scale, e_fixed, e_tok = _lstsq([ffn_sum, n_calls, routed], expert_real, expert_real)
-    if e_scale < 0:
-        e_scale = 0.0
-        e_fixed, e_tok = _lstsq([n_calls, routed], expert_real, expert_real)
+    # With ``fit_kernel_scale`` the table's share is fitted too: an expert alone with cold rotated weights is
+    # not what the call costs between the other work of an iteration (fitted near 0 on the CPU runtime, where
+    # a call is affine in its tokens); a negative share is not physical, so it is then fixed at 0.
+    e_scale = 1.0
+    if fit_kernel_scale:
+        e_scale, e_fixed, e_tok = _lstsq([ffn_sum, n_calls, routed], expert_real, expert_real)
+    if not fit_kernel_scale or e_scale < 0:
+        e_scale = 0.0 if fit_kernel_scale else 1.0
+        e_fixed, e_tok = _lstsq([n_calls, routed], expert_real - e_scale * ffn_sum, expert_real)
     e_pred = np.array([e_scale * r["ffn_pred"] + float(np.sum(np.maximum(0.0, e_fixed + e_tok * r["call_tokens"])))
                        for r in rows])
     expert = {"fixed_s": _r(e_fixed), "per_token_s": _r(e_tok), "kernel_scale": _r(e_scale),

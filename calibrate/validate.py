@@ -118,7 +118,8 @@ def calibrate_for(spec: Any, out: Path, *, threads: int = 1, budget: Any = None,
         from calibrate.overhead import measure_overheads
         from sim.profile import load_profile
 
-        ops, prov = measure_overheads(spec, load_profile(out), threads=threads, rounds=overhead_rounds)
+        ops, prov = measure_overheads(spec, load_profile(out), threads=threads, rounds=overhead_rounds,
+                                      fit_kernel_scale=True)
         env["load_average_at_end"] = list(load_average())
         write_profile(read_points(points_path), env, out=out, name=out.stem, threads=threads, points_path=points_path,
                       quiet=True, extra_provenance={**note, "overheads": prov}, extra_operations=ops)

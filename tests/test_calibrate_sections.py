@@ -341,6 +341,7 @@ def test_calibrate_measures_overheads_and_says_collectives_were_skipped(small_pl
     calls = []
 
     def fake(spec, profile, **kw):
+        assert not kw.get("fit_kernel_scale", False)  # a general profile keeps the whole expert table
         calls.append((spec.name, profile.has_overheads))
         return FAKE_OVERHEADS, {"method": "fake"}
 

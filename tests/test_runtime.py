@@ -261,6 +261,12 @@ def test_measurement_runtime_runs_one_batch_with_seeded_routing() -> None:
     assert a["duration_s"] >= a["attention_s"] + a["gate_s"] + a["expert_compute_s"]
 
 
+def summary_spec_expert_shape(summary: dict) -> object:
+    from sim.scenario import load_scenario
+
+    return load_scenario(summary["scenario"]).model.expert_shape
+
+
 @pytest.mark.slow
 def test_validation_profile_has_the_overheads_measured_on_the_runtime(quick_validation) -> None:
     from sim.profile import load_profile
@@ -272,6 +278,10 @@ def test_validation_profile_has_the_overheads_measured_on_the_runtime(quick_vali
         assert term is not None and term.fit_error is not None
     assert profile.expert_overhead_s(tokens=0) == 0.0
     assert profile.layer_overhead_s(tokens=8, sequences=4) > 0
+    # The validation profile is for exactly these shapes, so the share of the expert table a call pays is
+    # fitted (a general `moesim calibrate` profile keeps 1.0); a call is never free.
+    assert ops.expert_overhead.kernel_scale >= 0
+    assert profile.routed_expert_s(tokens=1, shape=summary_spec_expert_shape(summary)) > 0
     check = profile.provenance["overheads"]["iteration_check"]
     assert check["num_points"] == len(profile.provenance["overheads"]["grid"])
     # The expert-load link is the one measured on the runtime's copy thread, the isolated copy kept beside it.
