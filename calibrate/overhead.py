@@ -88,6 +88,27 @@ def _lstsq(columns: list[np.ndarray], y: np.ndarray, scale: np.ndarray) -> np.nd
     return coef
 
 
+def fit_expert_calls(ffn_s: np.ndarray, call_tokens: list[np.ndarray], real_s: np.ndarray, *,
+                     fit_kernel_scale: bool) -> tuple[float, float, float, np.ndarray]:
+    """Fit ``real_s[i] ~ scale * ffn_s[i] + sum over batch i's calls of max(0, fixed + per_token * tokens)``.
+
+    ``ffn_s[i]``: the expert_ffn table summed over batch i's calls; ``call_tokens[i]``: each call's tokens.
+    Relative least squares for ``fixed``/``per_token``; ``scale`` is 1 unless ``fit_kernel_scale``, then
+    searched on [0, 1] rather than solved for: the table is itself nearly affine in tokens, so a free share
+    is ill-conditioned (a noisy grid gave 2.2 with negative per-call terms). Returns (scale, fixed,
+    per_token, predicted seconds per batch)."""
+    n_calls = np.array([len(t) for t in call_tokens], dtype=np.float64)
+    routed = np.array([float(np.sum(t)) for t in call_tokens])
+
+    def fit(scale: float) -> tuple[float, float, float, np.ndarray]:
+        fixed, per_tok = _lstsq([n_calls, routed], real_s - scale * ffn_s, real_s)
+        pred = scale * ffn_s + np.array([float(np.sum(np.maximum(0.0, fixed + per_tok * t))) for t in call_tokens])
+        return scale, float(fixed), float(per_tok), pred
+
+    scales = np.linspace(0.0, 1.0, 21) if fit_kernel_scale else np.array([1.0])
+    return min((fit(float(sc)) for sc in scales), key=lambda f: float(np.sum((f[3] / real_s - 1.0) ** 2)))
+
+
 def _r(x: float) -> float:
     return float(f"{x:.4g}")
 
@@ -175,19 +196,11 @@ def measure_overheads(spec: Any, profile: Any, *, seed: int = 0, threads: int = 
     # the number of expert calls and the tokens routed (k per token), i.e. a per-call fixed + per-token cost.
     ffn_sum = np.array([r["ffn_pred"] for r in rows])
     expert_real = np.array([r["expert_real"] for r in rows])
-    n_calls = np.array([r["n_calls"] for r in rows], dtype=np.float64)
-    routed = np.array([r["routed"] for r in rows], dtype=np.float64)
     # With ``fit_kernel_scale`` the table's share is fitted too: an expert alone with cold rotated weights is
-    # not what the call costs between the other work of an iteration (fitted near 0 on the CPU runtime, where
-    # a call is affine in its tokens); a negative share is not physical, so it is then fixed at 0.
-    e_scale = 1.0
-    if fit_kernel_scale:
-        e_scale, e_fixed, e_tok = _lstsq([ffn_sum, n_calls, routed], expert_real, expert_real)
-    if not fit_kernel_scale or e_scale < 0:
-        e_scale = 0.0 if fit_kernel_scale else 1.0
-        e_fixed, e_tok = _lstsq([n_calls, routed], expert_real - e_scale * ffn_sum, expert_real)
-    e_pred = np.array([e_scale * r["ffn_pred"] + float(np.sum(np.maximum(0.0, e_fixed + e_tok * r["call_tokens"])))
-                       for r in rows])
+    # not what the call costs between the other work of an iteration (near 0 on the CPU runtime, where a
+    # call is affine in its tokens).
+    e_scale, e_fixed, e_tok, e_pred = fit_expert_calls(ffn_sum, [r["call_tokens"] for r in rows], expert_real,
+                                                       fit_kernel_scale=fit_kernel_scale)
     expert = {"fixed_s": _r(e_fixed), "per_token_s": _r(e_tok), "kernel_scale": _r(e_scale),
               "fit_error": error_stats(e_pred / expert_real - 1.0,
                                        "expert_ffn + overhead of every call vs the runtime's expert time, per grid "

@@ -341,3 +341,22 @@ def test_interference_check_times_plans_as_the_planner_charges_the_term():
     assert base.misses == over.misses > 0
     assert _duration_with(base, x) == pytest.approx(time_plan(over).duration_s, rel=1e-12)
     assert time_plan(over).compute_busy_s - time_plan(base).compute_busy_s == pytest.approx(base.misses * x)
+
+
+def test_expert_call_fit_recovers_the_table_share_and_stays_in_range():
+    """Calls generated as 0.3 x table + 0.2 ms + 5 us/token are fitted back exactly; a general profile keeps
+    the whole table; the share never leaves [0, 1] even when the table is collinear with the tokens."""
+    from calibrate.overhead import fit_expert_calls
+
+    rng = np.random.default_rng(3)
+    calls = [rng.integers(1, 40, size=int(n)).astype(np.float64) for n in rng.integers(2, 30, size=25)]
+    table = [1e-4 + 2e-5 * t ** 0.8 for t in calls]  # the isolated table's (concave) shape
+    ffn = np.array([float(np.sum(t)) for t in table])
+    real = np.array([0.3 * f + float(np.sum(2e-4 + 5e-6 * t)) for f, t in zip(ffn, calls)])
+    scale, fixed, per_tok, pred = fit_expert_calls(ffn, calls, real, fit_kernel_scale=True)
+    assert (scale, fixed, per_tok) == pytest.approx((0.3, 2e-4, 5e-6), rel=1e-6)
+    assert pred == pytest.approx(real, rel=1e-9)
+    assert fit_expert_calls(ffn, calls, real, fit_kernel_scale=False)[0] == 1.0
+    linear_table = np.array([float(np.sum(1e-4 + 1e-5 * t)) for t in calls])  # collinear with calls and tokens
+    noisy = real * (1.0 + 0.05 * rng.standard_normal(real.size))
+    assert 0.0 <= fit_expert_calls(linear_table, calls, noisy, fit_kernel_scale=True)[0] <= 1.0
