@@ -68,7 +68,7 @@ class Runtime:
     """One replica of the real model serving a request table."""
 
     def __init__(self, loaded: LoadedScenario, *, seed: int = 0, threads: int = 1,
-                 oracle_routing: dict[int, np.ndarray] | None = None) -> None:
+                 oracle_routing: dict[int, np.ndarray] | None = None, routers: str = "auto") -> None:
         policies = loaded.scenario.policies
         prefetch = policies.prefetch
         predictor = getattr(prefetch, "predictor", "oracle")
@@ -84,7 +84,7 @@ class Runtime:
         self.threads = threads
         self.budget = plan_memory(loaded)
         spec = loaded.model
-        self.model = TinyMoE(spec, seed)
+        self.model = TinyMoE(spec, seed, routers)  # model.router_source: which routers route
         d = self.dims = self.model.dims
         cache_spec = policies.expert_cache
         cache = make_cache(
@@ -100,12 +100,12 @@ class Runtime:
         self.expert_calls: list[tuple[int, float]] | None = None  # (tokens, seconds) per expert call, when set
 
     @classmethod
-    def for_measurement(cls, spec: Any, *, seed: int = 0, threads: int = 1) -> "Runtime":
+    def for_measurement(cls, spec: Any, *, seed: int = 0, threads: int = 1, routers: str = "auto") -> "Runtime":
         """A runtime of ``spec`` with every expert resident, for timing single iterations (``run_batch``)."""
         self = cls.__new__(cls)
         self.loaded = None
         self.seed, self.threads = seed, threads
-        self.model = TinyMoE(spec, seed)
+        self.model = TinyMoE(spec, seed, routers)
         d = self.dims = self.model.dims
         cache = make_cache("all_resident", num_layers=d.num_layers, num_experts=d.num_experts,
                            capacity_experts=d.num_layers * d.num_experts, per_layer=False)
