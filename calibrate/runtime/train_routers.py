@@ -82,9 +82,10 @@ class FrozenMoE:
     def _norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * weight
 
-    def losses(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def losses(self, ids: torch.Tensor, routing: list[torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Next-token loss, load-balancing loss (mean over layers) and tokens per expert ``[layers, experts]``
-        of the windows ``ids`` ``[B, L + 1]``."""
+        of the windows ``ids`` ``[B, L + 1]``; each layer's top-k experts ``[B, L, k]`` go to ``routing``."""
         d = self.dims
         inp, target = ids[:, :-1], ids[:, 1:]
         B, L = inp.shape
@@ -102,6 +103,8 @@ class FrozenMoE:
             probs = torch.softmax(h2 @ self.routers[layer], dim=-1)
             top, idx = torch.topk(probs, d.top_k, dim=-1)
             gate = top / top.sum(dim=-1, keepdim=True)
+            if routing is not None:
+                routing.append(idx.view(B, L, d.top_k))
             y = torch.zeros_like(h2)
             base = layer * d.num_experts
             for e in range(d.num_experts):
