@@ -13,7 +13,6 @@ context only, not on batching."""
 from __future__ import annotations
 
 import argparse
-import sysconfig
 from pathlib import Path
 
 import numpy as np
@@ -21,16 +20,8 @@ import torch
 
 from calibrate.overhead import runtime_spec
 from calibrate.runtime.model import TinyMoE
-from calibrate.runtime.train_routers import FrozenMoE, byte_tokens, windows
+from calibrate.runtime.train_routers import FrozenMoE, byte_tokens, held_out_files, windows
 from sim.workload.routing_trace import RoutingTraceMeta, RoutingTraceWriter, TraceSequence
-
-HELD_OUT = ("json", "email", "http", "logging", "html", "urllib")
-
-
-def held_out_text() -> np.ndarray:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    return byte_tokens(sorted(p for pkg in HELD_OUT for p in (root / pkg).glob("*.py")))
-
 
 def trace(model: FrozenMoE, ids: torch.Tensor, path: Path, name: str) -> Path:
     routing: list[torch.Tensor] = []
@@ -53,7 +44,7 @@ def main() -> None:
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     spec = runtime_spec()
-    text = held_out_text()
+    text = byte_tokens(held_out_files())
     inputs = {
         "text": windows(text, np.random.default_rng(7), args.requests, args.tokens),
         "random": torch.from_numpy(np.random.default_rng(7).integers(0, spec.vocab_size, (args.requests, args.tokens + 1))),

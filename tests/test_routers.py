@@ -124,3 +124,46 @@ def test_training_refuses_a_vocab_smaller_than_the_bytes() -> None:
     spec = ModelSpec.model_validate({**TINY, "vocab_size": 128})
     with pytest.raises(CalibrationError, match="vocab 128"):
         train(spec, np.frombuffer(TEXT + "café".encode(), dtype=np.uint8), steps=1, batch=2, seq_len=8)
+
+
+def _tiny_scenario(tmp_path: Path, vocab: int = 256):
+    import yaml
+
+    from sim.scenario import load_scenario
+
+    data = {
+        "name": "test-text-prompts", "model": {"spec": {**TINY, "vocab_size": vocab}},
+        "hardware": {"profile": "cpu-this-machine", "expert_memory": {"all": True}},
+        "workload": {"arrivals": {"kind": "poisson", "rate_per_s": 100.0,
+                                  "prompt_tokens": {"dist": "uniform", "low": 4, "high": 24},
+                                  "output_tokens": {"dist": "uniform", "low": 2, "high": 4}},
+                     "max_requests": 4, "seed": 3},
+        "policies": {"expert_cache": {"name": "all_resident"}},
+    }
+    path = tmp_path / "scenario.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return load_scenario(path)
+
+
+def test_text_prompts_are_seeded_windows_of_the_held_out_text(tmp_path: Path) -> None:
+    from calibrate.runtime.server import Runtime
+    from calibrate.runtime.train_routers import byte_tokens, held_out_files
+    from sim.engine.simulation import build_request_table
+
+    loaded = _tiny_scenario(tmp_path)
+    table = build_request_table(loaded, np.random.default_rng(0))
+    text = byte_tokens(held_out_files()).tobytes()
+    runs = []
+    for _ in range(2):
+        rt = Runtime(loaded, seed=3, prompts="text")
+        rec = rt.serve(table, time_scale=0.0)
+        assert len(rec.requests) == len(table)
+        prompts = [rt._prompt(i, int(table.prompt_tokens[i])) for i in range(len(table))]
+        runs.append((prompts, [rec.routing_of(i) for i in range(len(table))]))
+    for prompt in runs[0][0]:
+        assert bytes(prompt) in text
+    assert runs[0][0] == runs[1][0] and all(np.array_equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+    with pytest.raises(CalibrationError, match="prompts: expected random or text"):
+        Runtime(loaded, seed=3, prompts="words")
+    with pytest.raises(CalibrationError, match="vocab of at least 256"):
+        Runtime(_tiny_scenario(tmp_path, vocab=128), seed=3, prompts="text")

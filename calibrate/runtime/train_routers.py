@@ -53,6 +53,19 @@ def stdlib_files() -> list[Path]:
     return files
 
 
+HELD_OUT_PACKAGES = ("json", "email", "http", "logging", "html", "urllib")
+
+
+def held_out_files() -> list[Path]:
+    """Standard-library sources training never reads (it reads only the top-level files): the ``*.py`` files
+    of a few packages, sorted. Runtime prompts (``prompts="text"``) and the structure benchmark use them."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for pkg in HELD_OUT_PACKAGES for p in (root / pkg).glob("*.py"))
+    if not files:
+        raise CalibrationError(f"{root}: none of the packages {', '.join(HELD_OUT_PACKAGES)} found for text prompts")
+    return files
+
+
 def byte_tokens(files: list[Path]) -> np.ndarray:
     """The files' bytes, concatenated in order with a newline after each, as token ids 0-255."""
     return np.frombuffer(b"".join(p.read_bytes() + b"\n" for p in files), dtype=np.uint8)
