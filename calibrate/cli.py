@@ -86,6 +86,12 @@ def register_validate(sub: Any) -> None:
     v.add_argument("--out", metavar="DIR", help="folder for the tables and report (default reports/validate-NAME)")
     v.add_argument("--max-requests", type=int, metavar="N", help="serve only the first N requests")
     v.add_argument("--no-progress", action="store_true", help="no calibration progress bar")
+    v.add_argument("--routers", choices=("auto", "trained", "seeded"), default="auto",
+                   help="the runtime's routers: trained (shipped, learned on text), seeded (random), or auto "
+                        "(default: trained when the shipped file matches the model and seed, else seeded)")
+    v.add_argument("--prompts", choices=("random", "text"), default="random",
+                   help="the runtime's prompt tokens: random ids (default) or windows of held-out standard-library "
+                        "source text (what the trained routers learned on)")
     v.add_argument("--report", nargs="?", const=True, metavar="HTML",
                    help="also write the HTML report to this file (default: reports/validate-NAME.html)")
     v.set_defaults(func=_cmd_validate)

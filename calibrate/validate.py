@@ -64,6 +64,8 @@ class ValidationResult:
     runtime_iterations: pd.DataFrame
     sim_iterations: pd.DataFrame
     same_batch: pd.DataFrame  # runtime iterations with the planner's prediction of each (``replay_batches``)
+    routers: str = "seeded"  # which routers the runtime's gates used (``TinyMoE.router_source``)
+    prompts: str = "random"  # the runtime's prompt tokens (``Runtime``)
 
     @property
     def passed(self) -> bool:
@@ -183,7 +185,8 @@ def needs_oracle(loaded: Any) -> bool:
     return prefetch.name == "next_layer" and getattr(prefetch, "predictor", "oracle") == "oracle"
 
 
-def record_oracle_routing(loaded: Any, table: Any, folder: Path, *, seed: int) -> dict[int, np.ndarray]:
+def record_oracle_routing(loaded: Any, table: Any, folder: Path, *, seed: int, routers: str = "auto",
+                          prompts: str = "random") -> dict[int, np.ndarray]:
     """The routing an oracle prefetcher knows in advance: a first, untimed pass over the same requests
     (every expert resident, no prefetch, all arriving at once), written as ``oracle-routing.parquet`` in the
     canonical format and read back by request id. The measured run's gates follow it (``Runtime``)."""
@@ -197,7 +200,7 @@ def record_oracle_routing(loaded: Any, table: Any, folder: Path, *, seed: int) -
     data["policies"]["prefetch"] = {"name": "none"}
     data["sweep"] = {"axes": {}}
     first = resolve(parse_scenario(data, loaded.source), loaded.source, loaded.base_dir)
-    runtime = Runtime(first, seed=seed)
+    runtime = Runtime(first, seed=seed, routers=routers, prompts=prompts)
     recorder = runtime.serve(table, time_scale=0.0)
     path = recorder.write_routing_trace(folder / "oracle-routing.parquet", loaded.model.name, loaded.model.num_experts)
     return {s.request_id: s.experts for s in read_routing_trace(path, gates=False).sequences}
@@ -330,8 +333,13 @@ def check_bounds(metrics: dict[str, Any], bounds: Bounds) -> list[str]:
 
 def validate(scenario: str | Path, *, profile: str | Path | None = None, quick: bool = False,
              out: Path | None = None, calibration_budget: Any = None, max_requests: int | None = None,
-             progress: bool = False, log: Any = None) -> ValidationResult:
-    """Calibrate (unless ``profile``), run the runtime, simulate the replay, compare. See the module docstring."""
+             progress: bool = False, log: Any = None, routers: str = "auto", prompts: str = "random"
+             ) -> ValidationResult:
+    """Calibrate (unless ``profile``), run the runtime, simulate the replay, compare. See the module docstring.
+
+    ``routers`` (``calibrate.runtime.routers``): "auto" (default) routes with the shipped trained routers when
+    they match the scenario's model and seed, else the seeded ones; "trained" or "seeded" force one.
+    ``prompts``: "random" (default) token ids or "text" (held-out standard-library source bytes)."""
     from calibrate.runtime.server import Runtime
     from sim.engine.simulation import build_request_table, simulate
     from sim.scenario import load_scenario
@@ -370,13 +378,14 @@ def validate(scenario: str | Path, *, profile: str | Path | None = None, quick: 
     oracle = None
     if needs_oracle(loaded):
         t = time.perf_counter()
-        oracle = record_oracle_routing(loaded, table, folder, seed=seed)
+        oracle = record_oracle_routing(loaded, table, folder, seed=seed, routers=routers, prompts=prompts)
         say(f"recorded the oracle prefetcher's routing in a first pass in {time.perf_counter() - t:.1f} s")
     from calibrate.environment import load_average
 
     t = time.perf_counter()
     load_before = list(load_average())
-    runtime = Runtime(loaded, seed=seed, oracle_routing=oracle)
+    runtime = Runtime(loaded, seed=seed, oracle_routing=oracle, routers=routers, prompts=prompts)
+    say(f"routers: {runtime.model.router_source}; prompts: {prompts}")
     recorder = runtime.serve(table)
     load_after = list(load_average())
     say(f"runtime served {len(table)} requests in {time.perf_counter() - t:.1f} s "
@@ -412,8 +421,10 @@ def validate(scenario: str | Path, *, profile: str | Path | None = None, quick: 
     merged.to_csv(folder / "comparison.csv", index=False)
     vr = ValidationResult(scenario=str(scenario), profile=str(profile_path), metrics=metrics, failures=failures,
                           folder=folder, comparison=merged, runtime_iterations=real_it,
-                          sim_iterations=result.iterations, same_batch=same_batch)
-    summary = {"scenario": str(scenario), "profile": str(profile_path), "quick": quick, "bounds": asdict(bounds),
+                          sim_iterations=result.iterations, same_batch=same_batch, routers=runtime.model.router_source,
+                          prompts=prompts)
+    summary = {"scenario": str(scenario), "profile": str(profile_path), "routers": vr.routers, "prompts": prompts,
+               "quick": quick, "bounds": asdict(bounds),
                "passed": vr.passed, "failures": failures, "metrics": metrics}
     (folder / "summary.json").write_text(json.dumps(summary, indent=1, default=float), encoding="utf-8")
     write_html(vr, bounds, folder / "report.html")
@@ -422,7 +433,8 @@ def validate(scenario: str | Path, *, profile: str | Path | None = None, quick: 
 
 def format_table(vr: ValidationResult, bounds: Bounds) -> str:
     m = vr.metrics
-    lines = [f"validate {vr.scenario} (profile {vr.profile}): {m['num_requests']} requests",
+    lines = [f"validate {vr.scenario} (profile {vr.profile}): {m['num_requests']} requests, routers {vr.routers}, "
+             f"{vr.prompts} prompts",
              f"{'metric':22s} {'median APE':>11s} {'P95 APE':>9s} {'median bias':>12s}"]
     for k in ("e2e", "ttft", "tpot"):
         lines.append(f"{k:22s} {m[k + '_ape_median']:11.1%} {m[k + '_ape_p95']:9.1%} {m[k + '_bias_median']:+12.1%}")
@@ -478,7 +490,8 @@ def write_html(vr: ValidationResult, bounds: Bounds, path: Path) -> None:
 def cmd_validate(args: Any) -> int:
     result = validate(args.scenario, profile=args.profile, quick=args.quick,
                       out=Path(args.out) if args.out else None, max_requests=args.max_requests,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, routers=getattr(args, "routers", "auto"),
+                      prompts=getattr(args, "prompts", "random"))
     print(format_table(result, QUICK_BOUNDS if args.quick else FULL_BOUNDS))
     print(f"wrote {result.folder}/report.html, summary.json and the runtime/simulator tables")
     if getattr(args, "report", None):

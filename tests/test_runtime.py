@@ -202,6 +202,7 @@ def test_quick_validation_runs_and_reports(quick_validation) -> None:
     code, summary, out = quick_validation
     m = summary["metrics"]
     assert summary["quick"] and m["num_requests"] == 16
+    assert summary["routers"] == "trained (tiny-mixtral-routers.npz)"  # the default: the shipped trained routers
     for key in ("e2e_ape_median", "e2e_ape_p95", "ttft_ape_median", "throughput_error",
                 "same_batch_iteration_ape_median"):
         assert np.isfinite(m[key])

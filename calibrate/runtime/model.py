@@ -2,8 +2,9 @@
 
 The architecture comes from a ``ModelSpec`` (GQA attention, SwiGLU routed experts, softmax top-k router,
 RMSNorm, untied LM head); only decoder-only GQA/MHA models with every layer MoE are supported. Weights are
-drawn from a seeded ``torch.Generator`` (routing is then the random router's own top-k; learned routing
-is future work). Rotary embeddings are left out: they do not change what runs or how long it takes
+drawn from a seeded ``torch.Generator``. The routers are either those seeded ones (routing is then the
+random router's own top-k) or trained ones shipped with the package (``routers``, ``train_routers``):
+trained on text against exactly these frozen seeded weights, so they route by token content. Rotary embeddings are left out: they do not change what runs or how long it takes
 beyond a few elementwise ops, and the validation compares timing, not text.
 
 Routed experts are not held here: each expert is one flat bf16 tensor ``[gate | up | down]`` in the
@@ -60,7 +61,11 @@ def dims_of(spec: ModelSpec) -> Dims:
 class TinyMoE:
     """Weights of the model; the serving loop (``server``) calls its per-layer pieces."""
 
-    def __init__(self, spec: ModelSpec, seed: int) -> None:
+    def __init__(self, spec: ModelSpec, seed: int, routers: str = "auto") -> None:
+        """``routers``: "seeded", "trained" (the shipped file for this model; an error if it does not match)
+        or "auto" (trained when a shipped file matches name, shapes and ``seed``; ``router_source`` says which)."""
+        from calibrate.runtime.routers import choose_routers
+
         d = self.dims = dims_of(spec)
         self.spec = spec
         g = torch.Generator().manual_seed(seed)
@@ -87,6 +92,11 @@ class TinyMoE:
         self.host_experts = torch.empty(n, d.expert_numel, dtype=DTYPE)
         for key in range(n):
             self.host_experts[key] = torch.randn(d.expert_numel, generator=g).mul_(1.0 / math.sqrt(d.hidden)).to(DTYPE)
+        # Chosen after every seeded draw, so the other weights are the same whichever routers are used.
+        trained, self.router_source = choose_routers(d, spec.name, seed, routers)
+        if trained is not None:
+            for weights, router in zip(self.layers, trained):
+                weights["router"] = router.contiguous()
 
     # ---------------------------------------------------------------- pieces of one layer
 

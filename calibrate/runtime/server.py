@@ -68,7 +68,11 @@ class Runtime:
     """One replica of the real model serving a request table."""
 
     def __init__(self, loaded: LoadedScenario, *, seed: int = 0, threads: int = 1,
-                 oracle_routing: dict[int, np.ndarray] | None = None) -> None:
+                 oracle_routing: dict[int, np.ndarray] | None = None, routers: str = "auto",
+                 prompts: str = "random") -> None:
+        """``routers``: see ``TinyMoE``. ``prompts``: "random" (seeded token ids over the whole vocab) or "text"
+        (seeded windows of held-out standard-library source bytes, ``train_routers.held_out_files``: text
+        like the trained routers learned on, so their routing shows its structure)."""
         policies = loaded.scenario.policies
         prefetch = policies.prefetch
         predictor = getattr(prefetch, "predictor", "oracle")
@@ -79,12 +83,23 @@ class Runtime:
             raise CalibrationError(f"{loaded.source}: policies.preemption: the runtime supports recompute only")
         if loaded.scenario.hardware.num_gpus != 1:
             raise CalibrationError(f"{loaded.source}: hardware.num_gpus: the runtime serves one replica")
+        if prompts not in ("random", "text"):
+            raise CalibrationError(f"prompts: expected random or text, got {prompts!r}")
         self.loaded = loaded
         self.seed = seed
         self.threads = threads
+        self.prompts = prompts
+        self.prompt_text = None
+        if prompts == "text":
+            from calibrate.runtime.train_routers import byte_tokens, held_out_files
+
+            self.prompt_text = byte_tokens(held_out_files())
+            if loaded.model.vocab_size < 256:
+                raise CalibrationError(f"{loaded.source}: prompts: text needs a vocab of at least 256 byte tokens, "
+                                       f"model {loaded.model.name} has {loaded.model.vocab_size}")
         self.budget = plan_memory(loaded)
         spec = loaded.model
-        self.model = TinyMoE(spec, seed)
+        self.model = TinyMoE(spec, seed, routers)  # model.router_source: which routers route
         d = self.dims = self.model.dims
         cache_spec = policies.expert_cache
         cache = make_cache(
@@ -100,12 +115,12 @@ class Runtime:
         self.expert_calls: list[tuple[int, float]] | None = None  # (tokens, seconds) per expert call, when set
 
     @classmethod
-    def for_measurement(cls, spec: Any, *, seed: int = 0, threads: int = 1) -> "Runtime":
+    def for_measurement(cls, spec: Any, *, seed: int = 0, threads: int = 1, routers: str = "auto") -> "Runtime":
         """A runtime of ``spec`` with every expert resident, for timing single iterations (``run_batch``)."""
         self = cls.__new__(cls)
         self.loaded = None
         self.seed, self.threads = seed, threads
-        self.model = TinyMoE(spec, seed)
+        self.model = TinyMoE(spec, seed, routers)
         d = self.dims = self.model.dims
         cache = make_cache("all_resident", num_layers=d.num_layers, num_experts=d.num_experts,
                            capacity_experts=d.num_layers * d.num_experts, per_layer=False)
@@ -208,8 +223,7 @@ class Runtime:
             while nxt < n_total and arrivals[nxt] <= now:
                 req = RequestState(nxt, float(arrivals[nxt]), int(table.prompt_tokens[nxt]),
                                    int(table.output_tokens[nxt]), None)
-                rng = np.random.default_rng([self.seed, nxt])
-                self.tokens[nxt] = rng.integers(0, self.dims.vocab, req.prompt_tokens).tolist()
+                self.tokens[nxt] = self._prompt(nxt, req.prompt_tokens)
                 self.token_times[nxt] = []
                 replica.submit(req)
                 nxt += 1
@@ -231,6 +245,14 @@ class Runtime:
             replica.advance(batch, now, on_token=lambda req: self.token_times[req.request_id].append(now))
         self.store.close()
         return rec
+
+    def _prompt(self, request_id: int, tokens: int) -> list[int]:
+        """Request ``request_id``'s prompt: seeded random ids, or a seeded window of the text."""
+        rng = np.random.default_rng([self.seed, request_id])
+        if self.prompt_text is None:
+            return rng.integers(0, self.dims.vocab, tokens).tolist()
+        start = int(rng.integers(0, len(self.prompt_text) - tokens))
+        return self.prompt_text[start : start + tokens].astype(np.int64).tolist()
 
     # ---------------------------------------------------------------- one iteration
 
