@@ -147,10 +147,10 @@ def _tiny_scenario(tmp_path: Path, vocab: int = 256):
 
 def test_text_prompts_are_seeded_windows_of_the_held_out_text(tmp_path: Path) -> None:
     from calibrate.runtime.server import Runtime
-    from calibrate.runtime.train_routers import byte_tokens, held_out_files
+    from calibrate.runtime.train_routers import BYTE_TOKENS, byte_tokens, held_out_files
     from sim.engine.simulation import build_request_table
 
-    loaded = _tiny_scenario(tmp_path)
+    loaded = _tiny_scenario(tmp_path, vocab=512)
     table = build_request_table(loaded, np.random.default_rng(0))
     text = byte_tokens(held_out_files()).tobytes()
     runs = []
@@ -162,6 +162,9 @@ def test_text_prompts_are_seeded_windows_of_the_held_out_text(tmp_path: Path) ->
         runs.append((prompts, [rec.routing_of(i) for i in range(len(table))]))
     for prompt in runs[0][0]:
         assert bytes(prompt) in text
+    # generated tokens stay within the byte tokens of the text (the vocab is larger)
+    assert loaded.model.vocab_size > BYTE_TOKENS
+    assert all(0 <= t < BYTE_TOKENS for toks in rt.tokens.values() for t in toks)
     assert runs[0][0] == runs[1][0] and all(np.array_equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
     with pytest.raises(CalibrationError, match="prompts: expected random or text"):
         Runtime(loaded, seed=3, prompts="words")

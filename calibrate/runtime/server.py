@@ -35,6 +35,7 @@ from calibrate.errors import CalibrationError
 from calibrate.runtime.expert_store import ExpertStore
 from calibrate.runtime.model import TinyMoE
 from calibrate.runtime.recorder import RequestRecord, RunRecorder, RuntimeIteration
+from calibrate.runtime.train_routers import BYTE_TOKENS
 from sim.engine.memory import max_request_tokens, plan_memory
 from sim.engine.replica import Replica, RequestState
 from sim.policies.cache import make_cache
@@ -121,6 +122,7 @@ class Runtime:
         self.loaded = None
         self.seed, self.threads = seed, threads
         self.model = TinyMoE(spec, seed, routers)
+        self.prompt_text = None  # run_batch draws its own context tokens
         d = self.dims = self.model.dims
         cache = make_cache("all_resident", num_layers=d.num_layers, num_experts=d.num_experts,
                            capacity_experts=d.num_layers * d.num_experts, per_layer=False)
@@ -370,6 +372,8 @@ class Runtime:
         if emit:
             rows = torch.tensor([s[3] + s[2] - 1 for s in emit], dtype=torch.long)
             logits = m.rms_norm(x[rows], m.final_norm) @ m.lm_head
+            if self.prompt_text is not None:  # text prompts: generate within the byte tokens the routers know
+                logits = logits[:, :BYTE_TOKENS]
             next_ids = torch.argmax(logits, dim=-1).tolist()
             for s, tok in zip(emit, next_ids):
                 self.tokens[s[0].request_id].append(int(tok))

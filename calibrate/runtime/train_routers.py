@@ -66,6 +66,9 @@ def held_out_files() -> list[Path]:
     return files
 
 
+BYTE_TOKENS = 256  # text is tokenised one byte per token: ids 0-255 of the model's vocab
+
+
 def byte_tokens(files: list[Path]) -> np.ndarray:
     """The files' bytes, concatenated in order with a newline after each, as token ids 0-255."""
     return np.frombuffer(b"".join(p.read_bytes() + b"\n" for p in files), dtype=np.uint8)
