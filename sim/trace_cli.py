@@ -144,8 +144,11 @@ def cmd_trace_fit(args: argparse.Namespace) -> int:
         names = [c.strip() for c in args.columns.split(",")]
         if len(names) not in (3, 4):
             raise TraceError(f"--columns {args.columns!r}: expected ARRIVAL,PROMPT,OUTPUT[,TASK]")
-        fields["columns"] = ColumnMap(**dict(zip(("arrival", "prompt_tokens", "output_tokens", "task"), names)))
+        mapping = dict(zip(("arrival", "prompt_tokens", "output_tokens", "task"), names))
+        fields["columns"] = ColumnMap(**mapping, prefix_blocks=args.prefix_column)
         fields["time_unit"] = args.time_unit or "s"
+    elif args.prefix_column:
+        raise TraceError("--prefix-column needs --columns (a csv / jsonl / parquet trace; mooncake reads hash_ids itself)")
     try:
         spec = TraceFile(**fields)
     except ValueError as exc:
@@ -170,6 +173,18 @@ def cmd_trace_fit(args: argparse.Namespace) -> int:
         q = rep[name]
         print(f"{name}: mean {q['mean']:.1f}, p10 {q['p10']:.0f}, p50 {q['p50']:.0f}, p90 {q['p90']:.0f}, p99 {q['p99']:.0f}")
     print(f"prompt/output rank correlation {model.length_rank_correlation:.3f}")
+    if table.prefix_blocks is not None and table.prefix_offsets is not None:
+        from sim.workload.prefix_reuse import prefix_reuse
+
+        lru = [int(x) for x in args.prefix_lru_blocks.split(",")] if args.prefix_lru_blocks else []
+        if any(c < 1 for c in lru):
+            raise TraceError(f"--prefix-lru-blocks {args.prefix_lru_blocks!r}: expected whole numbers of blocks >= 1")
+        reuse = prefix_reuse(table.prefix_blocks, table.prefix_offsets, lru)
+        model.report["prefix_reuse"] = reuse
+        print(f"prefix blocks: {reuse['blocks']:,} in prompts ({reuse['blocks_per_request_mean']:.1f} per request), "
+              f"{reuse['distinct_blocks']:,} distinct; already seen earlier (infinite cache) "
+              f"{reuse['reuse_infinite_cache']:.1%}"
+              + "".join(f", LRU of {c:,} blocks {r:.1%}" for c, r in reuse["reuse_lru"].items()))
     if args.out:
         import yaml
 
@@ -217,6 +232,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--time-unit", choices=["s", "ms", "us", "datetime"], help="unit of the arrival column (default s)")
     p.add_argument("--window-s", type=float, default=60.0, help="window of the rate profile (default 60 s)")
     p.add_argument("--on-bad-row", choices=["error", "skip"], default="error", help="skip and count broken rows")
+    p.add_argument("--prefix-column", metavar="NAME",
+                   help="column with prefix-block ids (with --columns; mooncake traces use hash_ids)")
+    p.add_argument("--prefix-lru-blocks", metavar="N[,N...]",
+                   help="also report prefix reuse through an LRU cache of N blocks (each size given)")
     p.set_defaults(func=cmd_trace_fit)
 
     def usage(_args: argparse.Namespace) -> int:
