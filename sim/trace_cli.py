@@ -158,13 +158,15 @@ def cmd_trace_fit(args: argparse.Namespace) -> int:
     rep = model.report
     print(f"{args.trace}: {model.num_requests:,} requests over {model.duration_s:.0f} s, {model.rate_per_s:.3f} req/s"
           + (f", {table.skipped_rows} broken rows skipped" if table.skipped_rows else ""))
-    for title, key, chosen in (("inter-arrival (whole trace)", "inter_arrival_families", model.stationary),
-                               (f"inter-arrival (under the {args.window_s:g}-s rate profile)",
-                                "inter_arrival_families_under_rate_profile", model.profiled)):
+    for title, key, chosen, name in (
+        ("inter-arrival (whole trace)", "inter_arrival_families", model.stationary, model.stationary_family),
+        (f"inter-arrival (under the {args.window_s:g}-s rate profile)", "inter_arrival_families_under_rate_profile",
+         model.profiled, model.profiled.family),
+    ):
         zeros = f"{chosen.zero_fraction:.1%} of gaps are 0, the others: " if chosen.zero_fraction else ""
-        print(f"{title}: {zeros}mean {chosen.mean_s:.4g} s, CV {chosen.cv:.3f}; chosen {chosen.family}")
+        print(f"{title}: {zeros}mean {chosen.mean_s:.4g} s, CV {chosen.cv:.3f}; chosen {name}")
         for family, r in rep[key].items():
-            mark = "*" if family == chosen.family else " "
+            mark = "*" if family == name else " "
             params = ", ".join(f"{k} {v:.4g}" for k, v in r["params"].items())
             print(f"  {mark} {family:11s} KS D {r['ks_d']:.4f}  log-lik {r['log_likelihood']:>10.1f}  ({params})")
     b = rep["burstiness"]
@@ -195,6 +197,16 @@ def cmd_trace_fit(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise TraceError(f"{out}: cannot write ({exc.strerror})") from None
         print(f"wrote {out}; use it as workload.arrivals: {{kind: fitted, path: {out}}}")
+    if args.mmpp_out:
+        import yaml
+
+        out = Path(args.mmpp_out)
+        try:
+            out.write_text(yaml.safe_dump(model.mmpp_arrivals_spec(), sort_keys=False, default_flow_style=None, width=120),
+                           encoding="utf-8")
+        except OSError as exc:
+            raise TraceError(f"{out}: cannot write ({exc.strerror})") from None
+        print(f"wrote {out}: the fitted MMPP-2 as a `kind: mmpp` workload.arrivals mapping")
     return 0
 
 
@@ -232,6 +244,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--time-unit", choices=["s", "ms", "us", "datetime"], help="unit of the arrival column (default s)")
     p.add_argument("--window-s", type=float, default=60.0, help="window of the rate profile (default 60 s)")
     p.add_argument("--on-bad-row", choices=["error", "skip"], default="error", help="skip and count broken rows")
+    p.add_argument("--mmpp-out", metavar="YAML", help="write the fitted MMPP-2 as a kind: mmpp arrivals mapping")
     p.add_argument("--prefix-column", metavar="NAME",
                    help="column with prefix-block ids (with --columns; mooncake traces use hash_ids)")
     p.add_argument("--prefix-lru-blocks", metavar="N[,N...]",
