@@ -333,21 +333,23 @@ class FittedArrivalModel:
         }
 
     def mmpp_arrivals_spec(self) -> dict:
-        """A ``kind: mmpp`` workload.arrivals mapping: the fitted states, with lognormal lengths matched to the
-        trace's mean and sigma of ln(tokens) (clipped at its longest request)."""
+        """A ``kind: mmpp`` workload.arrivals mapping: the fitted states, with lognormal lengths of the trace's mean
+        tokens and standard deviation of ln(tokens) (from the stored quantiles), clipped at its longest request."""
         if self.mmpp is None:
             raise TraceError(f"{self.source}: no MMPP was fitted")
 
-        def lengths(log_q: np.ndarray) -> dict:
+        def lengths(log_q: np.ndarray, name: str) -> dict:
             levels = np.diff(QUANTILES)
             mids = (log_q[1:] + log_q[:-1]) / 2
             mu = float((levels * mids).sum())
             sigma = float(np.sqrt(max((levels * (mids - mu) ** 2).sum(), 1e-6)))
-            return {"dist": "lognormal", "mean": round(math.exp(mu + sigma**2 / 2), 3), "sigma": round(sigma, 5),
+            mean = self.report.get(name, {}).get("mean") or math.exp(mu + sigma**2 / 2)
+            return {"dist": "lognormal", "mean": round(float(mean), 3), "sigma": round(sigma, 5),
                     "max_tokens": int(round(math.exp(log_q[-1])))}
 
         return {"kind": "mmpp", "states": self.mmpp.states(),
-                "prompt_tokens": lengths(self.prompt_log_quantiles), "output_tokens": lengths(self.output_log_quantiles)}
+                "prompt_tokens": lengths(self.prompt_log_quantiles, "prompt_tokens"),
+                "output_tokens": lengths(self.output_log_quantiles, "output_tokens")}
 
     @staticmethod
     def from_dict(data: dict, where: str) -> FittedArrivalModel:
