@@ -245,7 +245,7 @@ def test_family_defaults_reproduce_moe_lrc_curves_within_5_points(family):
     got = generated_hit_rates(
         d["E"], d["k"], par["zipf_exponent"], par["persistence"], [m * d["k"] for m in ms], num_requests=32, seed=7,
         locality=par["locality"], hot_experts=hot, coupling=par["layer_coupling"], policies=("LRU", "LFU", "static"),
-        zipf_offset=par.get("zipf_offset", 0.0),
+        zipf_offset=par.get("zipf_offset", 0.0), hot_skew=par.get("hot_skew", 0.0),
     )
     for policy in ("LRU", "LFU", "static"):
         for m, g in zip(ms, got[policy]["overall"]):

@@ -8,7 +8,9 @@ For each token and MoE layer the generator fills the token's ``top_k`` slots in 
   2. otherwise, for l > 0, follows the layer above with probability ``coupling[l-1]``: the expert is
      ``affinity[l-1][e]`` where e is the slot-j expert just chosen in layer l-1 (layer-to-layer transitions);
   3. otherwise comes from the request's working set (``hot_experts`` experts per layer, drawn once per request
-     from the popularity) with probability ``locality``, else from the layer's popularity;
+     from the popularity) with probability ``locality``, else from the layer's popularity; within the working set
+     the j-th expert drawn (j = 0, 1, ...) is picked with weight (j + 1)^-``hot_skew`` (0: equally likely), so a
+     request can lean on a few experts of its own (what a cache of exactly top_k slots under LFU sees);
   4. an expert already in an earlier slot is redrawn (3 rounds of rejection, then an exact draw without them).
 
 Popularity, and so the working sets, belong to the request's *task*: each task has its own per-layer popularity
@@ -80,7 +82,7 @@ class MarkovGeneratedRouting(GeneratedRouting):
 
     def __init__(
         self, weights: np.ndarray, top_k: int, persistence: np.ndarray, rng: np.random.Generator, *,
-        locality: float = 0.0, hot_experts: int | None = None,
+        locality: float = 0.0, hot_experts: int | None = None, hot_skew: float = 0.0,
         coupling: float | np.ndarray = 0.0, affinity: np.ndarray | None = None,
         task_weights: Mapping[str, np.ndarray] | None = None, task_mix: Mapping[str, float] | None = None,
     ) -> None:
@@ -89,6 +91,12 @@ class MarkovGeneratedRouting(GeneratedRouting):
         self.persistence = np.broadcast_to(np.asarray(persistence, dtype=np.float64), (L,)).copy()
         self.locality = float(locality)
         self.hot_experts = min(E, hot_experts or 2 * top_k)
+        if hot_skew < 0:
+            raise ValueError(f"hot_skew must be >= 0, got {hot_skew}")
+        self.hot_skew = float(hot_skew)
+        hot_w = (np.arange(self.hot_experts) + 1.0) ** -self.hot_skew
+        self._hot_w = hot_w / hot_w.sum()  # weight of the j-th working-set member, in draw order
+        self._hot_cum = np.cumsum(self._hot_w)
         base = np.exp(self._log_p)
         base /= base.sum(axis=1, keepdims=True)
         # Tasks: index 0 is the base popularity, then one per named task.
@@ -150,7 +158,11 @@ class MarkovGeneratedRouting(GeneratedRouting):
         if self.locality <= 0:
             return None
         keys = self._log_pt[tasks] + rng.gumbel(size=(len(tasks), self.num_layers, self.num_experts))
-        return np.argpartition(-keys, self.hot_experts - 1, axis=2)[:, :, : self.hot_experts]
+        hot = np.argpartition(-keys, self.hot_experts - 1, axis=2)[:, :, : self.hot_experts]
+        if self.hot_skew > 0:  # draw order (largest key first), which the skew weights refer to
+            order = np.argsort(-np.take_along_axis(keys, hot, axis=2), axis=2, kind="stable")
+            hot = np.take_along_axis(hot, order, axis=2)
+        return hot
 
     def _propose(self, rng: np.random.Generator, rows: np.ndarray, table_row: np.ndarray, hot_flat: np.ndarray | None) -> np.ndarray:
         """One expert per flat row (request * L + layer): the working set w.p. locality, else the popularity."""
@@ -160,7 +172,10 @@ class MarkovGeneratedRouting(GeneratedRouting):
         e = np.where(rng.random(len(rows)) < self._alias_prob[tr, col], col, self._alias[tr, col])
         if hot_flat is not None:
             use_hot = rng.random(len(rows)) < self.locality
-            pick = rng.integers(0, hot_flat.shape[1], size=len(rows))
+            if self.hot_skew > 0:
+                pick = np.minimum(np.searchsorted(self._hot_cum, rng.random(len(rows)), side="right"), hot_flat.shape[1] - 1)
+            else:
+                pick = rng.integers(0, hot_flat.shape[1], size=len(rows))
             e = np.where(use_hot, hot_flat[rows, pick], e)
         return e
 
@@ -215,7 +230,9 @@ class MarkovGeneratedRouting(GeneratedRouting):
                 if hot_flat is not None:  # keep the locality: an unchosen working-set expert, if any is left
                     h = hot_flat[todo]
                     free = ~(h[:, :, None] == chosen[:, None, :]).any(axis=2)
-                    keys = np.where(free, rng.random(h.shape), -1.0)
+                    u = rng.random(h.shape)
+                    # Efraimidis-Spirakis: the largest u^(1/w) is a free member drawn with probability ~ its weight.
+                    keys = np.where(free, u if self.hot_skew == 0 else u ** (1.0 / self._hot_w[None, :]), -1.0)
                     col = keys.argmax(axis=1)
                     use_hot = (rng.random(len(todo)) < self.locality) & free.any(axis=1)
                     e = np.where(use_hot, h[np.arange(len(todo)), col], e)
