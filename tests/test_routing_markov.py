@@ -242,3 +242,32 @@ def test_working_set_skew_raises_lfu_at_top_k_slots_and_is_a_scenario_key() -> N
                          rng=np.random.default_rng(0), base_dir=Path(".")).hot_skew == family_defaults("grin")["hot_skew"]
     with pytest.raises(ValueError, match="hot_skew"):
         MarkovGeneratedRouting(np.ones((1, 8)), 2, np.zeros(1), np.random.default_rng(0), hot_skew=-1.0)
+
+
+def test_refractory_redraw_by_hand_in_sequences_and_in_the_engine_path() -> None:
+    """Uniform top-1 over 8 experts, no persistence: the next token repeats the last one's expert w.p. 1/8. With
+    refractory 1 over 1 token a repeat needs the proposal and its one redraw to hit it: 1/8 x 1/8 = 1/64. Over 2
+    tokens any proposal among the 2 recent experts is redrawn, so P(= the last) = P(= the one before) = 2/8 x 1/8
+    = 1/32 (a little less when the two recent experts are the same)."""
+    def repeat_rates(refractory: float, window: int, engine: bool) -> tuple[float, float]:
+        gen = MarkovGeneratedRouting(np.ones((1, 8)), 1, np.zeros(1), np.random.default_rng(4),
+                                     refractory=refractory, refractory_tokens=window)
+        if engine:  # token by token through counts(), as the simulator calls it, for 20 requests at once
+            picks = []
+            for pos in range(400):
+                gen.counts([(rid, pos, 1) for rid in range(20)])
+                picks.append([gen._state[rid][1][0, 0] for rid in range(20)])
+            seq = np.array(picks).T
+        else:
+            seq = np.stack([s[:, 0, 0] for s in gen.sequences(20, 400)])
+        return float((seq[:, 1:] == seq[:, :-1]).mean()), float((seq[:, 2:] == seq[:, :-2]).mean())
+
+    for engine in (False, True):
+        lag1, lag2 = repeat_rates(0.0, 0, engine)
+        assert lag1 == pytest.approx(1 / 8, abs=0.015) and lag2 == pytest.approx(1 / 8, abs=0.015)
+        lag1, lag2 = repeat_rates(1.0, 1, engine)
+        assert lag1 == pytest.approx(1 / 64, abs=0.008) and lag2 > 0.12  # only the last token rests
+        lag1, lag2 = repeat_rates(1.0, 2, engine)
+        assert lag1 == pytest.approx(1 / 32, abs=0.008) and lag2 == pytest.approx(1 / 32, abs=0.008)
+    with pytest.raises(ValueError, match="refractory"):
+        MarkovGeneratedRouting(np.ones((1, 8)), 1, np.zeros(1), np.random.default_rng(0), refractory=1.5, refractory_tokens=1)

@@ -90,6 +90,11 @@ class MarkovRouting(_Spec):
         None, ge=0, le=5, description="The j-th expert of a request's working set is picked with weight "
         "(j + 1)^-skew; 0: all equally likely."
     )
+    refractory: float | None = Field(
+        None, ge=0, le=1, description="P(a new expert the request used in its last refractory_tokens tokens is redrawn "
+        "once); 0: off."
+    )
+    refractory_tokens: int | None = Field(None, ge=0, le=64, description="How many past tokens refractory looks at.")
     layer_coupling: float | None = Field(
         None, ge=0, le=1, description="P(a new expert follows the expert its slot chose in the layer above)."
     )
@@ -229,11 +234,12 @@ def __getattr__(name: str):
 
 
 # Defaults per model family. zipf_exponent (and zipf_offset, where plain Zipf cannot follow the static curve),
-# persistence, locality and the working-set size (hot_experts_per_top_k x top_k) were fitted to moe-lrc's real
-# per-layer LRU / LFU / static hit-rate curves at 1-4 x top_k slots (MIT, Liang et al. 2025) by
-# benchmarks/fit_family_defaults.py: popularity to the static curve, then for each locality and working-set
-# size persistence to the mean LRU error, keeping the smallest worst LRU/LFU error. tests/test_routing_stats.py
-# checks every model within 0.05 (a few stated misses at 1 x top_k). Those curves are per layer, so they say
+# persistence, locality, the working-set size (hot_experts_per_top_k x top_k), its skew (hot_skew) and, where
+# needed, the refractory redraw were fitted to moe-lrc's real per-layer LRU / LFU / static hit-rate curves at
+# 1-4 x top_k slots (MIT, Liang et al. 2025) by benchmarks/fit_family_defaults.py: popularity to the static
+# curve, then for each locality, working-set size and skew persistence to the mean LRU error, keeping the
+# smallest worst LRU/LFU error over two samples. tests/test_routing_stats.py checks every point of every model
+# within 0.05 (on another seed). Those curves are per layer, so they say
 # nothing about layer-to-layer transitions or tasks: layer_coupling and task_specificity come from the only
 # per-token trace in ../shared (Mixtral-8x7B, GSM8K + HumanEval, fitted by fit_routing) and are the same for
 # every family. Keys are moe-lrc's model keys; catalog names map to them by prefix (FAMILY_OF_MODEL), and
@@ -245,7 +251,8 @@ FAMILY_DEFAULTS: dict[str, dict[str, float]] = {
     "grin": {"zipf_exponent": 0.8, "persistence": 0.25, "locality": 0.3, "hot_experts_per_top_k": 2, "hot_skew": 4.0},
     "jamba": {"zipf_exponent": 0.35, "persistence": 0.173, "locality": 0.15, "hot_experts_per_top_k": 1.5},
     "jetmoe": {"zipf_exponent": 0.15, "persistence": 0.059, "locality": 0.15, "hot_experts_per_top_k": 3, "hot_skew": 3.0},
-    "llamamoe": {"zipf_exponent": 0.1, "persistence": 0.0, "locality": 0.15, "hot_experts_per_top_k": 3},
+    "llamamoe": {"zipf_exponent": 0.1, "persistence": 0.059, "locality": 0.15, "hot_experts_per_top_k": 2, "hot_skew": 2.0,
+                 "refractory": 0.5, "refractory_tokens": 4},
     "minicpm": {"zipf_exponent": 0.2, "persistence": 0.109, "locality": 0.3, "hot_experts_per_top_k": 1.5},
     "mixtral": {"zipf_exponent": 0.2, "persistence": 0.107, "locality": 0.3, "hot_experts_per_top_k": 1.5},
     "nllb-decoder": {"zipf_exponent": 0.75, "persistence": 0.097, "locality": 0.3, "hot_experts_per_top_k": 3, "hot_skew": 1.0},
@@ -633,7 +640,8 @@ def _build_routing(
                     max(top_k + 1, int(round(defaults["hot_experts_per_top_k"] * top_k)))
                     if "hot_experts_per_top_k" in defaults else None),
                 coupling=pick("layer_coupling", spec.layer_coupling), task_weights=tasks, task_mix=spec.tasks,
-                hot_skew=pick("hot_skew", spec.working_set_skew),
+                hot_skew=pick("hot_skew", spec.working_set_skew), refractory=pick("refractory", spec.refractory),
+                refractory_tokens=int(pick("refractory_tokens", spec.refractory_tokens)),
             )
         except ValueError as exc:
             raise TraceError(f"workload.routing: {exc}") from None
