@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+_SLICE = 1 << 20
+
 
 def reuse_infinite(blocks: np.ndarray) -> float:
     """Share of block references whose id appeared earlier (NaN without any block)."""
@@ -33,14 +35,15 @@ def reuse_lru(blocks: np.ndarray, capacity_blocks: int) -> float:
         return float("nan")
     cache: OrderedDict[int, None] = OrderedDict()
     hits = 0
-    for block in blocks.tolist():
-        if block in cache:
-            hits += 1
-            cache.move_to_end(block)
-        else:
-            cache[block] = None
-            if len(cache) > capacity_blocks:
-                cache.popitem(last=False)
+    for start in range(0, len(blocks), _SLICE):  # Python ints for one slice at a time, not the whole trace
+        for block in blocks[start : start + _SLICE].tolist():
+            if block in cache:
+                hits += 1
+                cache.move_to_end(block)
+            else:
+                cache[block] = None
+                if len(cache) > capacity_blocks:
+                    cache.popitem(last=False)
     return hits / len(blocks)
 
 
