@@ -29,7 +29,8 @@ def main() -> None:
         g = generated_hit_rates(
             d["E"], d["k"], par["zipf_exponent"], par["persistence"], [m * d["k"] for m in ms], num_requests=32, seed=7,
             locality=par["locality"], hot_experts=hot, policies=("LRU", "LFU", "static"), coupling=par["layer_coupling"],
-            zipf_offset=par.get("zipf_offset", 0.0),
+            zipf_offset=par.get("zipf_offset", 0.0), hot_skew=par.get("hot_skew", 0.0),
+            refractory=par.get("refractory", 0.0), refractory_tokens=int(par.get("refractory_tokens", 0)),
         )
         errs = {p: [round(g[p]["overall"][i] - d[p][float(m)], 3) for i, m in enumerate(ms)] for p in ("LRU", "LFU", "static")}
         worst = max(abs(e) for v in errs.values() for e in v)

@@ -144,8 +144,11 @@ def cmd_trace_fit(args: argparse.Namespace) -> int:
         names = [c.strip() for c in args.columns.split(",")]
         if len(names) not in (3, 4):
             raise TraceError(f"--columns {args.columns!r}: expected ARRIVAL,PROMPT,OUTPUT[,TASK]")
-        fields["columns"] = ColumnMap(**dict(zip(("arrival", "prompt_tokens", "output_tokens", "task"), names)))
+        mapping = dict(zip(("arrival", "prompt_tokens", "output_tokens", "task"), names))
+        fields["columns"] = ColumnMap(**mapping, prefix_blocks=args.prefix_column)
         fields["time_unit"] = args.time_unit or "s"
+    elif args.prefix_column:
+        raise TraceError("--prefix-column needs --columns (a csv / jsonl / parquet trace; mooncake reads hash_ids itself)")
     try:
         spec = TraceFile(**fields)
     except ValueError as exc:
@@ -155,13 +158,15 @@ def cmd_trace_fit(args: argparse.Namespace) -> int:
     rep = model.report
     print(f"{args.trace}: {model.num_requests:,} requests over {model.duration_s:.0f} s, {model.rate_per_s:.3f} req/s"
           + (f", {table.skipped_rows} broken rows skipped" if table.skipped_rows else ""))
-    for title, key, chosen in (("inter-arrival (whole trace)", "inter_arrival_families", model.stationary),
-                               (f"inter-arrival (under the {args.window_s:g}-s rate profile)",
-                                "inter_arrival_families_under_rate_profile", model.profiled)):
+    for title, key, chosen, name in (
+        ("inter-arrival (whole trace)", "inter_arrival_families", model.stationary, model.stationary_family),
+        (f"inter-arrival (under the {args.window_s:g}-s rate profile)", "inter_arrival_families_under_rate_profile",
+         model.profiled, model.profiled.family),
+    ):
         zeros = f"{chosen.zero_fraction:.1%} of gaps are 0, the others: " if chosen.zero_fraction else ""
-        print(f"{title}: {zeros}mean {chosen.mean_s:.4g} s, CV {chosen.cv:.3f}; chosen {chosen.family}")
+        print(f"{title}: {zeros}mean {chosen.mean_s:.4g} s, CV {chosen.cv:.3f}; chosen {name}")
         for family, r in rep[key].items():
-            mark = "*" if family == chosen.family else " "
+            mark = "*" if family == name else " "
             params = ", ".join(f"{k} {v:.4g}" for k, v in r["params"].items())
             print(f"  {mark} {family:11s} KS D {r['ks_d']:.4f}  log-lik {r['log_likelihood']:>10.1f}  ({params})")
     b = rep["burstiness"]
@@ -170,6 +175,18 @@ def cmd_trace_fit(args: argparse.Namespace) -> int:
         q = rep[name]
         print(f"{name}: mean {q['mean']:.1f}, p10 {q['p10']:.0f}, p50 {q['p50']:.0f}, p90 {q['p90']:.0f}, p99 {q['p99']:.0f}")
     print(f"prompt/output rank correlation {model.length_rank_correlation:.3f}")
+    if table.prefix_blocks is not None and table.prefix_offsets is not None:
+        from sim.workload.prefix_reuse import prefix_reuse
+
+        lru = [int(x) for x in args.prefix_lru_blocks.split(",")] if args.prefix_lru_blocks else []
+        if any(c < 1 for c in lru):
+            raise TraceError(f"--prefix-lru-blocks {args.prefix_lru_blocks!r}: expected whole numbers of blocks >= 1")
+        reuse = prefix_reuse(table.prefix_blocks, table.prefix_offsets, lru)
+        model.report["prefix_reuse"] = reuse
+        print(f"prefix blocks: {reuse['blocks']:,} in prompts ({reuse['blocks_per_request_mean']:.1f} per request), "
+              f"{reuse['distinct_blocks']:,} distinct; already seen earlier (infinite cache) "
+              f"{reuse['reuse_infinite_cache']:.1%}"
+              + "".join(f", LRU of {c:,} blocks {r:.1%}" for c, r in reuse["reuse_lru"].items()))
     if args.out:
         import yaml
 
@@ -180,6 +197,16 @@ def cmd_trace_fit(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise TraceError(f"{out}: cannot write ({exc.strerror})") from None
         print(f"wrote {out}; use it as workload.arrivals: {{kind: fitted, path: {out}}}")
+    if args.mmpp_out:
+        import yaml
+
+        out = Path(args.mmpp_out)
+        try:
+            out.write_text(yaml.safe_dump(model.mmpp_arrivals_spec(), sort_keys=False, default_flow_style=None, width=120),
+                           encoding="utf-8")
+        except OSError as exc:
+            raise TraceError(f"{out}: cannot write ({exc.strerror})") from None
+        print(f"wrote {out}: the fitted MMPP-2 as a `kind: mmpp` workload.arrivals mapping")
     return 0
 
 
@@ -217,6 +244,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--time-unit", choices=["s", "ms", "us", "datetime"], help="unit of the arrival column (default s)")
     p.add_argument("--window-s", type=float, default=60.0, help="window of the rate profile (default 60 s)")
     p.add_argument("--on-bad-row", choices=["error", "skip"], default="error", help="skip and count broken rows")
+    p.add_argument("--mmpp-out", metavar="YAML", help="write the fitted MMPP-2 as a kind: mmpp arrivals mapping")
+    p.add_argument("--prefix-column", metavar="NAME",
+                   help="column with prefix-block ids (with --columns; mooncake traces use hash_ids)")
+    p.add_argument("--prefix-lru-blocks", metavar="N[,N...]",
+                   help="also report prefix reuse through an LRU cache of N blocks (each size given)")
     p.set_defaults(func=cmd_trace_fit)
 
     def usage(_args: argparse.Namespace) -> int:

@@ -212,3 +212,62 @@ def test_without_coupling_and_tasks_the_fit_loses_that_structure(mixtral, mixtra
     js = np.mean([task_differences(r, tasks, 8)["js_divergence"]["gsm8k|humaneval"] for r in runs])
     assert top1 < layer_transitions(seqs, 8)["overall"]["top1_next_probability"] - 0.025
     assert js < task_differences(seqs, tasks, 8)["js_divergence"]["gsm8k|humaneval"] - 0.01
+
+
+def test_working_set_skew_concentrates_a_request_on_its_first_experts() -> None:
+    """hot_skew s: the j-th working-set expert is picked with weight (j + 1)^-s. With locality 1 and no
+    persistence every expert comes from the working set, so the share of slots going to the first-drawn member
+    can be computed by hand for top-1: 1 / sum_j (j + 1)^-s."""
+    E, hot, tokens = 16, 4, 4000
+    for skew in (0.0, 2.0):
+        gen = MarkovGeneratedRouting(np.ones((1, E)), 1, np.zeros(1), np.random.default_rng(1), locality=1.0,
+                                     hot_experts=hot, hot_skew=skew)
+        seq = gen.sequence(tokens)[:, 0, 0]
+        share_top = np.bincount(seq, minlength=E).max() / tokens
+        expected = 1 / sum((j + 1) ** -skew for j in range(hot))
+        assert share_top == pytest.approx(expected, abs=0.03)
+
+
+def test_working_set_skew_raises_lfu_at_top_k_slots_and_is_a_scenario_key() -> None:
+    from sim.workload.routing_stats import generated_hit_rates
+
+    kw = dict(num_layers=2, num_requests=16, num_tokens=256, policies=("LFU",), locality=0.5, hot_experts=8)
+    flat = generated_hit_rates(64, 4, 0.3, 0.1, [4], **kw)["LFU"]["overall"][0]
+    skewed = generated_hit_rates(64, 4, 0.3, 0.1, [4], hot_skew=2.0, **kw)["LFU"]["overall"][0]
+    assert skewed > flat + 0.05
+    spec = MarkovRouting(kind="markov", zipf_exponent=0.3, locality=0.5, working_set_skew=2.0)
+    gen = build_routing(spec, num_layers=2, num_experts=64, top_k=4, rng=np.random.default_rng(0), base_dir=Path("."))
+    assert gen.hot_skew == 2.0
+    assert build_routing(MarkovRouting(kind="markov", family="grin"), num_layers=2, num_experts=16, top_k=2,
+                         rng=np.random.default_rng(0), base_dir=Path(".")).hot_skew == family_defaults("grin")["hot_skew"]
+    with pytest.raises(ValueError, match="hot_skew"):
+        MarkovGeneratedRouting(np.ones((1, 8)), 2, np.zeros(1), np.random.default_rng(0), hot_skew=-1.0)
+
+
+def test_refractory_redraw_by_hand_in_sequences_and_in_the_engine_path() -> None:
+    """Uniform top-1 over 8 experts, no persistence: the next token repeats the last one's expert w.p. 1/8. With
+    refractory 1 over 1 token a repeat needs the proposal and its one redraw to hit it: 1/8 x 1/8 = 1/64. Over 2
+    tokens any proposal among the 2 recent experts is redrawn, so P(= the last) = P(= the one before) = 2/8 x 1/8
+    = 1/32 (a little less when the two recent experts are the same)."""
+    def repeat_rates(refractory: float, window: int, engine: bool) -> tuple[float, float]:
+        gen = MarkovGeneratedRouting(np.ones((1, 8)), 1, np.zeros(1), np.random.default_rng(4),
+                                     refractory=refractory, refractory_tokens=window)
+        if engine:  # token by token through counts(), as the simulator calls it, for 20 requests at once
+            picks = []
+            for pos in range(400):
+                gen.counts([(rid, pos, 1) for rid in range(20)])
+                picks.append([gen._state[rid][1][0, 0] for rid in range(20)])
+            seq = np.array(picks).T
+        else:
+            seq = np.stack([s[:, 0, 0] for s in gen.sequences(20, 400)])
+        return float((seq[:, 1:] == seq[:, :-1]).mean()), float((seq[:, 2:] == seq[:, :-2]).mean())
+
+    for engine in (False, True):
+        lag1, lag2 = repeat_rates(0.0, 0, engine)
+        assert lag1 == pytest.approx(1 / 8, abs=0.015) and lag2 == pytest.approx(1 / 8, abs=0.015)
+        lag1, lag2 = repeat_rates(1.0, 1, engine)
+        assert lag1 == pytest.approx(1 / 64, abs=0.008) and lag2 > 0.12  # only the last token rests
+        lag1, lag2 = repeat_rates(1.0, 2, engine)
+        assert lag1 == pytest.approx(1 / 32, abs=0.008) and lag2 == pytest.approx(1 / 32, abs=0.008)
+    with pytest.raises(ValueError, match="refractory"):
+        MarkovGeneratedRouting(np.ones((1, 8)), 1, np.zeros(1), np.random.default_rng(0), refractory=1.5, refractory_tokens=1)

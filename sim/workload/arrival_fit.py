@@ -10,6 +10,9 @@ What is fitted, and why this way:
                    by the Kolmogorov-Smirnov distance D to the empirical gaps; the smallest D is used.
                    Fitted twice: to the raw gaps (stationary replay: ``profile: false``) and to the gaps
                    multiplied by their window's relative rate (used with the rate profile, ``profile: true``).
+  MMPP-2           a 2-state Markov-modulated Poisson process fitted by EM (``arrival_mmpp_fit``), ranked with
+                   the four families by KS D on the stationary gaps; when it wins, ``profile: false`` generates
+                   from it (bursts and lulls with memory across gaps, which a renewal process lacks).
   lengths          prompt and output tokens as empirical quantiles of ln(tokens) (QUANTILES points), joined by
                    a Gaussian copula with the trace's Spearman rank correlation (rho_normal = 2 sin(pi rho_s / 6)).
   burstiness       reported, not generated directly: Goh-Barabasi B = (sd - mean) / (sd + mean) of the gaps and
@@ -26,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from sim.errors import TraceError
+from sim.workload.arrival_mmpp_fit import MmppFit, fit_mmpp2
 
 FAMILIES = ("exponential", "gamma", "weibull", "lognormal")
 QUANTILES = np.concatenate([np.linspace(0.0, 0.9, 19), np.linspace(0.91, 0.99, 9), [0.995, 0.999, 1.0]])
@@ -252,6 +256,12 @@ class FittedArrivalModel:
     output_log_quantiles: np.ndarray
     length_rank_correlation: float
     report: dict = field(default_factory=dict)
+    mmpp: MmppFit | None = None
+    stationary_model: str = "renewal"  # "mmpp" when the MMPP-2 has the smallest KS D on the whole trace
+
+    @property
+    def stationary_family(self) -> str:
+        return "mmpp" if self.stationary_model == "mmpp" else self.stationary.family
 
     # -------------------------------------------------------------- generation
 
@@ -264,6 +274,11 @@ class FittedArrivalModel:
 
         dist = self.profiled if profile else self.stationary
         mean_gap_s = dist.overall_mean_s / rate_scale
+        if not profile and self.stationary_model == "mmpp" and self.mmpp is not None:
+            from sim.workload.arrival_bursty import mmpp_arrivals_s
+
+            return mmpp_arrivals_s(self.mmpp.rates_per_s * rate_scale, self.mmpp.mean_dwell_s, None, rng,
+                                   max_requests=max_requests, max_duration_s=max_duration_s)
         if not profile:
             return _renewal_arrivals_s(
                 lambda n: dist.sample(rng, n) / rate_scale, mean_gap_s, max_requests, max_duration_s
@@ -312,8 +327,29 @@ class FittedArrivalModel:
                 "output_log_tokens": [round(float(x), 5) for x in self.output_log_quantiles],
                 "rank_correlation": round(self.length_rank_correlation, 5),
             },
+            **({"mmpp": {"states": self.mmpp.states(), "bin_s": round(self.mmpp.bin_s, 6)},
+                "stationary_model": self.stationary_model} if self.mmpp is not None else {}),
             "fit_report": self.report,
         }
+
+    def mmpp_arrivals_spec(self) -> dict:
+        """A ``kind: mmpp`` workload.arrivals mapping: the fitted states, with lognormal lengths of the trace's mean
+        tokens and standard deviation of ln(tokens) (from the stored quantiles), clipped at its longest request."""
+        if self.mmpp is None:
+            raise TraceError(f"{self.source}: no MMPP was fitted")
+
+        def lengths(log_q: np.ndarray, name: str) -> dict:
+            levels = np.diff(QUANTILES)
+            mids = (log_q[1:] + log_q[:-1]) / 2
+            mu = float((levels * mids).sum())
+            sigma = float(np.sqrt(max((levels * (mids - mu) ** 2).sum(), 1e-6)))
+            mean = self.report.get(name, {}).get("mean") or math.exp(mu + sigma**2 / 2)
+            return {"dist": "lognormal", "mean": round(float(mean), 3), "sigma": round(sigma, 5),
+                    "max_tokens": int(round(math.exp(log_q[-1])))}
+
+        return {"kind": "mmpp", "states": self.mmpp.states(),
+                "prompt_tokens": lengths(self.prompt_log_quantiles, "prompt_tokens"),
+                "output_tokens": lengths(self.output_log_quantiles, "output_tokens")}
 
     @staticmethod
     def from_dict(data: dict, where: str) -> FittedArrivalModel:
@@ -347,6 +383,8 @@ class FittedArrivalModel:
                 prompt_log_quantiles=pq, output_log_quantiles=oq,
                 length_rank_correlation=float(lens.get("rank_correlation", 0.0)),
                 report=data.get("fit_report") or {},
+                mmpp=_mmpp_from(data.get("mmpp")),
+                stationary_model=str(data.get("stationary_model", "renewal")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise TraceError(f"{where}: not a fitted arrival generator written by `moesim trace fit` ({exc})") from None
@@ -364,6 +402,17 @@ class FittedArrivalModel:
         if not isinstance(data, dict):
             raise TraceError(f"{path}: expected a mapping written by `moesim trace fit`")
         return FittedArrivalModel.from_dict(data, str(path))
+
+
+def _mmpp_from(data: dict | None) -> MmppFit | None:
+    if data is None:
+        return None
+    states = data["states"]
+    rates = np.array([float(st["rate_per_s"]) for st in states])
+    dwell = np.array([float(st["mean_dwell_s"]) for st in states])
+    if len(states) != 2 or np.any(rates < 0) or rates.sum() <= 0 or np.any(dwell <= 0):
+        raise ValueError("mmpp.states must be 2 states with rate_per_s >= 0 (not both 0) and mean_dwell_s > 0")
+    return MmppFit(rates, dwell, bin_s=float(data.get("bin_s", 0.0)))
 
 
 def _op_time(wall_s: float, cum: np.ndarray, window_s: float, period_s: float) -> float:
@@ -407,6 +456,14 @@ def fit_arrivals(
         raise TraceError(f"{source}: every request arrives at the same time; nothing to fit")
     gaps = np.diff(t)
     stationary, report = fit_gaps(gaps)
+    mmpp = fit_mmpp2(t)
+    mmpp_d = ks_distance(gaps, mmpp)  # type: ignore[arg-type]
+    report["mmpp"] = {
+        "params": {"rate_busy_per_s": round(float(mmpp.rates_per_s[0]), 6), "dwell_busy_s": round(float(mmpp.mean_dwell_s[0]), 3),
+                   "rate_quiet_per_s": round(float(mmpp.rates_per_s[1]), 6), "dwell_quiet_s": round(float(mmpp.mean_dwell_s[1]), 3)},
+        "ks_d": round(mmpp_d, 5), "log_likelihood": round(mmpp.log_likelihood(gaps), 1),
+    }
+    stationary_model = "mmpp" if mmpp_d < report[stationary.family]["ks_d"] else "renewal"
     num_windows = max(1, int(math.ceil(duration / window_s)))
     counts = np.bincount(np.minimum((t // window_s).astype(np.int64), num_windows - 1), minlength=num_windows)
     # The last window is partly covered: count it at its covered length.
@@ -424,10 +481,12 @@ def fit_arrivals(
         relative_rate=rel, stationary=stationary, profiled=profiled,
         prompt_log_quantiles=np.quantile(logs_p, QUANTILES), output_log_quantiles=np.quantile(logs_o, QUANTILES),
         length_rank_correlation=_spearman(logs_p, logs_o),
+        mmpp=mmpp, stationary_model=stationary_model,
         report={
             "inter_arrival_families": report,
             "inter_arrival_families_under_rate_profile": report_profiled,
-            "chosen_by": "smallest Kolmogorov-Smirnov D; parameters matched to the gaps' mean and CV",
+            "chosen_by": "smallest Kolmogorov-Smirnov D; renewal families matched to the gaps' mean and CV, "
+                         "MMPP-2 by EM on binned counts (its log-likelihood is of the gap sequence)",
             "burstiness": burstiness(t, window_s),
             "prompt_tokens": _length_summary(prompt_tokens),
             "output_tokens": _length_summary(output_tokens),

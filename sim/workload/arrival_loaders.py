@@ -43,7 +43,9 @@ class TraceLayout:
     """Which columns hold a request's fields, and how to turn the arrival column into seconds.
 
     ``time_origin="trace"``: numbers are already offsets from the trace start (Mooncake).
-    ``time_origin="first_row"``: subtract the first good row's time (date-times, epoch stamps)."""
+    ``time_origin="first_row"``: subtract the first good row's time (date-times, epoch stamps).
+    ``prefix_blocks``: the column with the prompt's prefix-block ids (a list in JSON / parquet, ids separated by
+    spaces or semicolons in CSV), or None."""
 
     arrival: str
     prompt_tokens: str
@@ -51,26 +53,31 @@ class TraceLayout:
     task: str | None
     time_unit: TimeUnit
     time_origin: TimeOrigin
+    prefix_blocks: str | None = None
 
     @property
     def columns(self) -> list[str]:
         names = [self.arrival, self.prompt_tokens, self.output_tokens]
-        return names + ([self.task] if self.task is not None else [])
+        names += [self.task] if self.task is not None else []
+        return names + ([self.prefix_blocks] if self.prefix_blocks is not None else [])
 
 
 AZURE_2023 = TraceLayout("TIMESTAMP", "ContextTokens", "GeneratedTokens", None, "datetime", "first_row")
-MOONCAKE = TraceLayout("timestamp", "input_length", "output_length", None, "ms", "trace")
+MOONCAKE = TraceLayout("timestamp", "input_length", "output_length", None, "ms", "trace", "hash_ids")
 
 
 @dataclass(frozen=True, slots=True)
 class ParsedTrace:
-    """The good rows of a trace file, in file order, and how many broken rows were skipped."""
+    """The good rows of a trace file, in file order, and how many broken rows were skipped. Prefix blocks are
+    flat: row i's ids are ``prefix_blocks[prefix_offsets[i]:prefix_offsets[i + 1]]`` (None without the column)."""
 
     arrival_s: np.ndarray
     prompt_tokens: np.ndarray
     output_tokens: np.ndarray
     task: np.ndarray | None
     skipped_rows: int
+    prefix_blocks: np.ndarray | None = None
+    prefix_offsets: np.ndarray | None = None
 
 
 TraceSource = Path | Traversable
@@ -118,10 +125,11 @@ class _RawChunk:
     output: list[Any]
     task: list[Any] | None
     broken: dict[int, str]
+    prefix: list[Any] | None = None
 
 
-def _new_chunk(with_task: bool) -> _RawChunk:
-    return _RawChunk([], [], [], [], [] if with_task else None, {})
+def _new_chunk(with_task: bool, with_prefix: bool = False) -> _RawChunk:
+    return _RawChunk([], [], [], [], [] if with_task else None, {}, [] if with_prefix else None)
 
 
 @contextmanager
@@ -151,9 +159,10 @@ def _csv_chunks(text: IO[str], display: str, layout: TraceLayout) -> Iterator[_R
     num_fields = len(header)
     i_arr, i_pr, i_out = header.index(layout.arrival), header.index(layout.prompt_tokens), header.index(layout.output_tokens)
     i_task = header.index(layout.task) if layout.task is not None else None
+    i_prefix = header.index(layout.prefix_blocks) if layout.prefix_blocks is not None else None
     expected = f"expected {num_fields} fields ({','.join(header)})"
 
-    chunk = _new_chunk(i_task is not None)
+    chunk = _new_chunk(i_task is not None, i_prefix is not None)
     for row in reader:
         if len(row) != num_fields:
             if not row:
@@ -166,15 +175,18 @@ def _csv_chunks(text: IO[str], display: str, layout: TraceLayout) -> Iterator[_R
         chunk.output.append(row[i_out])
         if chunk.task is not None:
             chunk.task.append(row[i_task])
+        if chunk.prefix is not None:
+            chunk.prefix.append(row[i_prefix])
         if len(chunk.locs) >= _CHUNK_ROWS:
             yield chunk
-            chunk = _new_chunk(i_task is not None)
+            chunk = _new_chunk(i_task is not None, i_prefix is not None)
     if chunk.locs:
         yield chunk
 
 
 def _jsonl_chunks(text: IO[str], layout: TraceLayout) -> Iterator[_RawChunk]:
-    chunk = _new_chunk(layout.task is not None)
+    with_prefix = layout.prefix_blocks is not None
+    chunk = _new_chunk(layout.task is not None, with_prefix)
     for line_number, line in enumerate(text, start=1):
         if not line.strip():
             continue
@@ -192,9 +204,11 @@ def _jsonl_chunks(text: IO[str], layout: TraceLayout) -> Iterator[_RawChunk]:
         chunk.output.append(obj.get(layout.output_tokens))
         if chunk.task is not None:
             chunk.task.append(obj.get(layout.task))
+        if chunk.prefix is not None:
+            chunk.prefix.append(obj.get(layout.prefix_blocks))
         if len(chunk.locs) >= _CHUNK_ROWS:
             yield chunk
-            chunk = _new_chunk(layout.task is not None)
+            chunk = _new_chunk(layout.task is not None, with_prefix)
     if chunk.locs:
         yield chunk
 
@@ -215,15 +229,16 @@ def _parquet_chunks(source: TraceSource, display: str, layout: TraceLayout) -> I
                 raise TraceError(f"{display}: no column {', '.join(map(repr, missing))}; found {names}")
             first_row = 1
             for batch in parquet.iter_batches(batch_size=_CHUNK_ROWS, columns=layout.columns):
-                cols = [batch.column(c).to_numpy(zero_copy_only=False) for c in layout.columns]
+                cols = {c: batch.column(c) for c in layout.columns}
                 n = batch.num_rows
                 yield _RawChunk(
                     locs=list(range(first_row, first_row + n)),
-                    arrival=cols[0],
-                    prompt=cols[1],
-                    output=cols[2],
-                    task=cols[3] if layout.task is not None else None,
+                    arrival=cols[layout.arrival].to_numpy(zero_copy_only=False),
+                    prompt=cols[layout.prompt_tokens].to_numpy(zero_copy_only=False),
+                    output=cols[layout.output_tokens].to_numpy(zero_copy_only=False),
+                    task=cols[layout.task].to_numpy(zero_copy_only=False) if layout.task is not None else None,
                     broken={},
+                    prefix=cols[layout.prefix_blocks].to_pylist() if layout.prefix_blocks is not None else None,
                 )
                 first_row += n
         except pa.ArrowException as exc:
@@ -242,6 +257,7 @@ class _ChunkChecker:
         self.latest_s = -np.inf
         self.skipped = 0
         self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]] = []
+        self.prefix_parts: list[tuple[np.ndarray, np.ndarray]] = []  # (flat ids, lengths) of the good rows
 
     def add(self, chunk: _RawChunk) -> None:
         n = len(chunk.locs)
@@ -255,7 +271,11 @@ class _ChunkChecker:
             task_ok = np.array([bool(v) and not v.isspace() for v in task], dtype=bool)
         else:
             task, task_ok = None, np.ones(n, dtype=bool)
-        good = ~broken & time_ok & prompt_ok & output_ok & task_ok
+        if chunk.prefix is not None:
+            prefix_ids, prefix_len, prefix_ok = _prefix_values(chunk.prefix)
+        else:
+            prefix_ids, prefix_len, prefix_ok = None, None, np.ones(n, dtype=bool)
+        good = ~broken & time_ok & prompt_ok & output_ok & task_ok & prefix_ok
 
         if self.origin is None and self.layout.time_origin == "first_row" and good.any():
             self.origin = raw_time[np.argmax(good)]
@@ -270,7 +290,9 @@ class _ChunkChecker:
         if not good.all():
             if self.on_bad_row == "error":
                 i = int(np.argmin(good))
-                why = chunk.broken.get(i) or self._why(chunk, i, time_ok, prompt_ok, output_ok, task_ok, earlier_max_s)
+                why = chunk.broken.get(i) or self._why(
+                    chunk, i, time_ok, prompt_ok, output_ok, task_ok & prefix_ok, earlier_max_s
+                )
                 raise TraceError(f"{self.display}, {self.loc_word} {chunk.locs[i]}: {why}")
             self.skipped += int(n - good.sum())
         if good.any():
@@ -278,6 +300,9 @@ class _ChunkChecker:
         self.parts.append(
             (arrival_s[good], prompt[good].astype(np.int64), output[good].astype(np.int64), None if task is None else task[good])
         )
+        if prefix_ids is not None and prefix_len is not None:
+            row_of_id = np.repeat(np.arange(n), prefix_len)
+            self.prefix_parts.append((prefix_ids[good[row_of_id]], prefix_len[good]))
 
     def _time_values(self, values: list[Any]) -> tuple[np.ndarray, np.ndarray]:
         """Raw times (int64 ns for date-times, float in the file's unit otherwise) and which rows parsed."""
@@ -316,18 +341,29 @@ class _ChunkChecker:
             return f"{layout.prompt_tokens} is {_show(chunk.prompt[i])}; expected a whole number of tokens >= 1"
         if not output_ok[i]:
             return f"{layout.output_tokens} is {_show(chunk.output[i])}; expected a whole number of tokens >= 1"
-        if not task_ok[i]:
-            return f"{layout.task} is {_show(chunk.task[i] if chunk.task is not None else None)}; expected a task label"
+        label = None if chunk.task is None or chunk.task[i] is None else str(chunk.task[i])
+        if chunk.task is not None and not (label and not label.isspace()):
+            return f"{layout.task} is {_show(chunk.task[i])}; expected a task label"
+        if chunk.prefix is not None and not task_ok[i]:
+            return f"{layout.prefix_blocks} is {_show(chunk.prefix[i])}; expected {_PREFIX_EXPECTED}"
         return (
             f"{layout.arrival} {_show(chunk.arrival[i])} is earlier than an earlier row's "
             f"({earlier_max_s[i]:.6f} s into the trace); expected rows in time order"
         )
 
     def result(self) -> ParsedTrace:
+        with_prefix = self.layout.prefix_blocks is not None
+        if with_prefix:
+            ids = [p[0] for p in self.prefix_parts]
+            lengths = np.concatenate([np.zeros(0, dtype=np.int64)] + [p[1] for p in self.prefix_parts])
+            prefix_blocks = np.concatenate([np.zeros(0, dtype=np.int64)] + ids)
+            prefix_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        else:
+            prefix_blocks = prefix_offsets = None
         if not self.parts:
             empty = np.zeros(0, dtype=np.int64)
             task = np.zeros(0, dtype=object) if self.layout.task is not None else None
-            return ParsedTrace(np.zeros(0), empty, empty.copy(), task, self.skipped)
+            return ParsedTrace(np.zeros(0), empty, empty.copy(), task, self.skipped, prefix_blocks, prefix_offsets)
         arrival, prompt, output, task = (list(p) for p in zip(*self.parts))
         return ParsedTrace(
             arrival_s=np.concatenate(arrival),
@@ -335,6 +371,8 @@ class _ChunkChecker:
             output_tokens=np.concatenate(output),
             task=None if self.layout.task is None else np.concatenate(task),
             skipped_rows=self.skipped,
+            prefix_blocks=prefix_blocks,
+            prefix_offsets=prefix_offsets,
         )
 
 
@@ -354,6 +392,42 @@ def _token_values(values: list[Any] | np.ndarray) -> tuple[np.ndarray, np.ndarra
     with np.errstate(invalid="ignore"):
         ok = np.isfinite(number) & (number >= 1) & (number == np.floor(number))
     return np.where(ok, number, 1.0), ok
+
+
+_PREFIX_EXPECTED = ("a list of whole-number block ids (JSON / parquet), or ids separated by spaces or semicolons (CSV)")
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _prefix_values(values: list[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(flat int64 ids of all rows, ids per row, which rows parsed); a broken row contributes no ids.
+
+    A cell is a list of integers (JSON, parquet; a numpy array from parquet too) or a string of integers separated
+    by spaces or semicolons (CSV; empty = no blocks). Booleans, fractions and numbers beyond int64 are broken."""
+    n = len(values)
+    lengths = np.zeros(n, dtype=np.int64)
+    ok = np.ones(n, dtype=bool)
+    flat: list[int] = []
+    for i, cell in enumerate(values):
+        if isinstance(cell, str):
+            try:
+                ids = [int(tok) for tok in cell.replace(";", " ").split()]
+            except ValueError:
+                ok[i] = False
+                continue
+        elif isinstance(cell, (list, tuple, np.ndarray)):
+            ids = cell.tolist() if isinstance(cell, np.ndarray) else list(cell)
+            if not all(type(v) is int for v in ids):
+                ok[i] = False
+                continue
+        else:
+            ok[i] = False
+            continue
+        if ids and (min(ids) < _INT64_MIN or max(ids) > _INT64_MAX):
+            ok[i] = False
+            continue
+        lengths[i] = len(ids)
+        flat.extend(ids)
+    return np.array(flat, dtype=np.int64), lengths, ok
 
 
 def _show(value: Any) -> str:

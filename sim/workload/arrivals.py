@@ -72,7 +72,11 @@ class RequestTable:
     ``arrival_s`` counts seconds from the start of the trace (or of its window): the first request keeps its
     offset, it is not moved to 0. ``task`` is None when nothing labels the requests. ``skipped_rows`` is how
     many broken trace rows ``on_bad_row: skip`` dropped. ``client`` is the id of the client (API customer) that
-    sent each request when the source knows it (ServeGen), else None. Transformations return new tables."""
+    sent each request when the source knows it (ServeGen), else None. Transformations return new tables.
+
+    Prefix blocks (Mooncake ``hash_ids``: ids of the prompt's KV blocks, equal ids = a shared prefix) are ragged,
+    so they are stored flat: request i's ids are ``prefix_blocks[prefix_offsets[i]:prefix_offsets[i + 1]]``
+    (``prefix_offsets`` has len + 1 entries, from 0). Both are None when the source has no prefix blocks."""
 
     arrival_s: np.ndarray
     prompt_tokens: np.ndarray
@@ -80,6 +84,8 @@ class RequestTable:
     task: np.ndarray | None = None
     skipped_rows: int = 0
     client: np.ndarray | None = None
+    prefix_blocks: np.ndarray | None = None
+    prefix_offsets: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         arrival_s = _frozen(self.arrival_s, np.float64)
@@ -98,6 +104,18 @@ class RequestTable:
             raise ValueError("RequestTable token counts must be >= 1")
         if self.skipped_rows < 0:
             raise ValueError("skipped_rows must be >= 0")
+        if (self.prefix_blocks is None) != (self.prefix_offsets is None):
+            raise ValueError("RequestTable needs both prefix_blocks and prefix_offsets, or neither")
+        if self.prefix_blocks is not None:
+            blocks = _frozen(self.prefix_blocks, np.int64)
+            offsets = _frozen(self.prefix_offsets, np.int64)
+            if blocks.ndim != 1 or offsets.shape != (n + 1,) or offsets[0] != 0 or offsets[-1] != len(blocks) or np.any(
+                np.diff(offsets) < 0
+            ):
+                raise ValueError("RequestTable.prefix_offsets must be len + 1 non-decreasing offsets into prefix_blocks, "
+                                 "from 0 to len(prefix_blocks)")
+            object.__setattr__(self, "prefix_blocks", blocks)
+            object.__setattr__(self, "prefix_offsets", offsets)
         object.__setattr__(self, "arrival_s", arrival_s)
         object.__setattr__(self, "prompt_tokens", prompt)
         object.__setattr__(self, "output_tokens", output)
@@ -107,13 +125,19 @@ class RequestTable:
     def __len__(self) -> int:
         return len(self.arrival_s)
 
+    def blocks_of(self, i: int) -> np.ndarray:
+        """Request i's prefix-block ids (empty when the table has none)."""
+        if self.prefix_blocks is None or self.prefix_offsets is None:
+            return np.zeros(0, dtype=np.int64)
+        return self.prefix_blocks[self.prefix_offsets[i] : self.prefix_offsets[i + 1]]
+
     @property
     def duration_s(self) -> float:
         """Time from the trace (or window) start to the last arrival; 0 when empty."""
         return float(self.arrival_s[-1]) if len(self) else 0.0
 
     def to_frame(self) -> pd.DataFrame:
-        """Columns arrival_s, prompt_tokens, output_tokens and, when labelled, task."""
+        """Columns arrival_s, prompt_tokens, output_tokens and, when known, task, client and num_prefix_blocks."""
         columns: dict[str, np.ndarray] = {
             "arrival_s": self.arrival_s,
             "prompt_tokens": self.prompt_tokens,
@@ -123,6 +147,8 @@ class RequestTable:
             columns["task"] = self.task
         if self.client is not None:
             columns["client"] = self.client
+        if self.prefix_offsets is not None:
+            columns["num_prefix_blocks"] = np.diff(self.prefix_offsets)
         return pd.DataFrame(columns)
 
     def summary(self) -> dict[str, float | int]:
@@ -149,9 +175,15 @@ class RequestTable:
         same_client = (self.client is None and other.client is None) or (
             self.client is not None and other.client is not None and np.array_equal(self.client, other.client)
         )
+        same_prefix = (self.prefix_blocks is None and other.prefix_blocks is None) or (
+            self.prefix_blocks is not None and other.prefix_blocks is not None
+            and np.array_equal(self.prefix_blocks, other.prefix_blocks)
+            and np.array_equal(self.prefix_offsets, other.prefix_offsets)  # type: ignore[arg-type]
+        )
         return (
             same_task
             and same_client
+            and same_prefix
             and self.skipped_rows == other.skipped_rows
             and np.array_equal(self.arrival_s, other.arrival_s)
             and np.array_equal(self.prompt_tokens, other.prompt_tokens)
@@ -173,7 +205,8 @@ class RequestTable:
         if not factor > 0:
             raise ValueError(f"rate scale must be > 0, got {factor}")
         return RequestTable(
-            self.arrival_s / factor, self.prompt_tokens, self.output_tokens, self.task, self.skipped_rows, self.client
+            self.arrival_s / factor, self.prompt_tokens, self.output_tokens, self.task, self.skipped_rows, self.client,
+            self.prefix_blocks, self.prefix_offsets,
         )
 
     def sample(self, fraction: float, rng: np.random.Generator) -> RequestTable:
@@ -194,9 +227,13 @@ class RequestTable:
         return self if keep.all() else self._take(keep)
 
     def with_tasks(self, task: np.ndarray | None) -> RequestTable:
-        return RequestTable(self.arrival_s, self.prompt_tokens, self.output_tokens, task, self.skipped_rows, self.client)
+        return RequestTable(self.arrival_s, self.prompt_tokens, self.output_tokens, task, self.skipped_rows, self.client,
+                            self.prefix_blocks, self.prefix_offsets)
 
     def _take(self, rows: np.ndarray, shift_s: float = 0.0) -> RequestTable:
+        blocks, offsets = (None, None) if self.prefix_offsets is None else _take_ragged(
+            self.prefix_blocks, self.prefix_offsets, rows  # type: ignore[arg-type]
+        )
         return RequestTable(
             self.arrival_s[rows] - shift_s,
             self.prompt_tokens[rows],
@@ -204,7 +241,19 @@ class RequestTable:
             None if self.task is None else self.task[rows],
             self.skipped_rows,
             None if self.client is None else self.client[rows],
+            blocks,
+            offsets,
         )
+
+
+def _take_ragged(flat: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The ragged rows ``rows`` (a boolean mask or indices) of (flat values, offsets), without a Python loop."""
+    idx = np.flatnonzero(rows) if rows.dtype == bool else np.asarray(rows, dtype=np.int64)
+    lengths = offsets[idx + 1] - offsets[idx]
+    new_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    # Position p of the output belongs to output row r; it reads flat[offsets[idx[r]] + (p - new_offsets[r])].
+    gather = np.repeat(offsets[idx] - new_offsets[:-1], lengths) + np.arange(new_offsets[-1], dtype=np.int64)
+    return flat[gather], new_offsets
 
 
 def _frozen(values: Any, dtype: Any) -> np.ndarray:
@@ -283,6 +332,12 @@ class ColumnMap(_Spec):
     prompt_tokens: str = Field(min_length=1, description="Column with the prompt (input) length in tokens.")
     output_tokens: str = Field(min_length=1, description="Column with the output (generated) length in tokens.")
     task: str | None = Field(None, min_length=1, description="Optional column with a task label per request.")
+    prefix_blocks: str | None = Field(
+        None, min_length=1,
+        description="Optional column with the prompt's prefix-block ids (KV blocks; equal ids = a shared prefix): "
+        "a JSON list of integers in jsonl / parquet, integers separated by spaces or semicolons in csv (an empty "
+        "csv cell = no blocks).",
+    )
 
 
 _FIXED_LAYOUTS: dict[str, tuple[FileKind, TraceLayout]] = {"azure2023": ("csv", AZURE_2023), "mooncake": ("jsonl", MOONCAKE)}
@@ -299,7 +354,7 @@ class TraceFile(_Spec):
     format: TraceFormat | None = Field(
         None,
         description="azure2023 (TIMESTAMP, ContextTokens, GeneratedTokens), mooncake (JSONL: timestamp in ms, "
-        "input_length, output_length), or csv / jsonl / parquet with `columns` and `time_unit`. "
+        "input_length, output_length, hash_ids as prefix blocks), or csv / jsonl / parquet with `columns` and `time_unit`. "
         "May be left out for a shipped trace.",
     )
     columns: ColumnMap | None = Field(None, description="Column names; required for csv, jsonl and parquet.")
@@ -348,7 +403,8 @@ class TraceFile(_Spec):
         assert self.columns is not None and self.time_unit is not None
         origin: TimeOrigin = self.time_origin or ("first_row" if self.time_unit == "datetime" else "trace")
         c = self.columns
-        return file_format, TraceLayout(c.arrival, c.prompt_tokens, c.output_tokens, c.task, self.time_unit, origin)
+        return file_format, TraceLayout(c.arrival, c.prompt_tokens, c.output_tokens, c.task, self.time_unit, origin,
+                                        c.prefix_blocks)
 
 
 class TraceArrivals(TraceFile):
@@ -546,7 +602,8 @@ def load_trace(spec: TraceFile, *, base_dir: Path) -> RequestTable:
         raise TraceError(f"{name}: no such trace file (a relative path is read from {base_dir}; "
                          f"shipped traces: {', '.join(_SHIPPED)})")
     parsed = read_trace(source, file_kind=file_kind, layout=layout, on_bad_row=spec.on_bad_row, name=name)
-    return RequestTable(parsed.arrival_s, parsed.prompt_tokens, parsed.output_tokens, parsed.task, parsed.skipped_rows)
+    return RequestTable(parsed.arrival_s, parsed.prompt_tokens, parsed.output_tokens, parsed.task, parsed.skipped_rows,
+                        prefix_blocks=parsed.prefix_blocks, prefix_offsets=parsed.prefix_offsets)
 
 
 def _resolve(path: str, base_dir: Path) -> Path:

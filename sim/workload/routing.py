@@ -86,6 +86,15 @@ class MarkovRouting(_Spec):
         None, ge=0, le=1, description="P(a new expert comes from the request's own working set rather than the popularity)."
     )
     hot_experts: int | None = Field(None, gt=0, description="Working-set size per layer; default 2 x top_k.")
+    working_set_skew: float | None = Field(
+        None, ge=0, le=5, description="The j-th expert of a request's working set is picked with weight "
+        "(j + 1)^-skew; 0: all equally likely."
+    )
+    refractory: float | None = Field(
+        None, ge=0, le=1, description="P(a new expert the request used in its last refractory_tokens tokens is redrawn "
+        "once); 0: off."
+    )
+    refractory_tokens: int | None = Field(None, ge=0, le=64, description="How many past tokens refractory looks at.")
     layer_coupling: float | None = Field(
         None, ge=0, le=1, description="P(a new expert follows the expert its slot chose in the layer above)."
     )
@@ -225,11 +234,12 @@ def __getattr__(name: str):
 
 
 # Defaults per model family. zipf_exponent (and zipf_offset, where plain Zipf cannot follow the static curve),
-# persistence, locality and the working-set size (hot_experts_per_top_k x top_k) were fitted to moe-lrc's real
-# per-layer LRU / LFU / static hit-rate curves at 1-4 x top_k slots (MIT, Liang et al. 2025) by
-# benchmarks/fit_family_defaults.py: popularity to the static curve, then for each locality and working-set
-# size persistence to the mean LRU error, keeping the smallest worst LRU/LFU error. tests/test_routing_stats.py
-# checks every model within 0.05 (a few stated misses at 1 x top_k). Those curves are per layer, so they say
+# persistence, locality, the working-set size (hot_experts_per_top_k x top_k), its skew (hot_skew) and, where
+# needed, the refractory redraw were fitted to moe-lrc's real per-layer LRU / LFU / static hit-rate curves at
+# 1-4 x top_k slots (MIT, Liang et al. 2025) by benchmarks/fit_family_defaults.py: popularity to the static
+# curve, then for each locality, working-set size and skew persistence to the mean LRU error, keeping the
+# smallest worst LRU/LFU error over two samples. tests/test_routing_stats.py checks every point of every model
+# within 0.05 (on another seed). Those curves are per layer, so they say
 # nothing about layer-to-layer transitions or tasks: layer_coupling and task_specificity come from the only
 # per-token trace in ../shared (Mixtral-8x7B, GSM8K + HumanEval, fitted by fit_routing) and are the same for
 # every family. Keys are moe-lrc's model keys; catalog names map to them by prefix (FAMILY_OF_MODEL), and
@@ -237,22 +247,23 @@ def __getattr__(name: str):
 MIXTRAL_COUPLING = 0.2
 MIXTRAL_TASK_SPECIFICITY = 0.33
 FAMILY_DEFAULTS: dict[str, dict[str, float]] = {
-    "deepseek": {"zipf_exponent": 0.3, "persistence": 0.18, "locality": 0.3, "hot_experts_per_top_k": 1.5},
-    "grin": {"zipf_exponent": 0.8, "persistence": 0.211, "locality": 0.45, "hot_experts_per_top_k": 1.5},
-    "jamba": {"zipf_exponent": 0.35, "persistence": 0.173, "locality": 0.15, "hot_experts_per_top_k": 1.5},
-    "jetmoe": {"zipf_exponent": 0.15, "persistence": 0.056, "locality": 0.3, "hot_experts_per_top_k": 2},
-    "llamamoe": {"zipf_exponent": 0.1, "persistence": 0.0, "locality": 0.15, "hot_experts_per_top_k": 3},
-    "minicpm": {"zipf_exponent": 0.2, "persistence": 0.109, "locality": 0.3, "hot_experts_per_top_k": 1.5},
+    "deepseek": {"zipf_exponent": 0.3, "persistence": 0.133, "locality": 0.3, "hot_experts_per_top_k": 3, "hot_skew": 1.5},
+    "grin": {"zipf_exponent": 0.8, "persistence": 0.25, "locality": 0.3, "hot_experts_per_top_k": 2, "hot_skew": 4.0},
+    "jamba": {"zipf_exponent": 0.35, "persistence": 0.149, "locality": 0.15, "hot_experts_per_top_k": 2, "hot_skew": 3.0},
+    "jetmoe": {"zipf_exponent": 0.15, "persistence": 0.059, "locality": 0.15, "hot_experts_per_top_k": 3, "hot_skew": 3.0},
+    "llamamoe": {"zipf_exponent": 0.1, "persistence": 0.059, "locality": 0.15, "hot_experts_per_top_k": 2, "hot_skew": 2.0,
+                 "refractory": 0.5, "refractory_tokens": 4},
+    "minicpm": {"zipf_exponent": 0.2, "persistence": 0.124, "locality": 0.15, "hot_experts_per_top_k": 3, "hot_skew": 4.0},
     "mixtral": {"zipf_exponent": 0.2, "persistence": 0.107, "locality": 0.3, "hot_experts_per_top_k": 1.5},
-    "nllb-decoder": {"zipf_exponent": 0.75, "persistence": 0.131, "locality": 0.15, "hot_experts_per_top_k": 1.5},
+    "nllb-decoder": {"zipf_exponent": 0.75, "persistence": 0.097, "locality": 0.3, "hot_experts_per_top_k": 3, "hot_skew": 1.0},
     "nllb-encoder": {"zipf_exponent": 0.65, "persistence": 0.101, "locality": 0.15, "hot_experts_per_top_k": 1.5},
-    "olmoe": {"zipf_exponent": 0.7, "persistence": 0.236, "locality": 0.45, "hot_experts_per_top_k": 1.5},
+    "olmoe": {"zipf_exponent": 0.7, "persistence": 0.217, "locality": 0.45, "hot_experts_per_top_k": 2, "hot_skew": 1.0},
     "openmoe": {"zipf_exponent": 0.35, "persistence": 0.061, "locality": 0.15, "hot_experts_per_top_k": 1.5},
     "powermoe": {"zipf_exponent": 2.8, "zipf_offset": 24.0, "persistence": 0.191, "locality": 0.45, "hot_experts_per_top_k": 1.5},
     "switch-decoder": {"zipf_exponent": 0.6, "persistence": 0.047, "locality": 0.0, "hot_experts_per_top_k": 2},
     "switch-encoder": {"zipf_exponent": 0.55, "persistence": 0.033, "locality": 0.15, "hot_experts_per_top_k": 3},
-    "xverse": {"zipf_exponent": 0.4, "persistence": 0.185, "locality": 0.3, "hot_experts_per_top_k": 1.5},
-    "yuan": {"zipf_exponent": 1.6, "persistence": 0.295, "locality": 0.0, "hot_experts_per_top_k": 2},
+    "xverse": {"zipf_exponent": 0.4, "persistence": 0.131, "locality": 0.3, "hot_experts_per_top_k": 2, "hot_skew": 1.5},
+    "yuan": {"zipf_exponent": 1.6, "persistence": 0.0, "locality": 0.6, "hot_experts_per_top_k": 3, "hot_skew": 4.0},
 }
 for _par in FAMILY_DEFAULTS.values():
     _par.setdefault("layer_coupling", MIXTRAL_COUPLING)
@@ -629,6 +640,8 @@ def _build_routing(
                     max(top_k + 1, int(round(defaults["hot_experts_per_top_k"] * top_k)))
                     if "hot_experts_per_top_k" in defaults else None),
                 coupling=pick("layer_coupling", spec.layer_coupling), task_weights=tasks, task_mix=spec.tasks,
+                hot_skew=pick("hot_skew", spec.working_set_skew), refractory=pick("refractory", spec.refractory),
+                refractory_tokens=int(pick("refractory_tokens", spec.refractory_tokens)),
             )
         except ValueError as exc:
             raise TraceError(f"workload.routing: {exc}") from None

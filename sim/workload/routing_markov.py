@@ -8,8 +8,14 @@ For each token and MoE layer the generator fills the token's ``top_k`` slots in 
   2. otherwise, for l > 0, follows the layer above with probability ``coupling[l-1]``: the expert is
      ``affinity[l-1][e]`` where e is the slot-j expert just chosen in layer l-1 (layer-to-layer transitions);
   3. otherwise comes from the request's working set (``hot_experts`` experts per layer, drawn once per request
-     from the popularity) with probability ``locality``, else from the layer's popularity;
+     from the popularity) with probability ``locality``, else from the layer's popularity; within the working set
+     the j-th expert drawn (j = 0, 1, ...) is picked with weight (j + 1)^-``hot_skew`` (0: equally likely), so a
+     request can lean on a few experts of its own (what a cache of exactly top_k slots under LFU sees);
   4. an expert already in an earlier slot is redrawn (3 rounds of rejection, then an exact draw without them).
+
+A proposal of step 3 that the request used in its previous ``refractory_tokens`` tokens is redrawn once with
+probability ``refractory`` (a rest after use: spreads a request's experts over time, which lowers LRU at 2-3 x
+top_k below what independent draws give, as LLaMA-MoE's real curves are; 0 = off).
 
 Popularity, and so the working sets, belong to the request's *task*: each task has its own per-layer popularity
 [layers, experts] (index 0 is the base one, used for requests without a known task). The task of request i is
@@ -80,7 +86,8 @@ class MarkovGeneratedRouting(GeneratedRouting):
 
     def __init__(
         self, weights: np.ndarray, top_k: int, persistence: np.ndarray, rng: np.random.Generator, *,
-        locality: float = 0.0, hot_experts: int | None = None,
+        locality: float = 0.0, hot_experts: int | None = None, hot_skew: float = 0.0,
+        refractory: float = 0.0, refractory_tokens: int = 0,
         coupling: float | np.ndarray = 0.0, affinity: np.ndarray | None = None,
         task_weights: Mapping[str, np.ndarray] | None = None, task_mix: Mapping[str, float] | None = None,
     ) -> None:
@@ -89,6 +96,16 @@ class MarkovGeneratedRouting(GeneratedRouting):
         self.persistence = np.broadcast_to(np.asarray(persistence, dtype=np.float64), (L,)).copy()
         self.locality = float(locality)
         self.hot_experts = min(E, hot_experts or 2 * top_k)
+        if hot_skew < 0:
+            raise ValueError(f"hot_skew must be >= 0, got {hot_skew}")
+        self.hot_skew = float(hot_skew)
+        hot_w = (np.arange(self.hot_experts) + 1.0) ** -self.hot_skew
+        self._hot_w = hot_w / hot_w.sum()  # weight of the j-th working-set member, in draw order
+        self._hot_cum = np.cumsum(self._hot_w)
+        if not 0 <= refractory <= 1 or refractory_tokens < 0:
+            raise ValueError(f"refractory must be in [0, 1] and refractory_tokens >= 0, got {refractory}, {refractory_tokens}")
+        self.refractory = float(refractory)
+        self.refractory_tokens = int(refractory_tokens) if refractory > 0 else 0
         base = np.exp(self._log_p)
         base /= base.sum(axis=1, keepdims=True)
         # Tasks: index 0 is the base popularity, then one per named task.
@@ -123,6 +140,7 @@ class MarkovGeneratedRouting(GeneratedRouting):
         self._phi, self._phi_inv = _labels(self.affinity, L, E)
         self._coupled = bool(self.coupling.any())
         self._state: dict[int, tuple[int, np.ndarray, np.ndarray | None, int]] = {}
+        self._recent: dict[int, np.ndarray] = {}  # request -> [L, refractory_tokens * k], newest first (-1 = none)
 
     # -------------------------------------------------------------- tasks
 
@@ -150,25 +168,45 @@ class MarkovGeneratedRouting(GeneratedRouting):
         if self.locality <= 0:
             return None
         keys = self._log_pt[tasks] + rng.gumbel(size=(len(tasks), self.num_layers, self.num_experts))
-        return np.argpartition(-keys, self.hot_experts - 1, axis=2)[:, :, : self.hot_experts]
+        hot = np.argpartition(-keys, self.hot_experts - 1, axis=2)[:, :, : self.hot_experts]
+        if self.hot_skew > 0:  # draw order (largest key first), which the skew weights refer to
+            order = np.argsort(-np.take_along_axis(keys, hot, axis=2), axis=2, kind="stable")
+            hot = np.take_along_axis(hot, order, axis=2)
+        return hot
 
-    def _propose(self, rng: np.random.Generator, rows: np.ndarray, table_row: np.ndarray, hot_flat: np.ndarray | None) -> np.ndarray:
-        """One expert per flat row (request * L + layer): the working set w.p. locality, else the popularity."""
+    def _propose(
+        self, rng: np.random.Generator, rows: np.ndarray, table_row: np.ndarray, hot_flat: np.ndarray | None,
+        recent_flat: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """One expert per flat row (request * L + layer): the working set w.p. locality, else the popularity;
+        one used in the recent tokens (``recent_flat`` [rows, window * k], -1 = none) is redrawn w.p. refractory."""
+        e = self._propose_once(rng, rows, table_row, hot_flat)
+        if recent_flat is not None:
+            redo = (recent_flat[rows] == e[:, None]).any(axis=1) & (rng.random(len(rows)) < self.refractory)
+            if redo.any():
+                e[redo] = self._propose_once(rng, rows[redo], table_row, hot_flat)
+        return e
+
+    def _propose_once(self, rng: np.random.Generator, rows: np.ndarray, table_row: np.ndarray, hot_flat: np.ndarray | None) -> np.ndarray:
         E = self.num_experts
         tr = table_row[rows]
         col = np.minimum((rng.random(len(rows)) * E).astype(np.int64), E - 1)
         e = np.where(rng.random(len(rows)) < self._alias_prob[tr, col], col, self._alias[tr, col])
         if hot_flat is not None:
             use_hot = rng.random(len(rows)) < self.locality
-            pick = rng.integers(0, hot_flat.shape[1], size=len(rows))
+            if self.hot_skew > 0:
+                pick = np.minimum(np.searchsorted(self._hot_cum, rng.random(len(rows)), side="right"), hot_flat.shape[1] - 1)
+            else:
+                pick = rng.integers(0, hot_flat.shape[1], size=len(rows))
             e = np.where(use_hot, hot_flat[rows, pick], e)
         return e
 
     def _draw(
         self, rng: np.random.Generator, prev: np.ndarray | None, has_prev: np.ndarray, hot: np.ndarray | None = None,
-        tasks: np.ndarray | None = None,
+        tasks: np.ndarray | None = None, recent: np.ndarray | None = None,
     ) -> np.ndarray:
-        """One token for each of R requests: [R, L, k] expert ids."""
+        """One token for each of R requests: [R, L, k] expert ids; ``recent`` [R, L, window * k] (-1 = none) are
+        the experts of each request's last tokens, for the refractory redraw."""
         R = len(has_prev)
         L, E, k = self.num_layers, self.num_experts, self.top_k
         tasks = np.zeros(R, dtype=np.int64) if tasks is None else tasks
@@ -178,11 +216,12 @@ class MarkovGeneratedRouting(GeneratedRouting):
             keep = ((rng.random((R, L, k)) < self.persistence[None, :, None]) & has_prev[:, None, None]).reshape(R * L, k)
             flat[keep] = prev.reshape(R * L, k)[keep]
         hot_flat = None if hot is None else hot.reshape(R * L, -1)
+        recent_flat = None if recent is None or not self.refractory_tokens else recent.reshape(R * L, -1)
         need = flat < 0  # [R * L, k]
         # First proposals for every empty slot at once (then slot by slot, rejecting clashes).
         prop = np.full((R * L, k), -1, dtype=np.int64)
         rows, slots = np.nonzero(need)
-        prop[rows, slots] = self._propose(rng, rows, table_row, hot_flat)
+        prop[rows, slots] = self._propose(rng, rows, table_row, hot_flat, recent_flat)
         if self._coupled:
             # Follow the layer above: forward-fill relabelled ids along the layer axis over the coupled cells.
             layers = np.arange(L)[None, :, None]
@@ -202,7 +241,7 @@ class MarkovGeneratedRouting(GeneratedRouting):
                 todo = todo[clash]
                 if len(todo) == 0 or round_ == 2:
                     break
-                e = self._propose(rng, todo, table_row, hot_flat)
+                e = self._propose(rng, todo, table_row, hot_flat, recent_flat)
             if len(todo):
                 p = self._p[table_row[todo]]
                 chosen = flat[todo]
@@ -215,7 +254,9 @@ class MarkovGeneratedRouting(GeneratedRouting):
                 if hot_flat is not None:  # keep the locality: an unchosen working-set expert, if any is left
                     h = hot_flat[todo]
                     free = ~(h[:, :, None] == chosen[:, None, :]).any(axis=2)
-                    keys = np.where(free, rng.random(h.shape), -1.0)
+                    u = rng.random(h.shape)
+                    # Efraimidis-Spirakis: the largest u^(1/w) is a free member drawn with probability ~ its weight.
+                    keys = np.where(free, u if self.hot_skew == 0 else u ** (1.0 / self._hot_w[None, :]), -1.0)
                     col = keys.argmax(axis=1)
                     use_hot = (rng.random(len(todo)) < self.locality) & free.any(axis=1)
                     e = np.where(use_hot, h[np.arange(len(todo)), col], e)
@@ -252,6 +293,8 @@ class MarkovGeneratedRouting(GeneratedRouting):
                 last = self._draw(self._rng, None, np.zeros(1, dtype=bool), None if hot is None else hot[None],
                                   np.array([task]))[0]
                 self._state[request_id] = (start + n, last, hot, task)
+                if self.refractory_tokens:
+                    self._recent[request_id] = self._push_recent(None, last)
         if small:
             offs = (np.arange(L) * E)[None, :, None]
             steps = max(seg[2] for seg in small)
@@ -274,7 +317,13 @@ class MarkovGeneratedRouting(GeneratedRouting):
                     if hots is not None:
                         hots.append(hot)
                 hot_arr = None if hots is None else np.stack(hots)
-                picks = self._draw(self._rng, prev, has_prev, hot_arr, tasks)
+                recent = None
+                if self.refractory_tokens:
+                    recent = np.full((len(active), L, self.refractory_tokens * self.top_k), -1, dtype=np.int64)
+                    for i, (request_id, _start, _n) in enumerate(active):
+                        if has_prev[i] and request_id in self._recent:
+                            recent[i] = self._recent[request_id]
+                picks = self._draw(self._rng, prev, has_prev, hot_arr, tasks, recent)
                 if num_groups == 1:
                     total += np.bincount((picks + offs).ravel(), minlength=L * E)
                 else:
@@ -282,7 +331,16 @@ class MarkovGeneratedRouting(GeneratedRouting):
                     total += np.bincount((picks + offs + goffs).ravel(), minlength=num_groups * L * E)
                 for i, (request_id, start, _n) in enumerate(active):
                     self._state[request_id] = (start + j + 1, picks[i], None if hot_arr is None else hot_arr[i], int(tasks[i]))
+                    if recent is not None:
+                        self._recent[request_id] = self._push_recent(recent[i], picks[i])
         return total.reshape(num_groups, L, E)
+
+    def _push_recent(self, recent: np.ndarray | None, picks: np.ndarray) -> np.ndarray:
+        """The refractory window after a token: its picks [.., L, k] first, the oldest token dropped."""
+        width = self.refractory_tokens * self.top_k
+        if recent is None:
+            recent = np.full(picks.shape[:-1] + (width,), -1, dtype=np.int64)
+        return np.concatenate([picks, recent[..., : width - self.top_k]], axis=-1)
 
     # -------------------------------------------------------------- whole sequences (statistics, fitting)
 
@@ -305,8 +363,11 @@ class MarkovGeneratedRouting(GeneratedRouting):
         out = np.empty((num_requests, num_tokens, self.num_layers, self.top_k), dtype=np.int64)
         hot = self._hot_sets(self._rng, task_idx)
         prev = None
+        recent = None
         for t in range(num_tokens):
-            picks = self._draw(self._rng, prev, np.full(num_requests, prev is not None), hot, task_idx)
+            picks = self._draw(self._rng, prev, np.full(num_requests, prev is not None), hot, task_idx, recent)
             out[:, t] = picks
             prev = picks
+            if self.refractory_tokens:
+                recent = self._push_recent(recent, picks)
         return list(out)

@@ -372,7 +372,7 @@ def generated_hit_rates(
     num_experts: int, top_k: int, exponent: float, persistence: float, sizes: Sequence[int], *,
     num_layers: int = 4, num_requests: int = 48, num_tokens: int = 512, seed: int = 0,
     policies: Sequence[str] = ("LRU",), locality: float = 0.0, hot_experts: int | None = None, coupling: float = 0.0,
-    zipf_offset: float = 0.0,
+    zipf_offset: float = 0.0, hot_skew: float = 0.0, refractory: float = 0.0, refractory_tokens: int = 0,
 ) -> dict:
     """Hit-rate curves of the Markov generator (Zipf popularity, one persistence), replayed like moe-lrc."""
     from sim.workload.routing import MarkovGeneratedRouting, zipf_weights
@@ -380,7 +380,8 @@ def generated_hit_rates(
     rng = np.random.default_rng(seed)
     gen = MarkovGeneratedRouting(
         zipf_weights(num_layers, num_experts, exponent, rng, zipf_offset), top_k, np.full(num_layers, persistence), rng,
-        locality=locality, hot_experts=hot_experts, coupling=coupling,
+        locality=locality, hot_experts=hot_experts, coupling=coupling, hot_skew=hot_skew,
+        refractory=refractory, refractory_tokens=refractory_tokens,
     )
     return hit_rate_curves(gen.sequences(num_requests, num_tokens), num_experts, sizes, policies)
 
