@@ -178,7 +178,10 @@ def cmd_trace_fit(args: argparse.Namespace) -> int:
     if table.prefix_blocks is not None and table.prefix_offsets is not None:
         from sim.workload.prefix_reuse import prefix_reuse
 
-        lru = [int(x) for x in args.prefix_lru_blocks.split(",")] if args.prefix_lru_blocks else []
+        try:
+            lru = [int(x) for x in args.prefix_lru_blocks.split(",")] if args.prefix_lru_blocks else []
+        except ValueError:
+            lru = [0]
         if any(c < 1 for c in lru):
             raise TraceError(f"--prefix-lru-blocks {args.prefix_lru_blocks!r}: expected whole numbers of blocks >= 1")
         reuse = prefix_reuse(table.prefix_blocks, table.prefix_offsets, lru)
@@ -188,26 +191,24 @@ def cmd_trace_fit(args: argparse.Namespace) -> int:
               f"{reuse['reuse_infinite_cache']:.1%}"
               + "".join(f", LRU of {c:,} blocks {r:.1%}" for c, r in reuse["reuse_lru"].items()))
     if args.out:
-        import yaml
-
-        out = Path(args.out)
-        try:
-            out.write_text(yaml.safe_dump(model.to_dict(), sort_keys=False, default_flow_style=None, width=120),
-                           encoding="utf-8")
-        except OSError as exc:
-            raise TraceError(f"{out}: cannot write ({exc.strerror})") from None
+        out = _write_yaml(args.out, model.to_dict())
         print(f"wrote {out}; use it as workload.arrivals: {{kind: fitted, path: {out}}}")
     if args.mmpp_out:
-        import yaml
-
-        out = Path(args.mmpp_out)
-        try:
-            out.write_text(yaml.safe_dump(model.mmpp_arrivals_spec(), sort_keys=False, default_flow_style=None, width=120),
-                           encoding="utf-8")
-        except OSError as exc:
-            raise TraceError(f"{out}: cannot write ({exc.strerror})") from None
+        out = _write_yaml(args.mmpp_out, model.mmpp_arrivals_spec())
         print(f"wrote {out}: the fitted MMPP-2 as a `kind: mmpp` workload.arrivals mapping")
     return 0
+
+
+def _write_yaml(path: str, data: dict) -> Path:
+    """Write ``data`` as YAML to ``path``; a path that cannot be written is a one-line TraceError."""
+    import yaml
+
+    out = Path(path)
+    try:
+        out.write_text(yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=120), encoding="utf-8")
+    except OSError as exc:
+        raise TraceError(f"{out}: cannot write ({exc.strerror})") from None
+    return out
 
 
 def register(sub: argparse._SubParsersAction) -> None:

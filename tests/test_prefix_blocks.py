@@ -173,3 +173,7 @@ def test_trace_fit_prints_prefix_reuse(tmp_path: Path, capsys) -> None:
     assert yaml.safe_load(out_yaml.read_text())["fit_report"]["prefix_reuse"]["reuse_infinite_cache"] == 0.9375
     assert main(["trace", "fit", "azure-2023-conv", "--prefix-column", "x"]) == 2
     assert "--prefix-column needs --columns" in capsys.readouterr().err
+    for bad in ("2,x", "0"):  # not a whole number of blocks >= 1: one line, no traceback
+        assert main(["trace", "fit", str(f), "--columns", "t,p,o", "--prefix-column", "blocks",
+                     "--prefix-lru-blocks", bad]) == 2
+        assert f"--prefix-lru-blocks '{bad}': expected whole numbers of blocks >= 1" in capsys.readouterr().err
