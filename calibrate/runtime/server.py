@@ -95,8 +95,8 @@ class Runtime:
             from calibrate.runtime.train_routers import byte_tokens, held_out_files
 
             self.prompt_text = byte_tokens(held_out_files())
-            if loaded.model.vocab_size < 256:
-                raise CalibrationError(f"{loaded.source}: prompts: text needs a vocab of at least 256 byte tokens, "
+            if loaded.model.vocab_size < BYTE_TOKENS:
+                raise CalibrationError(f"{loaded.source}: prompts: text needs a vocab of at least {BYTE_TOKENS} byte tokens, "
                                        f"model {loaded.model.name} has {loaded.model.vocab_size}")
         self.budget = plan_memory(loaded)
         spec = loaded.model
