@@ -291,7 +291,7 @@ class _ChunkChecker:
             if self.on_bad_row == "error":
                 i = int(np.argmin(good))
                 why = chunk.broken.get(i) or self._why(
-                    chunk, i, time_ok, prompt_ok, output_ok, task_ok & prefix_ok, earlier_max_s
+                    chunk, i, time_ok, prompt_ok, output_ok, task_ok, prefix_ok, earlier_max_s
                 )
                 raise TraceError(f"{self.display}, {self.loc_word} {chunk.locs[i]}: {why}")
             self.skipped += int(n - good.sum())
@@ -327,7 +327,7 @@ class _ChunkChecker:
         origin = self.origin if self.layout.time_origin == "first_row" and self.origin is not None else 0.0
         return (raw_time - origin) * SECONDS_PER_UNIT[self.layout.time_unit]
 
-    def _why(self, chunk: _RawChunk, i: int, time_ok, prompt_ok, output_ok, task_ok, earlier_max_s) -> str:
+    def _why(self, chunk: _RawChunk, i: int, time_ok, prompt_ok, output_ok, task_ok, prefix_ok, earlier_max_s) -> str:
         layout = self.layout
         if not time_ok[i]:
             if layout.time_unit == "datetime":
@@ -341,10 +341,9 @@ class _ChunkChecker:
             return f"{layout.prompt_tokens} is {_show(chunk.prompt[i])}; expected a whole number of tokens >= 1"
         if not output_ok[i]:
             return f"{layout.output_tokens} is {_show(chunk.output[i])}; expected a whole number of tokens >= 1"
-        label = None if chunk.task is None or chunk.task[i] is None else str(chunk.task[i])
-        if chunk.task is not None and not (label and not label.isspace()):
-            return f"{layout.task} is {_show(chunk.task[i])}; expected a task label"
-        if chunk.prefix is not None and not task_ok[i]:
+        if not task_ok[i]:
+            return f"{layout.task} is {_show(chunk.task[i] if chunk.task is not None else None)}; expected a task label"
+        if not prefix_ok[i]:
             return f"{layout.prefix_blocks} is {_show(chunk.prefix[i])}; expected {_PREFIX_EXPECTED}"
         return (
             f"{layout.arrival} {_show(chunk.arrival[i])} is earlier than an earlier row's "
