@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib.resources
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -204,10 +204,7 @@ class RequestTable:
         """Replay ``factor`` times as fast: every arrival time is divided by ``factor``."""
         if not factor > 0:
             raise ValueError(f"rate scale must be > 0, got {factor}")
-        return RequestTable(
-            self.arrival_s / factor, self.prompt_tokens, self.output_tokens, self.task, self.skipped_rows, self.client,
-            self.prefix_blocks, self.prefix_offsets,
-        )
+        return replace(self, arrival_s=self.arrival_s / factor)
 
     def sample(self, fraction: float, rng: np.random.Generator) -> RequestTable:
         """A random round(fraction * len) of the requests, drawn without replacement, in time order."""
@@ -227,8 +224,7 @@ class RequestTable:
         return self if keep.all() else self._take(keep)
 
     def with_tasks(self, task: np.ndarray | None) -> RequestTable:
-        return RequestTable(self.arrival_s, self.prompt_tokens, self.output_tokens, task, self.skipped_rows, self.client,
-                            self.prefix_blocks, self.prefix_offsets)
+        return replace(self, task=task)
 
     def _take(self, rows: np.ndarray, shift_s: float = 0.0) -> RequestTable:
         blocks, offsets = (None, None) if self.prefix_offsets is None else _take_ragged(
