@@ -179,8 +179,8 @@ def measure_overheads(spec: Any, profile: Any, *, seed: int = 0, threads: int = 
         ffn_pred = float(np.sum(profile.expert_ffn_s(tokens=call_tokens, shape=spec.expert_shape)))
         rows.append(dict(tokens=tokens, seqs=seqs, layer_real=(med["attention_s"] + med["gate_s"]) / L,
                          layer_pred=layer_pred, iter_real=med["lm_head_s"] + med["other_s"], lm_pred=lm_pred,
-                         expert_real=med["expert_compute_s"], duration=med["duration_s"], n_calls=len(call_tokens),
-                         routed=float(call_tokens.sum()), call_tokens=call_tokens, ffn_pred=ffn_pred))
+                         expert_real=med["expert_compute_s"], duration=med["duration_s"], call_tokens=call_tokens,
+                         ffn_pred=ffn_pred))
 
     tok = np.array([r["tokens"] for r in rows], dtype=np.float64)
     seq = np.array([r["seqs"] for r in rows], dtype=np.float64)
@@ -192,8 +192,8 @@ def measure_overheads(spec: Any, profile: Any, *, seed: int = 0, threads: int = 
         return {"fixed_s": _r(fixed), "per_token_s": _r(per_tok), "per_sequence_s": _r(per_seq),
                 "fit_error": error_stats(fitted / real - 1.0, note)}
 
-    # Experts: the runtime's expert time of an iteration minus the expert_ffn lookups of its routing, against
-    # the number of expert calls and the tokens routed (k per token), i.e. a per-call fixed + per-token cost.
+    # Experts: the runtime's expert time of an iteration against the expert_ffn lookups of its routing, the
+    # number of expert calls and the tokens routed (k per token): a per-call fixed + per-token cost.
     ffn_sum = np.array([r["ffn_pred"] for r in rows])
     expert_real = np.array([r["expert_real"] for r in rows])
     # With ``fit_kernel_scale`` the table's share is fitted too: an expert alone with cold rotated weights is
