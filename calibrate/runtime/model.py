@@ -4,8 +4,9 @@ The architecture comes from a ``ModelSpec`` (GQA attention, SwiGLU routed expert
 RMSNorm, untied LM head); only decoder-only GQA/MHA models with every layer MoE are supported. Weights are
 drawn from a seeded ``torch.Generator``. The routers are either those seeded ones (routing is then the
 random router's own top-k) or trained ones shipped with the package (``routers``, ``train_routers``):
-trained on text against exactly these frozen seeded weights, so they route by token content. Rotary embeddings are left out: they do not change what runs or how long it takes
-beyond a few elementwise ops, and the validation compares timing, not text.
+trained on text against exactly these frozen seeded weights, so they route by token content. Rotary
+embeddings are left out: they do not change what runs or how long it takes beyond a few elementwise ops,
+and the validation compares timing, not text.
 
 Routed experts are not held here: each expert is one flat bf16 tensor ``[gate | up | down]`` in the
 host pool (``host_experts[key]``, key = layer * num_experts + expert) that ``expert_store`` copies into
