@@ -213,6 +213,15 @@ def _round(x: float, digits: int = 4) -> float:
     return float(f"{x:.{digits}g}")
 
 
+def _round_up(x: float, digits: int = 4) -> float:
+    """``x`` to ``digits`` significant digits, never below it (a peak rounded down would put a point's
+    efficiency above 1)."""
+    r = _round(x, digits)
+    if r < x:
+        r = _round(r + 10.0 ** (math.floor(math.log10(x)) - digits + 1), digits)
+    return r
+
+
 def build_profile(
     points: Sequence[dict[str, str]], environment: dict[str, Any], *, name: str, threads: int,
     points_file: str, extra_provenance: dict[str, Any] | None = None,
@@ -236,7 +245,10 @@ def build_profile(
         raise CalibrationError(f"{points_file}: no points at {threads} thread(s) for {', '.join(missing)}; "
                                f"measure them first (run calibrate without --fit-only)")
     peaks, bytes_per_s = _peaks(pts)
-    bw_gbps = bytes_per_s / 1e9
+    # The rates as the profile stores them (4 digits), so that every fit error below describes the stored model.
+    peaks = {d: _round_up(v / 1e12) * 1e12 for d, v in peaks.items()}
+    bw_gbps = _round_up(bytes_per_s / 1e9)
+    bytes_per_s = bw_gbps * 1e9
     summary: dict[str, dict[str, Any]] = {}
     operations: dict[str, Any] = {}
     valid_range: dict[str, Any] = {}

@@ -360,3 +360,14 @@ def test_expert_call_fit_recovers_the_table_share_and_stays_in_range():
     linear_table = np.array([float(np.sum(1e-4 + 1e-5 * t)) for t in calls])  # collinear with calls and tokens
     noisy = real * (1.0 + 0.05 * rng.standard_normal(real.size))
     assert 0.0 <= fit_expert_calls(linear_table, calls, noisy, fit_kernel_scale=True)[0] <= 1.0
+
+
+def test_stored_rates_are_rounded_up_so_efficiencies_stay_at_most_one():
+    """Peaks and bandwidth are fitted as the profile stores them (4 significant digits), never rounded below
+    the measured rate."""
+    from calibrate.fit import _round_up
+
+    assert _round_up(1.23441) == 1.235 and _round_up(1.234) == 1.234
+    assert _round_up(9.99951) == 10.0 and _round_up(123456.0) == 123500.0
+    for x in (3.14159e12, 2.000001e9, 7.77777e-5):
+        assert _round_up(x) >= x and float(f"{_round_up(x):.4g}") == _round_up(x)
