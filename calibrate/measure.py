@@ -13,7 +13,7 @@ Ops measured (``op`` column):
 - ``gate``: router GEMM + softmax + top-k + renormalise (router weights stay hot: they are small).
 - ``host_copy`` (CPU): ``dst.copy_(src)`` into a preallocated host buffer from a cold source: the memory copy
   the CPU runtime does to fill its expert cache. It is NOT a PCIe transfer. ``h2d_copy`` on CUDA, pinned
-  and pageable.
+  and pageable. Copies are sampled in rounds spread over the whole run (``SpreadSampler``), not in one stretch.
 - ``attention_decode``: ``scaled_dot_product_attention`` of one query token per sequence over ``context`` cached
   tokens, ``batch`` sequences in one call (GQA via ``enable_gqa``); on the CPU this is the CPU attention.
 - ``attention_prefill``: causal SDPA over a prompt of ``tokens`` tokens (one sequence).
@@ -381,6 +381,67 @@ def measure_group(tasks: Sequence[Task], bufs: _Buffers, device: str, budget: Bu
     return [summarize(s) for s in samples]
 
 
+# Ops whose samples are spread over the whole calibration (``SpreadSampler``): pure memory / link bandwidth,
+# which on a shared machine drifts over seconds with the neighbours' traffic.
+SPREAD_OPS: frozenset[str] = frozenset({"host_copy", "h2d_copy"})
+
+
+class SpreadSampler:
+    """Samples groups of ``SPREAD_OPS`` tasks in ``budget.spread_rounds`` rounds, one round at a time, so the
+    caller can interleave the rounds with the other groups and a point's median covers the whole run.
+
+    Each round builds its buffers afresh and drops them after (the copy buffers are up to 4 GiB; keeping
+    them for the whole run would hold that memory throughout). Within a round the group's points are
+    interleaved as ``measure_group`` does."""
+
+    def __init__(self, groups: Sequence[Sequence[Task]], device: str, budget: Budget) -> None:
+        self.groups = [list(g) for g in groups]
+        self.device = device
+        self.rounds = max(1, budget.spread_rounds)
+        self.budget = Budget(warmup=1, min_repeats=max(1, math.ceil(budget.min_repeats / self.rounds)),
+                             max_repeats=max(1, math.ceil(budget.max_repeats / self.rounds)),
+                             time_s=budget.time_s / self.rounds, rounds=1, clock="wall",
+                             short_call_s=budget.short_call_s,
+                             short_call_repeat_factor=budget.short_call_repeat_factor)
+        self.samples: list[list[list[float]]] = [[[] for _ in g] for g in self.groups]
+        self.done_rounds = 0
+
+    def run_round(self) -> None:
+        """One round of every group (a no-op once every round has run)."""
+        import torch
+
+        if self.done_rounds >= self.rounds or not self.groups:
+            return
+        with torch.inference_mode():
+            for group, samples in zip(self.groups, self.samples):
+                device = task_device(group[0], self.device)
+                calls = [_make_call(task, {}, device) for task in group]
+                for task, call, s in zip(group, calls, samples):
+                    if device == "cpu" and torch.get_num_threads() != task.threads:
+                        torch.set_num_threads(task.threads)
+                    s += sample(call, warmup=self.budget.warmup, min_repeats=self.budget.min_repeats,
+                                max_repeats=self.budget.max_repeats, time_s=self.budget.time_s, start=len(s),
+                                cuda=device == "cuda", short_call_s=self.budget.short_call_s,
+                                short_call_repeat_factor=self.budget.short_call_repeat_factor)
+                del calls
+        self.done_rounds += 1
+
+    def finish(self) -> list[tuple[Task, Summary]]:
+        """Run the rounds still due, then each task's summary over all its rounds."""
+        while self.done_rounds < self.rounds:
+            self.run_round()
+        return [(task, summarize(s)) for group, samples in zip(self.groups, self.samples)
+                for task, s in zip(group, samples)]
+
+
+def spread_schedule(num_groups: int, rounds: int) -> list[int]:
+    """After how many of the ``num_groups`` other groups each spread round runs: evenly over the run, the
+    first before any other group (an interrupted run has copy samples from its start)."""
+    if num_groups == 0:
+        return [0] * rounds
+    return [round(r * num_groups / rounds) for r in range(rounds)]
+
+
 # ---------------------------------------------------------------- the points file
 
 
@@ -474,26 +535,39 @@ def run_tasks(
         groups: dict[tuple, list[Task]] = {}
         for task in todo:
             groups.setdefault((task.threads, task.setup_key()), []).append(task)
-        for group in groups.values():
-            first = group[0]
-            bar.set_postfix_str(f"{first.op} {' '.join(f'{k}={v}' for k, v in first.params)}"[:60])
-            for task, s in zip(group, measure_group(group, bufs, device, budget)):
-                row = {c: "" for c in POINT_COLUMNS}
-                row.update({"op": task.op, "dtype": task.dtype, "threads": str(task.threads),
-                            "device_name": device_name})
-                row.update({k: str(v) for k, v in task.params})
-                row.update({
-                    "median_s": repr(s.median_s), "p10_s": repr(s.p10_s), "p90_s": repr(s.p90_s),
-                    "cv": f"{s.cv:.4f}", "num_samples": str(s.num_samples), "num_dropped": str(s.num_dropped),
-                    "load_avg_1m": f"{load_average()[0]:.2f}",
-                    "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                })
-                writer.writerow(row)
-                fh.flush()
-                result.rows.append(row)
-                result.measured += 1
-                bar.update(1)
-                if after_point is not None:
-                    after_point(result.measured)
+        ordinary = [g for g in groups.values() if g[0].op not in SPREAD_OPS]
+        spread = SpreadSampler([g for g in groups.values() if g[0].op in SPREAD_OPS], device, budget)
+        due = spread_schedule(len(ordinary), spread.rounds) if spread.groups else []
+
+        def measured() -> Iterable[tuple[Task, Summary]]:
+            for i, group in enumerate(ordinary):
+                while due and due[0] <= i:
+                    due.pop(0)
+                    spread.run_round()
+                first = group[0]
+                bar.set_postfix_str(f"{first.op} {' '.join(f'{k}={v}' for k, v in first.params)}"[:60])
+                yield from zip(group, measure_group(group, bufs, device, budget))
+            if spread.groups:
+                bar.set_postfix_str("copies (rounds spread over the run)")
+                yield from spread.finish()
+
+        for task, s in measured():
+            row = {c: "" for c in POINT_COLUMNS}
+            row.update({"op": task.op, "dtype": task.dtype, "threads": str(task.threads),
+                        "device_name": device_name})
+            row.update({k: str(v) for k, v in task.params})
+            row.update({
+                "median_s": repr(s.median_s), "p10_s": repr(s.p10_s), "p90_s": repr(s.p90_s),
+                "cv": f"{s.cv:.4f}", "num_samples": str(s.num_samples), "num_dropped": str(s.num_dropped),
+                "load_avg_1m": f"{load_average()[0]:.2f}",
+                "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            })
+            writer.writerow(row)
+            fh.flush()
+            result.rows.append(row)
+            result.measured += 1
+            bar.update(1)
+            if after_point is not None:
+                after_point(result.measured)
         bar.close()
     return result

@@ -27,6 +27,10 @@ class Budget:
     # its extra samples cost almost nothing.
     short_call_s: float = 0.002
     short_call_repeat_factor: int = 4
+    # Copies (``calibrate.measure.SPREAD_OPS``) are sampled in this many rounds spread over the whole calibration:
+    # this VM's memory bandwidth swings by 10-25% over a few seconds (3 MiB copies: 11.6-14.9 GB/s in 2-s windows
+    # within 40 s, idle machine), so samples taken in one short stretch measure that stretch.
+    spread_rounds: int = 8
 
 
 @dataclass(frozen=True, slots=True)

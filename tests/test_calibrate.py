@@ -371,3 +371,47 @@ def test_stored_rates_are_rounded_up_so_efficiencies_stay_at_most_one():
     assert _round_up(9.99951) == 10.0 and _round_up(123456.0) == 123500.0
     for x in (3.14159e12, 2.000001e9, 7.77777e-5):
         assert _round_up(x) >= x and float(f"{_round_up(x):.4g}") == _round_up(x)
+
+
+# ---------------------------------------------------------------- copies spread over the run
+
+
+def test_spread_schedule_covers_the_run_evenly_from_its_start():
+    from calibrate.measure import spread_schedule
+
+    assert spread_schedule(16, 8) == [0, 2, 4, 6, 8, 10, 12, 14]
+    assert spread_schedule(3, 4) == [0, 1, 2, 2]  # rounds never run after the last group has started
+    assert spread_schedule(0, 3) == [0, 0, 0]  # nothing else to spread over: back to back
+
+
+def test_copy_rounds_are_interleaved_with_the_other_groups(tmp_path, monkeypatch):
+    """Copies (bandwidth, which drifts over seconds on a shared machine) are sampled in ``spread_rounds`` rounds
+    between the other groups, and each copy point's median covers samples from every round."""
+    import calibrate.measure as measure
+
+    events: list[str] = []
+    real_group, real_round = measure.measure_group, measure.SpreadSampler.run_round
+
+    def logged_group(group, *args, **kwargs):
+        events.append(f"group {group[0].op}")
+        return real_group(group, *args, **kwargs)
+
+    def logged_round(self):
+        events.append("copy round")
+        return real_round(self)
+
+    monkeypatch.setattr(measure, "measure_group", logged_group)
+    monkeypatch.setattr(measure.SpreadSampler, "run_round", logged_round)
+    budget = Budget(warmup=1, min_repeats=4, max_repeats=4, time_s=0.0, rounds=2, spread_rounds=4)
+    result = run_tasks(tiny_tasks(), tmp_path / "p.points.csv", device="cpu", device_name="test cpu", budget=budget,
+                       progress=False)
+    assert events.count("copy round") == 4
+    assert events[0] == "copy round"  # an interrupted run has copy samples from its start
+    rounds_at = [i for i, e in enumerate(events) if e == "copy round"]
+    assert rounds_at[-1] < len(events) - 1  # not bunched at the end: other groups run after the last round
+    assert all(b - a > 1 for a, b in zip(rounds_at, rounds_at[1:]))  # other groups between every two rounds
+    copies = [r for r in result.rows if r["op"] == "host_copy"]
+    assert len(copies) == 3
+    assert all(int(r["num_samples"]) + int(r["num_dropped"]) == 4 for r in copies)  # one sample from each round
+    others = [r for r in result.rows if r["op"] != "host_copy"]
+    assert [r["op"] for r in result.rows[-3:]] == ["host_copy"] * 3 and len(others) == len(tiny_tasks()) - 3
