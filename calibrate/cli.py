@@ -73,6 +73,14 @@ def register(sub: Any) -> None:
     register_validate(sub)
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1 (argparse turns the ValueError into a one-line usage error)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text}")
+    return value
+
+
 def register_validate(sub: Any) -> None:
     """``moesim validate``: the real CPU runtime against the simulator (calibrate.validate)."""
     v = sub.add_parser("validate", help="run a scenario on the real CPU runtime and compare the simulator with it",
@@ -85,6 +93,9 @@ def register_validate(sub: Any) -> None:
     v.add_argument("--quick", action="store_true", help="the CI check: short calibration, the first 16 requests, bounds 15%%/40%%/10%%")
     v.add_argument("--out", metavar="DIR", help="folder for the tables and report (default reports/validate-NAME)")
     v.add_argument("--max-requests", type=int, metavar="N", help="serve only the first N requests")
+    v.add_argument("--repeats", type=_positive_int, metavar="N",
+                   help="serve the requests N times (one calibration) and judge the median run (default: 3, "
+                        "--quick: 1)")
     v.add_argument("--no-progress", action="store_true", help="no calibration progress bar")
     v.add_argument("--routers", choices=("auto", "trained", "seeded"), default="auto",
                    help="the runtime's routers: trained (shipped, learned on text), seeded (random), or auto "

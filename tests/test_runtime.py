@@ -291,3 +291,52 @@ def test_validation_profile_has_the_overheads_measured_on_the_runtime(quick_vali
     h2d = profile.links.host_to_device
     assert h2d.bandwidth_gbps == pytest.approx(link["expert_bytes"] / link["copy_s"]["mean"] / 1e9, rel=1e-3)
     assert h2d.latency_s == pytest.approx(link["dispatch_s"]["mean"], rel=1e-3)
+
+
+def test_repeated_validation_judges_the_median_run(tmp_path: Path, monkeypatch) -> None:
+    """``--repeats 3``: one calibration (here a given profile), three runs of the same requests, each compared
+    in its own folder; the bounds are judged on the median over runs of each error and the top-level result is
+    the median run. The runs' errors are made known (patched) so the verdict can be checked both ways."""
+    import json
+
+    import calibrate.validate as validate_mod
+    import sim.cli
+
+    path = _write(tmp_path)
+    errors = iter([(0.30, 0.50, 0.01), (0.02, 0.10, 0.20), (0.04, 0.12, 0.03)])  # median 0.04 / 0.12 / 0.03
+    real = validate_mod.serve_and_compare
+
+    def with_known_errors(*args, **kwargs):
+        vr = real(*args, **kwargs)
+        vr.metrics.update(zip(validate_mod.ERROR_KEYS, next(errors)))
+        return vr
+
+    monkeypatch.setattr(validate_mod, "serve_and_compare", with_known_errors)
+    out = tmp_path / "out"
+    code = sim.cli.main(["validate", str(path), "--profile", str(_shipped_profile()), "--out", str(out),
+                         "--repeats", "3", "--no-progress"])
+    summary = json.loads((out / "summary.json").read_text())
+    rep = summary["metrics"]["repeats"]
+    assert [r["run"] for r in rep["runs"]] == [1, 2, 3]
+    assert all((out / f"run-{k}" / "summary.json").exists() and (out / f"run-{k}" / "report.html").exists()
+               for k in (1, 2, 3))
+    assert rep["median_over_runs"] == pytest.approx({"e2e_ape_median": 0.04, "e2e_ape_p95": 0.12,
+                                                     "throughput_error": 0.03})
+    assert rep["median_run"] == 3 and summary["metrics"]["e2e_ape_median"] == pytest.approx(0.04)
+    # Each median is within the full bounds although runs 1 and 2 each exceed one: PASS, exit 0.
+    assert summary["passed"] and summary["failures"] == [] and code == 0
+    assert (out / "report.html").read_text().count("run 3 of 3 (the median run)") == 1
+
+    errors = iter([(0.30, 0.50, 0.01), (0.06, 0.10, 0.20), (0.04, 0.12, 0.03)])  # median e2e 0.06 > 5%
+    code = sim.cli.main(["validate", str(path), "--profile", str(_shipped_profile()), "--out", str(out),
+                         "--repeats", "3", "--no-progress"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert code == 1 and summary["failures"] == ["e2e_ape_median 6.0% > 5%"]
+
+
+def test_repeats_must_be_positive(capsys) -> None:
+    import sim.cli
+
+    with pytest.raises(SystemExit) as exc:
+        sim.cli.main(["validate", "scenarios/validate-prefetch.yaml", "--repeats", "0"])
+    assert exc.value.code == 2 and "at least 1" in capsys.readouterr().err
