@@ -9,8 +9,8 @@ fits what the runtime measured beyond what the profile's op lookups predict for 
 
 - ``expert_overhead`` (per expert call, affine in its tokens, plus the share ``kernel_scale`` of the
   ``expert_ffn`` table the call pays): the runtime's expert time of an iteration (every ``_run_expert``:
-  gather, FFN, weighting, scatter-add) against the ``expert_ffn_s`` of its calls, the number of calls and the
-  tokens routed. The isolated table's shape does not carry over to calls inside an iteration (a grid batch of
+  gather, FFN, weighting, scatter-add; and each shared expert, one call over every token) against the
+  ``expert_ffn_s`` of its calls, the number of calls and the tokens routed. The isolated table's shape does not carry over to calls inside an iteration (a grid batch of
   one decode token came out 10-14% slow with the table kept whole), so its share is fitted.
 - ``layer_overhead`` (per layer, affine in the batch's tokens and sequences): the runtime's attention + gate
   time per layer minus the planner's projections + attention core + gate for that batch.
@@ -177,6 +177,10 @@ def measure_overheads(spec: Any, profile: Any, *, seed: int = 0, threads: int = 
             raise RuntimeError("the runtime routed the same batch differently between repeats")
         call_tokens = counts[counts > 0].astype(np.float64)
         ffn_pred = float(np.sum(profile.expert_ffn_s(tokens=call_tokens, shape=spec.expert_shape)))
+        if spec.num_shared_experts:  # a shared expert is one more call per layer over every token
+            shared_calls = spec.num_moe_layers * spec.num_shared_experts
+            ffn_pred += shared_calls * float(profile.expert_ffn_s(tokens=tokens, shape=spec.shared_expert_shape))
+            call_tokens = np.concatenate([call_tokens, np.full(shared_calls, float(tokens))])
         rows.append(dict(tokens=tokens, seqs=seqs, layer_real=(med["attention_s"] + med["gate_s"]) / L,
                          layer_pred=layer_pred, iter_real=med["lm_head_s"] + med["other_s"], lm_pred=lm_pred,
                          expert_real=med["expert_compute_s"], duration=med["duration_s"], call_tokens=call_tokens,

@@ -156,6 +156,42 @@ def set_copy_link_from_runtime(spec: Any, profile_path: Path, *, threads: int = 
     return link
 
 
+# ---------------------------------------------------------------- the machine's speed over the validation
+
+
+def speed_probe(spec: Any, *, threads: int = 1, time_s: float = 0.6) -> float:
+    """Median seconds of one fixed piece of the runtime's work: ``spec``'s expert FFN at 1, 4 and 16 tokens over
+    cold rotating weights (memory-bound, as serving is), one call of each per sample.
+
+    Taken right after the calibration and before and after each served run: the ratio says how much faster or
+    slower the machine ran while serving than when the profile was measured, which on a shared VM explains a
+    simulator that is off on the very batches the runtime ran (``same_batch_total_time_bias``)."""
+    import torch
+
+    from calibrate.measure import Task, _make_call
+    from calibrate.timing import sample
+
+    shape = spec.expert_shape
+    bufs: dict[str, Any] = {}
+    calls = [_make_call(Task.of("expert_ffn", "bf16", threads, hidden=shape.hidden, ffn=shape.ffn,
+                                num_matrices=3, tokens=t), bufs, "cpu") for t in (1, 4, 16)]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            samples = sample(lambda i: [call(i) for call in calls], warmup=2, min_repeats=5, max_repeats=200,
+                             time_s=time_s)
+    finally:
+        torch.set_num_threads(previous)
+    return float(np.median(samples))
+
+
+def probe_change(probe_s: dict[str, float]) -> dict[str, float]:
+    """Each probe after the calibration's, as a relative change (+ = the machine ran slower than at calibration)."""
+    base = probe_s["calibration"]
+    return {k: v / base - 1.0 for k, v in probe_s.items() if k != "calibration"}
+
+
 # ---------------------------------------------------------------- the simulator's replay of a run
 
 
@@ -353,7 +389,7 @@ def count_failures(metrics: dict[str, Any]) -> list[str]:
 def run_summary(metrics: dict[str, Any]) -> dict[str, Any]:
     """One run's verdict figures, as ``summary.json`` lists them for repeated runs."""
     keys = (*ERROR_KEYS, "e2e_bias_median", "same_batch_total_time_bias", "iterations_real", "iterations_sim")
-    return {k: metrics[k] for k in keys}
+    return {**{k: metrics[k] for k in keys}, "speed_probe_change": metrics.get("speed_probe_change")}
 
 
 # ---------------------------------------------------------------- the whole validation
@@ -413,6 +449,7 @@ def validate(scenario: str | Path, *, profile: str | Path | None = None, quick: 
         oracle = record_oracle_routing(loaded, table, folder, seed=seed, routers=routers, prompts=prompts)
         say(f"recorded the oracle prefetcher's routing in a first pass in {time.perf_counter() - t:.1f} s")
     bounds = QUICK_BOUNDS if quick else FULL_BOUNDS
+    calibration_probe_s = speed_probe(loaded.model)  # the machine's speed now, as the profile saw it
     runs = []
     for k in range(repeats):
         run_folder = folder if repeats == 1 else folder / f"run-{k + 1}"
@@ -420,7 +457,7 @@ def validate(scenario: str | Path, *, profile: str | Path | None = None, quick: 
             say(f"run {k + 1} of {repeats}")
         runs.append(serve_and_compare(loaded, table, profile_path, run_folder, scenario=str(scenario), seed=seed,
                                       oracle=oracle, routers=routers, prompts=prompts, quick=quick, bounds=bounds,
-                                      say=say))
+                                      say=say, calibration_probe_s=calibration_probe_s))
     if repeats == 1:
         return runs[0]
     return median_run(runs, bounds, folder, quick=quick)
@@ -451,7 +488,7 @@ def median_run(runs: list[ValidationResult], bounds: Bounds, folder: Path, *, qu
 
 def serve_and_compare(loaded: Any, table: Any, profile_path: Path, folder: Path, *, scenario: str, seed: int,
                       oracle: dict[int, np.ndarray] | None, routers: str, prompts: str, quick: bool, bounds: Bounds,
-                      say: Any) -> ValidationResult:
+                      say: Any, calibration_probe_s: float | None = None) -> ValidationResult:
     """One run: serve ``table`` on the runtime, simulate its replay, compare; write the tables, ``summary.json``
     and ``report.html`` to ``folder``."""
     from calibrate.environment import load_average
@@ -459,12 +496,17 @@ def serve_and_compare(loaded: Any, table: Any, profile_path: Path, folder: Path,
     from sim.engine.simulation import simulate
 
     folder.mkdir(parents=True, exist_ok=True)
-    t = time.perf_counter()
-    load_before = list(load_average())
+    probe_s = {"calibration": calibration_probe_s} if calibration_probe_s else {}
     runtime = Runtime(loaded, seed=seed, oracle_routing=oracle, routers=routers, prompts=prompts)
     say(f"routers: {runtime.model.router_source}; prompts: {prompts}")
+    if probe_s:
+        probe_s["before_serving"] = speed_probe(loaded.model)
+    t = time.perf_counter()
+    load_before = list(load_average())
     recorder = runtime.serve(table)
     load_after = list(load_average())
+    if probe_s:
+        probe_s["after_serving"] = speed_probe(loaded.model)
     say(f"runtime served {len(table)} requests in {time.perf_counter() - t:.1f} s "
         f"({len(recorder.iterations)} iterations)")
     recorder.write(folder)
@@ -478,6 +520,9 @@ def serve_and_compare(loaded: Any, table: Any, profile_path: Path, folder: Path,
     metrics, merged = compare(real_req, result.requests, recorder.iterations_frame(), result.iterations)
     metrics["rerouted_positions"] = recorder.rerouted_positions
     metrics["load_average_serving"] = {"before": load_before, "after": load_after}
+    if probe_s:
+        metrics["speed_probe_s"] = probe_s
+        metrics["speed_probe_change"] = probe_change(probe_s)
     metrics["forced_positions"] = recorder.forced_positions
     planned = replay_batches(replay, recorder)
     real_it = recorder.iterations_frame()
@@ -526,6 +571,11 @@ def format_table(vr: ValidationResult, bounds: Bounds) -> str:
         lines.append(f"{'same batches by time':22s} total error in each quarter of the run "
                      + " ".join(f"{b:+.1%}" for b in m["same_batch_bias_by_quarter"])
                      + " (a spread here is the machine's speed drifting during the run)")
+    change = m.get("speed_probe_change")
+    if change:
+        lines.append(f"{'machine speed probe':22s} expert FFN probe vs at calibration: {change['before_serving']:+.1%} "
+                     f"before serving, {change['after_serving']:+.1%} after (+ = the machine ran slower; the same-batch "
+                     f"error moves the other way when the machine drifted)")
     if m.get("same_batch_prefetch_hits_real"):
         lines.append(f"{'prefetch hits':22s} runtime {m['same_batch_prefetch_hits_real']}, simulator "
                      f"{m['same_batch_prefetch_hits_sim']} (same batches)")
@@ -553,7 +603,9 @@ def format_table(vr: ValidationResult, bounds: Bounds) -> str:
         for r in rep["runs"]:
             lines.append(f"  run {r['run']}: e2e APE median {r['e2e_ape_median']:.1%}, P95 {r['e2e_ape_p95']:.1%} "
                          f"(bias {r['e2e_bias_median']:+.1%}), throughput error {r['throughput_error']:.1%}, same batches "
-                         f"{r['same_batch_total_time_bias']:+.1%}, iterations {r['iterations_real']} / {r['iterations_sim']}")
+                         f"{r['same_batch_total_time_bias']:+.1%}, iterations {r['iterations_real']} / {r['iterations_sim']}"
+                         + (f", speed probe {r['speed_probe_change']['before_serving']:+.1%} / "
+                            f"{r['speed_probe_change']['after_serving']:+.1%}" if r.get("speed_probe_change") else ""))
         med = rep["median_over_runs"]
         lines.append(f"  median over runs (judged): e2e APE median {med['e2e_ape_median']:.1%}, P95 {med['e2e_ape_p95']:.1%}, "
                      f"throughput error {med['throughput_error']:.1%}")

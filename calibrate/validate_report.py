@@ -20,7 +20,7 @@ import pandas as pd
 BREAKDOWN = ("attention_s", "gate_s", "expert_compute_s", "load_wait_s", "lm_head_s", "other_s")
 _KIND_TO_COLUMN = {"attention": "attention_s", "gate": "gate_s", "experts": "expert_compute_s",
                    "expert": "expert_compute_s", "lm_head": "lm_head_s", "iteration_overhead": "other_s",
-                   "dense_ffn": "expert_compute_s"}
+                   "dense_ffn": "expert_compute_s", "shared": "expert_compute_s"}
 
 
 def plan_breakdown(planner: Any, plan: Any, timing: Any, shape: Any, counts: np.ndarray) -> dict[str, float]:

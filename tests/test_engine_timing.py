@@ -404,6 +404,25 @@ def test_next_layer_prefetch_hides_loads_behind_the_previous_layer(timer):
     assert durations["next_layer"] == pytest.approx((a + g) + 2 * L + x + lm_head_s(), rel=1e-12)
 
 
+@pytest.mark.parametrize("timer", TIMERS)
+def test_shared_experts_run_while_the_layers_loads_are_in_flight(timer):
+    """The prefetch test's setting without prefetch, plus one shared expert per layer (time S). Layer 0 hits:
+    its shared expert adds S to the stream. Layer 1 misses both experts: its loads are issued after its gate
+    and its shared expert runs under them (S < L), so it adds nothing. Total: exactly S more than without."""
+    counts = np.array([[1, 1, 0, 0], [0, 0, 1, 1]], dtype=np.int64)
+    durations = {}
+    for shared in (0, 1):
+        model = tiny_model(num_experts=4, num_shared_experts=shared, shared_expert_ffn_size=256 if shared else None)
+        cache = make_cache("lru", num_layers=2, num_experts=4, capacity_experts=4, per_layer=True)
+        plan = IterationPlanner(model=model, profile=TOY, cache=cache).plan(decode_batch(5), counts)
+        assert plan.op_kind.count("shared") == 2 * shared
+        durations[shared] = timer(plan).duration_s
+    shared_model = tiny_model(num_experts=4, num_shared_experts=1, shared_expert_ffn_size=256)
+    S = float(TOY.expert_ffn_s(tokens=1, shape=shared_model.shared_expert_shape))
+    assert 0 < S < h2d_s(49152)  # the premise: a load outlasts the shared expert
+    assert durations[1] - durations[0] == pytest.approx(S, rel=1e-9)
+
+
 def test_next_layer_prefetch_never_evicts_an_expert_the_current_layer_needs():
     """The tiny model (2 MoE layers x 2 experts, both used by every token), 3 slots, one LRU pool.
     Start: (0,0), (0,1), (1,0) resident. Layer 0 needs both of its experts, which are resident, so it

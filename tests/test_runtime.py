@@ -89,6 +89,54 @@ def test_runtime_cache_makes_the_simulators_decisions(tmp_path: Path) -> None:
     np.testing.assert_array_equal(planned["misses"].to_numpy(), it["expert_misses"].to_numpy())
 
 
+def test_fine_grained_runtime_with_shared_experts_makes_the_simulators_decisions(tmp_path: Path) -> None:
+    """The fine-grained variant: 8 routed experts of half the width, top-4, and 2 shared experts per layer
+    (run on every token, resident, while the layer's misses load). It serves every request, and on its own
+    batches the simulator's planner makes the same hits and misses and plans both shared experts per layer."""
+    data = copy.deepcopy(SCENARIO)
+    data["model"]["spec"].update(name="test-tiny-fine-grained", num_experts=8, top_k=4, expert_ffn_size=128,
+                                 num_shared_experts=2, shared_expert_ffn_size=128)
+    data["hardware"]["expert_memory"] = {"experts": 16}
+    path = tmp_path / "fine.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    loaded, table, rec = _serve(path)
+    assert (rec.requests_frame()["status"] == "completed").all()
+    it = rec.iterations_frame()
+    assert it["expert_misses"].sum() > 0 and it["expert_hits"].sum() > 0
+    replay = replay_scenario(loaded, table, rec, _shipped_profile(), tmp_path / "replay")
+    planned = replay_batches(replay, rec)
+    np.testing.assert_array_equal(planned["hits"].to_numpy(), it["expert_hits"].to_numpy())
+    np.testing.assert_array_equal(planned["misses"].to_numpy(), it["expert_misses"].to_numpy())
+    from sim.engine.iteration import IterationPlanner
+    from sim.policies.cache import make_cache
+
+    model = replay.model
+    cache = make_cache("lru", num_layers=4, num_experts=8, capacity_experts=16, per_layer=False)
+    plan = IterationPlanner(model=model, profile=replay.profile, cache=cache).plan(
+        _decode_shape(3), np.ones((4, 8), dtype=np.int64))
+    assert plan.op_kind.count("shared") == 4 and plan.misses > 0
+    shared_s = plan.op_s[plan.op_kind.index("shared")]
+    assert shared_s == pytest.approx(2 * float(replay.profile.routed_expert_s(tokens=3, shape=model.shared_expert_shape)))
+
+
+def _decode_shape(n: int):
+    from sim.engine.iteration import BatchShape
+
+    empty = np.zeros(0, dtype=np.int64)
+    return BatchShape(empty, empty, np.full(n, 10, dtype=np.int64), num_emitting=n)
+
+
+def test_the_runtime_refuses_a_gated_shared_expert() -> None:
+    from calibrate.errors import CalibrationError
+    from calibrate.runtime.model import dims_of
+    from sim.spec import ModelSpec
+
+    spec = ModelSpec.model_validate({**TINY_MOE, "num_shared_experts": 1, "shared_expert_ffn_size": 64,
+                                     "shared_expert_gate": True})
+    with pytest.raises(CalibrationError, match="shared_expert_gate"):
+        dims_of(spec)
+
+
 @pytest.mark.parametrize("predictor", ["frequency", "oracle"])
 def test_runtime_prefetch_makes_the_simulators_decisions(tmp_path: Path, predictor: str) -> None:
     """Next-layer prefetch into 8 slots of 16 experts: the runtime's prefetches are used (prefetch hits) and,

@@ -1,7 +1,8 @@
 """A scaled-down Mixtral-like MoE transformer with seeded weights, run with plain torch ops.
 
 The architecture comes from a ``ModelSpec`` (GQA attention, SwiGLU routed experts, softmax top-k router,
-RMSNorm, untied LM head); only decoder-only GQA/MHA models with every layer MoE are supported. Weights are
+RMSNorm, untied LM head, optional ungated shared experts as in fine-grained DeepSeek-style models); only
+decoder-only GQA/MHA models with every layer MoE are supported. Weights are
 drawn from a seeded ``torch.Generator``. The routers are either those seeded ones (routing is then the
 random router's own top-k) or trained ones shipped with the package (``routers``, ``train_routers``):
 trained on text against exactly these frozen seeded weights, so they route by token content. Rotary
@@ -38,6 +39,8 @@ class Dims:
     num_kv_heads: int
     head_dim: int
     vocab: int
+    num_shared: int = 0  # shared experts per layer: always resident, run on every token
+    shared_ffn: int = 0
 
     @property
     def expert_numel(self) -> int:
@@ -47,15 +50,18 @@ class Dims:
 def dims_of(spec: ModelSpec) -> Dims:
     if spec.attention_type not in ("mha", "gqa") or spec.ffn_activation != "swiglu":
         raise CalibrationError(f"model {spec.name}: the runtime runs gqa/mha attention with swiglu experts only")
-    if spec.num_moe_layers != spec.num_layers or spec.num_shared_experts or spec.is_encoder_decoder:
-        raise CalibrationError(f"model {spec.name}: the runtime needs every decoder layer MoE, no shared experts")
+    if spec.num_moe_layers != spec.num_layers or spec.is_encoder_decoder:
+        raise CalibrationError(f"model {spec.name}: the runtime needs every decoder layer MoE")
+    if spec.shared_expert_gate:
+        raise CalibrationError(f"model {spec.name}: the runtime runs ungated shared experts only (no shared_expert_gate)")
     if spec.sliding_window_tokens:
         raise CalibrationError(f"model {spec.name}: sliding-window attention is not supported by the runtime")
     assert spec.head_dim is not None
     return Dims(
         hidden=spec.hidden_size, ffn=spec.expert_ffn_size, num_layers=spec.num_layers, num_experts=spec.num_experts,
         top_k=spec.top_k, num_heads=spec.num_attention_heads, num_kv_heads=spec.num_kv_heads or spec.num_attention_heads,
-        head_dim=spec.head_dim, vocab=spec.vocab_size,
+        head_dim=spec.head_dim, vocab=spec.vocab_size, num_shared=spec.num_shared_experts,
+        shared_ffn=spec.shared_expert_ffn_size or 0,
     )
 
 
@@ -93,6 +99,11 @@ class TinyMoE:
         self.host_experts = torch.empty(n, d.expert_numel, dtype=DTYPE)
         for key in range(n):
             self.host_experts[key] = torch.randn(d.expert_numel, generator=g).mul_(1.0 / math.sqrt(d.hidden)).to(DTYPE)
+        # Shared experts (fine-grained models): resident with the layer, drawn after every other weight so a
+        # model without them has exactly the weights it always had (the trained routers were fitted to them).
+        for weights in self.layers:
+            weights["shared"] = [(w(d.hidden, d.shared_ffn), w(d.hidden, d.shared_ffn), w(d.shared_ffn, d.hidden))
+                                 for _ in range(d.num_shared)]
         # Chosen after every seeded draw, so the other weights are the same whichever routers are used.
         trained, self.router_source = choose_routers(d, spec.name, seed, routers)
         if trained is not None:

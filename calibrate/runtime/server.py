@@ -357,6 +357,11 @@ class Runtime:
             gate_s += t2 - t1
             attention_s += t1 - t0
             y = torch.zeros_like(h2)
+            # Shared experts: every token, no routing, no load; they run while this layer's loads (just issued)
+            # are in flight, as the simulator's planner orders them.
+            for wg, wu, wd in w["shared"]:
+                y += m.expert_ffn(h2, wg, wu, wd)
+            expert_s += perf() - t2
             base = layer * d.num_experts
             for e in access.hits:
                 expert_s += self._run_expert(h2, y, idx_np, weights, e, store.weights(base + e))
@@ -414,6 +419,7 @@ class Runtime:
             w = m.layers[0]
             _ = h @ w["wq"], h @ w["wk"], m.route(0, h), m.rms_norm(h, w["norm1"]) @ m.lm_head
             _ = m.expert_ffn(h, *m.expert_views(m.host_experts[0]))
+            _ = [m.expert_ffn(h, *shared) for shared in w["shared"]]
             q = torch.randn(1, d.num_heads, t, d.head_dim).to(torch.bfloat16)
             kv = torch.randn(1, d.num_kv_heads, t, d.head_dim).to(torch.bfloat16)
             F.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=d.num_heads != d.num_kv_heads)

@@ -86,7 +86,8 @@ class FrozenMoE:
     def __init__(self, model: TinyMoE) -> None:
         self.dims = d = model.dims
         self.embed = model.embed.float()
-        self.layers = [{k: v.float() for k, v in w.items() if k != "router"} for w in model.layers]
+        self.layers = [{k: v.float() for k, v in w.items() if k not in ("router", "shared")} for w in model.layers]
+        self.shared = [[tuple(m.float() for m in expert) for expert in w["shared"]] for w in model.layers]
         self.final_norm = model.final_norm.float()
         self.lm_head = model.lm_head.float()
         hf = d.hidden * d.ffn
@@ -122,6 +123,8 @@ class FrozenMoE:
             if routing is not None:
                 routing.append(idx.view(B, L, d.top_k))
             y = torch.zeros_like(h2)
+            for wg, wu, wd in self.shared[layer]:  # shared experts: every token, as the runtime runs them
+                y = y + (F.silu(h2 @ wg) * (h2 @ wu)) @ wd
             base = layer * d.num_experts
             for e in range(d.num_experts):
                 rows, slot = torch.nonzero(idx == e, as_tuple=True)

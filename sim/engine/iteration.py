@@ -1,8 +1,9 @@
 """One iteration of one replica: what runs on the compute stream and the copy engine, and when.
 
 An iteration's timeline is a small flow shop (DESIGN.md, "Speed"): the copy engine loads experts
-one at a time in FIFO order, the compute stream runs attention, gate and experts in order, and an
-expert starts when both its load and the stream are done. Planning and timing are split:
+one at a time in FIFO order, the compute stream runs attention, gate, shared experts and routed experts in
+order, and an expert starts when both its load and the stream are done. A layer's loads are issued once its
+gate has run, so its shared experts (which need no routing and no load) compute while they are in flight. Planning and timing are split:
 
 * ``IterationPlanner.plan`` makes every decision (cache hits, evictions, prefetches, expert order)
   and returns an ``IterationPlan`` of compute ops and loads with their dependencies. Decisions never
@@ -220,8 +221,8 @@ class IterationPlanner:
             profile = self.profile
             projections_s = sum(float(profile.dense_gemm_s(tokens=tokens, shape=s)) for s in self.projection_shapes)
             gate_s = float(profile.gate_s(tokens=tokens, shape=self.router_shape))
-            shared_s = (
-                self.num_shared * float(profile.expert_ffn_s(tokens=tokens, shape=self.shared_shape))
+            shared_s = (  # a shared expert is one expert call over every token, charged as a routed call is
+                self.num_shared * float(profile.routed_expert_s(tokens=tokens, shape=self.shared_shape))
                 if self.shared_shape is not None
                 else 0.0
             )
@@ -348,10 +349,16 @@ class IterationPlanner:
             if prefetching and moe_layer == 0:
                 # The first MoE layer has no predecessor to hide its loads behind: start at once.
                 self._prefetch(plan, 0, counts, prefetched, len(op_s) - 1)
-            op_s.extend((attention_s, gate_s + shared_s))
+            op_s.extend((attention_s, gate_s))
             op_kind.extend(("attention", "gate"))
             op_load.extend((-1, -1))
             gate_op = len(op_s) - 1
+            if shared_s:
+                # Shared experts need no routing and no load: they run while the routed experts' loads
+                # (issued after the gate) are in flight.
+                op_s.append(shared_s)
+                op_kind.append("shared")
+                op_load.append(-1)
             lo, hi = bounds[moe_layer], bounds[moe_layer + 1]
             base = moe_layer * E
             keys = [base + e for e in needed_all[lo:hi]]
