@@ -482,6 +482,7 @@ def median_run(runs: list[ValidationResult], bounds: Bounds, folder: Path, *, qu
     summary = {"scenario": vr.scenario, "profile": vr.profile, "routers": vr.routers, "prompts": vr.prompts,
                "quick": quick, "bounds": asdict(bounds), "passed": vr.passed, "failures": failures, "metrics": metrics}
     (folder / "summary.json").write_text(json.dumps(summary, indent=1, default=float), encoding="utf-8")
+    chosen.comparison.to_csv(folder / "comparison.csv", index=False)  # `moesim report FOLDER` renders the median run
     write_html(vr, bounds, folder / "report.html")
     return vr
 

@@ -374,6 +374,10 @@ def test_repeated_validation_judges_the_median_run(tmp_path: Path, monkeypatch) 
     # Each median is within the full bounds although runs 1 and 2 each exceed one: PASS, exit 0.
     assert summary["passed"] and summary["failures"] == [] and code == 0
     assert (out / "report.html").read_text().count("run 3 of 3 (the median run)") == 1
+    # `moesim report` renders the folder: the median run's requests and every run's verdict figures.
+    assert sim.cli.main(["report", str(out), "-o", str(tmp_path / "v.html")]) == 0
+    page = (tmp_path / "v.html").read_text()
+    assert "bounds judged on the median over runs" in page and "3 (median run, shown below)" in page
 
     errors = iter([(0.30, 0.50, 0.01), (0.06, 0.10, 0.20), (0.04, 0.12, 0.03)])  # median e2e 0.06 > 5%
     code = sim.cli.main(["validate", str(path), "--profile", str(_shipped_profile()), "--out", str(out),
