@@ -361,24 +361,31 @@ def measure_group(tasks: Sequence[Task], bufs: _Buffers, device: str, budget: Bu
 
     device = task_device(tasks[0], device)
     rounds = max(1, budget.rounds)
-    per_round_min = max(1, math.ceil(budget.min_repeats / rounds))
-    per_round_max = max(1, math.ceil(budget.max_repeats / rounds))
     samples: list[list[float]] = [[] for _ in tasks]
     with torch.inference_mode():
         calls = []
         for task in tasks:
             calls.append(_make_call(task, bufs.for_task(task), device))
         for r in range(rounds):
-            for j, (task, call) in enumerate(zip(tasks, calls)):
-                if device == "cpu" and torch.get_num_threads() != task.threads:
-                    torch.set_num_threads(task.threads)
-                samples[j] += sample(call, warmup=budget.warmup if r == 0 else 0, min_repeats=per_round_min,
-                                     max_repeats=per_round_max, time_s=budget.time_s / rounds,
-                                     start=len(samples[j]) + r, cuda=device == "cuda",
-                                     clock=budget.clock if (device == "cpu" and task.threads == 1) else "wall",
-                                     short_call_s=budget.short_call_s,
-                                     short_call_repeat_factor=budget.short_call_repeat_factor)
+            _sample_round(tasks, calls, samples, device, budget, rounds=rounds, round_index=r,
+                          warmup=budget.warmup if r == 0 else 0)
     return [summarize(s) for s in samples]
+
+
+def _sample_round(tasks: Sequence[Task], calls: Sequence[Callable[[int], object]], samples: list[list[float]],
+                  device: str, budget: Budget, *, rounds: int, round_index: int, warmup: int) -> None:
+    """One round over ``tasks``, each appending to its ``samples``: a ``1/rounds`` share of the repeats and time."""
+    import torch
+
+    per_round_min = max(1, math.ceil(budget.min_repeats / rounds))
+    per_round_max = max(1, math.ceil(budget.max_repeats / rounds))
+    for task, call, s in zip(tasks, calls, samples):
+        if device == "cpu" and torch.get_num_threads() != task.threads:
+            torch.set_num_threads(task.threads)
+        s += sample(call, warmup=warmup, min_repeats=per_round_min, max_repeats=per_round_max,
+                    time_s=budget.time_s / rounds, start=len(s) + round_index, cuda=device == "cuda",
+                    clock=budget.clock if (device == "cpu" and task.threads == 1) else "wall",
+                    short_call_s=budget.short_call_s, short_call_repeat_factor=budget.short_call_repeat_factor)
 
 
 # Ops whose samples are spread over the whole calibration (``SpreadSampler``): pure memory / link bandwidth,
@@ -397,12 +404,8 @@ class SpreadSampler:
     def __init__(self, groups: Sequence[Sequence[Task]], device: str, budget: Budget) -> None:
         self.groups = [list(g) for g in groups]
         self.device = device
+        self.budget = budget
         self.rounds = max(1, budget.spread_rounds)
-        self.budget = Budget(warmup=1, min_repeats=max(1, math.ceil(budget.min_repeats / self.rounds)),
-                             max_repeats=max(1, math.ceil(budget.max_repeats / self.rounds)),
-                             time_s=budget.time_s / self.rounds, rounds=1, clock="wall",
-                             short_call_s=budget.short_call_s,
-                             short_call_repeat_factor=budget.short_call_repeat_factor)
         self.samples: list[list[list[float]]] = [[[] for _ in g] for g in self.groups]
         self.done_rounds = 0
 
@@ -416,13 +419,8 @@ class SpreadSampler:
             for group, samples in zip(self.groups, self.samples):
                 device = task_device(group[0], self.device)
                 calls = [_make_call(task, {}, device) for task in group]
-                for task, call, s in zip(group, calls, samples):
-                    if device == "cpu" and torch.get_num_threads() != task.threads:
-                        torch.set_num_threads(task.threads)
-                    s += sample(call, warmup=self.budget.warmup, min_repeats=self.budget.min_repeats,
-                                max_repeats=self.budget.max_repeats, time_s=self.budget.time_s, start=len(s),
-                                cuda=device == "cuda", short_call_s=self.budget.short_call_s,
-                                short_call_repeat_factor=self.budget.short_call_repeat_factor)
+                _sample_round(group, calls, samples, device, self.budget, rounds=self.rounds,
+                              round_index=self.done_rounds, warmup=1)
                 del calls
         self.done_rounds += 1
 

@@ -449,7 +449,8 @@ def validate(scenario: str | Path, *, profile: str | Path | None = None, quick: 
         oracle = record_oracle_routing(loaded, table, folder, seed=seed, routers=routers, prompts=prompts)
         say(f"recorded the oracle prefetcher's routing in a first pass in {time.perf_counter() - t:.1f} s")
     bounds = QUICK_BOUNDS if quick else FULL_BOUNDS
-    calibration_probe_s = speed_probe(loaded.model)  # the machine's speed now, as the profile saw it
+    # The machine's speed as the calibration just saw it (a given profile was measured at another time: no probes).
+    calibration_probe_s = speed_probe(loaded.model) if profile is None else None
     runs = []
     for k in range(repeats):
         run_folder = folder if repeats == 1 else folder / f"run-{k + 1}"
