@@ -102,6 +102,31 @@ def test_shape_mismatch_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert weights is None and "hidden 32 != 64" in why
 
 
+def test_shared_experts_are_part_of_what_a_trained_file_matches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shared experts are frozen weights the routers were trained against: a file for one shared width is not used
+    with another. A model without shared experts has no such keys, so files written before them still match."""
+    import calibrate.runtime.routers as routers
+
+    assert "num_shared" not in shape_meta(dims_of(ModelSpec.model_validate(TINY)), "test-tiny-moe", 0)
+    fine = dims_of(ModelSpec.model_validate({**TINY, "num_shared_experts": 1, "shared_expert_ffn_size": 64}))
+    save_routers(tmp_path / "test-tiny-moe-routers.npz", [torch.zeros(64, 4)] * 2,
+                 {**shape_meta(fine, "test-tiny-moe", 0), "shared_ffn": 32})
+    monkeypatch.setattr(routers, "DATA_DIR", tmp_path)
+    weights, why = choose_routers(fine, "test-tiny-moe", 0, "auto")
+    assert weights is None and "shared_ffn 32 != 64" in why
+
+
+def test_shipped_fine_grained_routers_match_the_fine_grained_scenario() -> None:
+    from sim.scenario import load_scenario
+
+    spec = load_scenario(Path(__file__).resolve().parent.parent / "scenarios" / "validate-fine-grained-shared.yaml").model
+    model = TinyMoE(spec, 0)
+    assert model.router_source == "trained (tiny-deepseek-routers.npz)"
+    prov = json.loads(provenance_path(spec.name).read_text())
+    assert prov["training"]["loss_after"] < prov["training"]["loss_before"]
+    assert prov["matches"]["num_shared"] == 2 and routers_path(spec.name).stat().st_size < 150_000
+
+
 def test_tiny_training_lowers_the_loss_and_is_deterministic(tmp_path: Path) -> None:
     spec = ModelSpec.model_validate(TINY)
     tokens = np.frombuffer(TEXT, dtype=np.uint8)

@@ -35,8 +35,11 @@ def provenance_path(name: str) -> Path:
 
 def shape_meta(dims: Any, name: str, seed: int) -> dict[str, Any]:
     """What a trained file must match: the model's name, shapes and the seed of its frozen weights."""
-    return {"name": name, "hidden": dims.hidden, "num_layers": dims.num_layers, "num_experts": dims.num_experts,
+    meta = {"name": name, "hidden": dims.hidden, "num_layers": dims.num_layers, "num_experts": dims.num_experts,
             "top_k": dims.top_k, "vocab": dims.vocab, "seed": seed}
+    if dims.num_shared:  # shared experts are frozen weights too (only then: older files have no such keys)
+        meta.update(num_shared=dims.num_shared, shared_ffn=dims.shared_ffn)
+    return meta
 
 
 def save_routers(path: Path, routers: list[torch.Tensor], meta: dict[str, Any]) -> Path:
