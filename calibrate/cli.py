@@ -347,6 +347,11 @@ def write_profile(points: list[dict[str, str]], environment: dict[str, Any], *, 
                   file=sys.stderr)
         for op, mape in op_mape(summary).items():
             print(f"{op:18s} MAPE {mape:6.1%}", file=sys.stderr)
+        for key, c in profile["provenance"].get("concurrent_copies", {}).items():
+            if key.startswith("streams_"):
+                print(f"{key.removeprefix('streams_')} copies at once: " + ", ".join(
+                    f"{b / 2**20:.0f} MiB {g:.1f} GB/s ({x:.2f}x one)"
+                    for b, g, x in zip(c["nbytes"], c["aggregate_gbps"], c["speedup_vs_one_copy"])), file=sys.stderr)
         print(f"wrote {out} ({len(points)} points in {points_path})", file=sys.stderr)
     return profile
 

@@ -299,12 +299,13 @@ def build_profile(
     if cpu_attn is not None:
         operations["cpu_attention_decode"] = cpu_attn
         summary.update({f"cpu_attention_decode[{k}]": v for k, v in cpu_summary.items()})
-    copy_rows = [r for r in by_op[copy_op] if r.get("pinned", "") in ("", "1")]
+    single = [r for r in by_op[copy_op] if r.get("streams", "") in ("", "1")]
+    copy_rows = [r for r in single if r.get("pinned", "") in ("", "1")]
     link, link_err = fit_link(np.array([_num(r, "nbytes") for r in copy_rows], dtype=float),
                               np.array([float(r["median_s"]) for r in copy_rows]))
     pageable_factor = 1.0
     if device == "cuda":  # pragma: no cover - needs a GPU
-        pg = [r for r in by_op[copy_op] if r.get("pinned") == "0"]
+        pg = [r for r in single if r.get("pinned") == "0"]
         if pg:
             pg_link, _ = fit_link(np.array([_num(r, "nbytes") for r in pg], dtype=float),
                                   np.array([float(r["median_s"]) for r in pg]))
@@ -316,6 +317,15 @@ def build_profile(
     summary[copy_op] = {"link": error_stats(link_err)}
     valid_range[copy_op] = {"nbytes": [min(_num(r, "nbytes") for r in copy_rows), max(_num(r, "nbytes") for r in copy_rows)]}
     host_link.update({"pageable_bandwidth_factor": _round(pageable_factor), "num_copy_engines": 1})
+    device_link = dict(host_link)
+    d2h_rows = by_op.get("d2h_copy", [])
+    if d2h_rows:  # pragma: no cover - needs a GPU
+        d2h, _ = fit_link(np.array([_num(r, "nbytes") for r in d2h_rows], dtype=float),
+                          np.array([float(r["median_s"]) for r in d2h_rows]))
+        device_link.update(bandwidth_gbps=_round(d2h["bandwidth_gbps"]), latency_s=_round(d2h["latency_s"]))
+        valid_range["d2h_copy"] = {"nbytes": [min(_num(r, "nbytes") for r in d2h_rows),
+                                              max(_num(r, "nbytes") for r in d2h_rows)]}
+    concurrent = concurrent_copies([r for r in by_op[copy_op] if r not in single], host_link)
     cpu_name = environment.get("cpu_model", "unknown CPU")
     cores = int(environment.get("cpu_count") or 1)
     fp32 = peaks.get("fp32", peaks.get("bf16", 1e9))
@@ -349,6 +359,10 @@ def build_profile(
             "host memory copy (torch copy_ into a preallocated host buffer from a cold source): the copy the CPU "
             "runtime does to fill its expert cache. It is NOT a PCIe transfer; there is no GPU. device_to_host, "
             "gpu_to_gpu and node_to_node repeat it as placeholders (not measured, not meaningful on one CPU).")
+    elif not d2h_rows:  # pragma: no cover - needs a GPU
+        provenance["device_to_host"] = "not measured: repeats host_to_device"
+    if concurrent:
+        provenance["concurrent_copies"] = concurrent
     load_end = environment.get("load_average_at_end")
     loads = [float(r["load_avg_1m"]) for r in points if r.get("load_avg_1m")]
     if loads:
@@ -369,13 +383,32 @@ def build_profile(
         "source": "measured",
         "provenance": provenance,
         "gpu": gpu,
-        "links": {"host_to_device": host_link, "device_to_host": dict(host_link),
+        "links": {"host_to_device": host_link, "device_to_host": device_link,
                   "gpu_to_gpu": dict(placeholder), "node_to_node": dict(placeholder)},
         "cpu": cpu,
         "operations": operations,
         "collectives": collectives,
     }
     return profile, summary
+
+
+def concurrent_copies(rows: list[dict[str, str]], link: dict[str, float]) -> dict[str, Any]:
+    """Several copies at once (``streams`` > 1), against the fitted one-copy link: the bytes per second all of them
+    moved together, and how many times one copy's rate that is (1 = they share one link; ``streams`` = each has
+    its own). The simulator's link runs one copy at a time (``num_copy_engines`` stays 1), so this is reported."""
+    out: dict[str, Any] = {}
+    for streams in sorted({int(r["streams"]) for r in rows}):
+        pts = sorted((r for r in rows if int(r["streams"]) == streams), key=lambda r: _num(r, "nbytes"))
+        nbytes = np.array([_num(r, "nbytes") for r in pts], dtype=float)
+        seconds = np.array([float(r["median_s"]) for r in pts])
+        one_s = link["latency_s"] + nbytes / (link["bandwidth_gbps"] * 1e9)
+        out[f"streams_{streams}"] = {
+            "nbytes": [int(b) for b in nbytes], "aggregate_gbps": [_round(v) for v in streams * nbytes / seconds / 1e9],
+            "speedup_vs_one_copy": [_round(v) for v in streams * one_s / seconds]}
+    if out:
+        out["note"] = ("aggregate rate of N simultaneous copies of nbytes each, and its ratio to one copy's fitted "
+                       "rate; the simulator's link is one queue (num_copy_engines 1)")
+    return out
 
 
 def op_mape(summary: dict[str, dict[str, Any]]) -> dict[str, float]:

@@ -13,7 +13,9 @@ Ops measured (``op`` column):
 - ``gate``: router GEMM + softmax + top-k + renormalise (router weights stay hot: they are small).
 - ``host_copy`` (CPU): ``dst.copy_(src)`` into a preallocated host buffer from a cold source: the memory copy
   the CPU runtime does to fill its expert cache. It is NOT a PCIe transfer. ``h2d_copy`` on CUDA, pinned
-  and pageable. Copies are sampled in rounds spread over the whole run (``SpreadSampler``), not in one stretch.
+  and pageable; ``d2h_copy`` device -> host on CUDA. A ``streams`` column > 1 marks several copies at once (CUDA
+  streams; CPU copy threads), timed until all are done. Copies are sampled in rounds spread over the whole run
+  (``SpreadSampler``), not in one stretch.
 - ``attention_decode``: ``scaled_dot_product_attention`` of one query token per sequence over ``context`` cached
   tokens, ``batch`` sequences in one call (GQA via ``enable_gqa``); on the CPU this is the CPU attention.
 - ``attention_prefill``: causal SDPA over a prompt of ``tokens`` tokens (one sequence).
@@ -39,11 +41,11 @@ from sim.spec import ModelSpec
 
 PARAM_COLUMNS: tuple[str, ...] = (
     "hidden", "ffn", "num_matrices", "in_features", "out_features", "top_k", "tokens", "batch", "context",
-    "num_heads", "num_kv_heads", "head_dim", "nbytes", "pinned", "num_experts", "num_ranks",
+    "num_heads", "num_kv_heads", "head_dim", "nbytes", "pinned", "num_experts", "num_ranks", "streams",
 )
-# Columns added after the first shipped points files: an older file lacks them (read as empty) and is
+# Columns added after the first shipped points files: an older file lacks some of them (read as empty) and is
 # rewritten with every column before a resumed run appends to it.
-LATER_COLUMNS: tuple[str, ...] = ("num_experts", "num_ranks")
+LATER_COLUMNS: tuple[str, ...] = ("num_experts", "num_ranks", "streams")
 RESULT_COLUMNS: tuple[str, ...] = (
     "median_s", "p10_s", "p90_s", "cv", "num_samples", "num_dropped", "load_avg_1m", "measured_at",
 )
@@ -67,6 +69,10 @@ FULL_GROUPED = {"num_experts": (1, 2, 4, 8, 16, 32), "tokens": (1, 2, 4, 8, 16, 
 MAX_GROUPED_WEIGHT_BYTES = 512 * 2**20  # one grouped point's weights (x2 rotating copies) stay below ~1 GB
 QUICK_COPY_MB = (1, 4, 16, 64, 256)
 FULL_COPY_MB = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# Several copies at once (CUDA streams; CPU copy threads): does a second copy engine / thread move more bytes per
+# second, or do they share one link? Each point is ``streams`` copies of ``nbytes`` each, timed until all are done.
+CONCURRENT_STREAMS = (2, 4)
+CONCURRENT_COPY_MB = {True: (4, 64), False: (4, 16, 64, 256)}  # quick / full
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,12 +132,18 @@ def build_plan(
     for dtype in dtypes:
         tasks.append(Task.of("peak_gemm", dtype, threads, hidden=2048))
     tasks.append(Task.of("mem_read", "fp32", threads, nbytes=512 * 2**20))
+    copy_op = "h2d_copy" if device == "cuda" else "host_copy"
     for mb in QUICK_COPY_MB if quick else FULL_COPY_MB:
         if device == "cuda":
             for pinned in (1, 0):
                 tasks.append(Task.of("h2d_copy", "bf16", threads, nbytes=mb * 2**20, pinned=pinned))
+            tasks.append(Task.of("d2h_copy", "bf16", threads, nbytes=mb * 2**20, pinned=1))
         else:
             tasks.append(Task.of("host_copy", "bf16", threads, nbytes=mb * 2**20))
+    for streams in CONCURRENT_STREAMS:
+        for mb in CONCURRENT_COPY_MB[quick]:
+            tasks.append(Task.of(copy_op, "bf16", threads, nbytes=mb * 2**20, streams=streams,
+                                 **({"pinned": 1} if device == "cuda" else {})))
     for dtype in dtypes:
         for spec in models:
             experts = [spec.expert_shape] + ([spec.shared_expert_shape] if spec.shared_expert_shape else [])
@@ -302,7 +314,9 @@ def _make_call(task: Task, bufs: dict[str, Any], device: str) -> Callable[[int],
             top, idx = torch.topk(probs, k, dim=-1)
             return top / top.sum(dim=-1, keepdim=True), idx
         return call
-    if task.op in ("host_copy", "h2d_copy"):
+    if task.op in ("host_copy", "h2d_copy", "d2h_copy") and p.get("streams", 1) > 1:
+        return _concurrent_copy_call(task)
+    if task.op in ("host_copy", "h2d_copy", "d2h_copy"):
         nbytes = p["nbytes"]
         numel = nbytes // 2
         if task.op == "host_copy":
@@ -312,9 +326,11 @@ def _make_call(task: Task, bufs: dict[str, Any], device: str) -> Callable[[int],
             dst = [torch.zeros(numel, dtype=torch.bfloat16) for _ in range(n)]
             return lambda i: dst[(i + 1) % n].copy_(src[i % n])
         pinned = bool(p.get("pinned", 1))  # pragma: no cover - needs a GPU
-        src = [torch.empty(numel, dtype=torch.bfloat16, pin_memory=pinned).fill_(j) for j in range(2)]
-        dst = torch.empty(numel, dtype=torch.bfloat16, device="cuda")
-        return lambda i: dst.copy_(src[i % 2], non_blocking=pinned)
+        host = [torch.empty(numel, dtype=torch.bfloat16, pin_memory=pinned).fill_(j) for j in range(2)]
+        gpu = torch.empty(numel, dtype=torch.bfloat16, device="cuda")
+        if task.op == "d2h_copy":  # device -> host (e.g. a KV swap out)
+            return lambda i: host[i % 2].copy_(gpu, non_blocking=pinned)
+        return lambda i: gpu.copy_(host[i % 2], non_blocking=pinned)
     if task.op in ("attention_decode", "cpu_attention_decode"):
         b, c, hq, hkv, d = p["batch"], p["context"], p["num_heads"], p["num_kv_heads"], p["head_dim"]
         kv_bytes = 2 * b * c * hkv * d * 2
@@ -344,6 +360,52 @@ def _make_call(task: Task, bufs: dict[str, Any], device: str) -> Callable[[int],
         buf = torch.ones(p["nbytes"] // 4, dtype=torch.float32, device=device)
         return lambda i: buf.sum()
     raise ValueError(f"unknown op {task.op!r}")
+
+
+def _concurrent_copy_call(task: Task) -> Callable[[int], object]:
+    """``streams`` copies of ``nbytes`` at once, returning when all are done. CUDA: one host->device copy per
+    stream from its own pinned buffer, then a device synchronize (timed on the wall clock). CPU: the host copy
+    on ``streams`` threads (the calling one and a pool), each from its own cold source into its own slot."""
+    import torch
+
+    p = task.p
+    streams, numel = p["streams"], p["nbytes"] // 2
+    if task.op == "h2d_copy":  # pragma: no cover - needs a GPU
+        cuda_streams = [torch.cuda.Stream() for _ in range(streams)]
+        src = [torch.empty(numel, dtype=torch.bfloat16, pin_memory=True).fill_(j) for j in range(streams)]
+        dst = [torch.empty(numel, dtype=torch.bfloat16, device="cuda") for _ in range(streams)]
+
+        def call_cuda(i: int) -> object:
+            for stream, a, b in zip(cuda_streams, dst, src):
+                with torch.cuda.stream(stream):
+                    a.copy_(b, non_blocking=True)
+            torch.cuda.synchronize()
+            return None
+        return call_cuda
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = _num_copies(p["nbytes"] * streams)
+    src = [[torch.empty(numel, dtype=torch.bfloat16).fill_(j) for j in range(n)] for _ in range(streams)]
+    dst = [[torch.zeros(numel, dtype=torch.bfloat16) for _ in range(n)] for _ in range(streams)]
+    pool = ThreadPoolExecutor(max_workers=streams - 1, thread_name_prefix="calibrate-copy")
+
+    def copy(a: Any, b: Any) -> None:
+        with torch.inference_mode():  # inference mode is per thread; the buffers were made in it
+            a.copy_(b)
+
+    def call_cpu(i: int) -> object:
+        others = [pool.submit(copy, dst[k][(i + 1) % n], src[k][i % n]) for k in range(1, streams)]
+        dst[0][(i + 1) % n].copy_(src[0][i % n])
+        for f in others:
+            f.result()
+        return None
+    call_cpu.pool = pool  # type: ignore[attr-defined]  # kept alive with the call; its threads end with it
+    return call_cpu
+
+
+def is_concurrent(task: Task) -> bool:
+    """A point of several copies at once: timed on the wall clock (other threads / streams do part of the work)."""
+    return task.p.get("streams", 1) > 1
 
 
 def task_device(task: Task, device: str) -> str:
@@ -382,15 +444,16 @@ def _sample_round(tasks: Sequence[Task], calls: Sequence[Callable[[int], object]
     for task, call, s in zip(tasks, calls, samples):
         if device == "cpu" and torch.get_num_threads() != task.threads:
             torch.set_num_threads(task.threads)
+        concurrent = is_concurrent(task)
         s += sample(call, warmup=warmup, min_repeats=per_round_min, max_repeats=per_round_max,
-                    time_s=budget.time_s / rounds, start=len(s) + round_index, cuda=device == "cuda",
-                    clock=budget.clock if (device == "cpu" and task.threads == 1) else "wall",
+                    time_s=budget.time_s / rounds, start=len(s) + round_index, cuda=device == "cuda" and not concurrent,
+                    clock=budget.clock if (device == "cpu" and task.threads == 1 and not concurrent) else "wall",
                     short_call_s=budget.short_call_s, short_call_repeat_factor=budget.short_call_repeat_factor)
 
 
 # Ops whose samples are spread over the whole calibration (``SpreadSampler``): pure memory / link bandwidth,
 # which on a shared machine drifts over seconds with the neighbours' traffic.
-SPREAD_OPS: frozenset[str] = frozenset({"host_copy", "h2d_copy"})
+SPREAD_OPS: frozenset[str] = frozenset({"host_copy", "h2d_copy", "d2h_copy"})
 
 
 class SpreadSampler:
@@ -421,6 +484,10 @@ class SpreadSampler:
                 calls = [_make_call(task, {}, device) for task in group]
                 _sample_round(group, calls, samples, device, self.budget, rounds=self.rounds,
                               round_index=self.done_rounds, warmup=1)
+                for call in calls:  # concurrent CPU copies: their worker threads end with the round
+                    pool = getattr(call, "pool", None)
+                    if pool is not None:
+                        pool.shutdown()
                 del calls
         self.done_rounds += 1
 
@@ -449,8 +516,8 @@ def read_points(path: Path) -> list[dict[str, str]]:
         return []
     with path.open(newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
-        older = [c for c in POINT_COLUMNS if c not in LATER_COLUMNS]
-        if reader.fieldnames is None or list(reader.fieldnames) not in (list(POINT_COLUMNS), older):
+        header = list(reader.fieldnames or [])
+        if not header or header != [c for c in POINT_COLUMNS if c in header] or not set(POINT_COLUMNS) - set(header) <= set(LATER_COLUMNS):
             raise CalibrationError(f"{path}: not a moesim points file (columns {reader.fieldnames}); "
                                    f"remove it, use --fresh, or choose another --out")
         return [{c: row.get(c) or "" for c in POINT_COLUMNS} for row in reader if row.get("median_s")]

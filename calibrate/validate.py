@@ -83,11 +83,12 @@ class ValidationResult:
 def calibration_tasks(spec: Any, *, threads: int = 1) -> list[Any]:
     """The quick plan for ``spec`` plus what the quick plan skips but the runtime runs: every attention
     projection shape, the LM head and a copy of exactly one expert."""
-    from calibrate.measure import QUICK_GEMM_TOKENS, Task, _dedup, build_plan
+    from calibrate.measure import QUICK_GEMM_TOKENS, Task, _dedup, build_plan, is_concurrent
 
-    # The runtime runs one expert per call at the calibration's thread count: no grouped or other-thread points.
+    # The runtime runs one expert per call at the calibration's thread count, and one copy at a time: no grouped,
+    # other-thread or concurrent-copy points.
     tasks = [t for t in build_plan([spec], quick=True, device="cpu", threads=threads, dtypes=["bf16"])
-             if t.op != "grouped_expert_ffn" and t.threads == threads]
+             if t.op != "grouped_expert_ffn" and t.threads == threads and not is_concurrent(t)]
     for g in (*spec.attention_projection_shapes, spec.lm_head_shape):
         for t in QUICK_GEMM_TOKENS:
             tasks.append(Task.of("dense_gemm", "bf16", threads, in_features=g.in_features,

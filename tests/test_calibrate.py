@@ -229,11 +229,41 @@ def test_quick_plan_covers_every_op_and_labels_the_cpu_copy_honestly():
     ops = {t.op for t in tasks}
     assert ops == {"peak_gemm", "mem_read", "host_copy", "expert_ffn", "gate", "dense_gemm", "attention_decode",
                    "attention_prefill", "grouped_expert_ffn"}
+    # Several copies at once (copy threads on the CPU), beside the one-copy points the link is fitted on.
+    concurrent = {(t.p["streams"], t.p["nbytes"] >> 20) for t in tasks if t.p.get("streams")}
+    assert concurrent == {(s, mb) for s in (2, 4) for mb in (4, 64)}
     assert len({t.key() for t in tasks}) == len(tasks)
     # CPU attention by thread count: decode points at every core count, not only at the calibration's
     assert {t.threads for t in tasks if t.op == "attention_decode"} == set(cpu_attention_thread_counts(1))
     grouped = {(t.p["num_experts"], t.p["tokens"]) for t in tasks if t.op == "grouped_expert_ffn"}
     assert grouped == {(e, n) for e in (1, 2, 4, 8) for n in (1, 4, 16, 64)}
+
+
+def test_cuda_plan_measures_device_to_host_and_concurrent_streams():
+    tasks = build_plan([get_model("olmoe-1b-7b")], quick=True, device="cuda", threads=1)
+    by = lambda op: {(t.p.get("pinned"), t.p.get("streams"), t.p["nbytes"] >> 20) for t in tasks if t.op == op}  # noqa: E731
+    assert {mb for _, streams, mb in by("d2h_copy") if streams is None} == {1, 4, 16, 64, 256}
+    assert {(s, mb) for pinned, s, mb in by("h2d_copy") if s} == {(s, mb) for s in (2, 4) for mb in (4, 64)}
+
+
+def test_concurrent_copies_are_reported_against_the_one_copy_link(tmp_path):
+    """Two and four host copies at once (threads), fitted beside the one-copy link: the profile's provenance
+    gives their aggregate rate and its ratio to one copy's; the link itself is fitted on single copies only."""
+    from calibrate.fit import concurrent_copies
+
+    tasks = tiny_tasks() + [Task.of("host_copy", "bf16", 1, nbytes=mb * 2**20, streams=s) for s in (2, 4) for mb in (1, 4)]
+    points_path = tmp_path / "c.points.csv"
+    result = run_tasks(tasks, points_path, device="cpu", device_name="test cpu", budget=TINY_BUDGET, progress=False)
+    profile = write_profile(result.rows, ENV, out=tmp_path / "c.yaml", name="c", threads=1, points_path=points_path,
+                            quiet=True)
+    c = profile["provenance"]["concurrent_copies"]
+    assert set(c) == {"streams_2", "streams_4", "note"}
+    assert c["streams_4"]["nbytes"] == [2**20, 4 * 2**20]
+    assert all(g > 0 for g in c["streams_2"]["aggregate_gbps"] + c["streams_4"]["speedup_vs_one_copy"])
+    # Hand-checked: 2 copies of 1 GB in 1 s on a link of 1 GB/s and no latency move 2 GB/s, twice one copy's rate.
+    rows = [{"streams": "2", "nbytes": str(10**9), "median_s": "1.0"}]
+    assert concurrent_copies(rows, {"bandwidth_gbps": 1.0, "latency_s": 0.0})["streams_2"] == {
+        "nbytes": [10**9], "aggregate_gbps": [2.0], "speedup_vs_one_copy": [2.0]}
 
 
 def test_cuda_plan_measures_the_host_cpu_attention_on_the_cpu():
