@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 POINT_KEY = ("op", "dtype", "threads", "hidden", "ffn", "num_matrices", "in_features", "out_features", "top_k",
-             "tokens", "batch", "context", "num_heads", "num_kv_heads", "head_dim", "nbytes", "pinned", "num_experts")
+             "tokens", "batch", "context", "num_heads", "num_kv_heads", "head_dim", "nbytes", "pinned", "num_experts",
+             "streams")
 
 
 def calibrate(out: Path, full: bool) -> dict[str, float]:

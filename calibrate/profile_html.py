@@ -131,7 +131,7 @@ def _extra_series(profile: Any, points: list[dict[str, str]], threads: int) -> d
                     context_tokens=[c] * row.batch[1], shape=shape, threads=row.threads) for c in x])))
         figs["cpu_attention_decode"] = ("context tokens", measured, fitted)
     copy_pts = [r for r in points if r["op"] in ("host_copy", "h2d_copy") and r.get("pinned", "") in ("", "1")
-                and int(r["threads"]) == threads]
+                and r.get("streams", "") in ("", "1") and int(r["threads"]) == threads]  # the copies the link fits
     x_m = np.array([float(r["nbytes"]) for r in copy_pts]) if copy_pts else np.array([2.0**20, 2.0**30])
     x = np.geomspace(x_m.min() / 2, x_m.max() * 2, 40)
     figs["host_to_device"] = ("bytes", [("measured", x_m, np.array([float(r["median_s"]) for r in copy_pts]))]
