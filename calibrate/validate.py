@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +69,6 @@ class ValidationResult:
     same_batch: pd.DataFrame  # runtime iterations with the planner's prediction of each (``replay_batches``)
     routers: str = "seeded"  # which routers the runtime's gates used (``TinyMoE.router_source``)
     prompts: str = "random"  # the runtime's prompt tokens (``Runtime``)
-    # With ``repeats`` > 1: every run's verdict figures (``run_summary``); the result itself is the median run's.
-    runs: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -480,13 +478,19 @@ def median_run(runs: list[ValidationResult], bounds: Bounds, folder: Path, *, qu
     vr = ValidationResult(scenario=chosen.scenario, profile=chosen.profile, metrics=metrics, failures=failures,
                           folder=folder, comparison=chosen.comparison, runtime_iterations=chosen.runtime_iterations,
                           sim_iterations=chosen.sim_iterations, same_batch=chosen.same_batch, routers=chosen.routers,
-                          prompts=chosen.prompts, runs=summaries)
-    summary = {"scenario": vr.scenario, "profile": vr.profile, "routers": vr.routers, "prompts": vr.prompts,
-               "quick": quick, "bounds": asdict(bounds), "passed": vr.passed, "failures": failures, "metrics": metrics}
-    (folder / "summary.json").write_text(json.dumps(summary, indent=1, default=float), encoding="utf-8")
+                          prompts=chosen.prompts)
     chosen.comparison.to_csv(folder / "comparison.csv", index=False)  # `moesim report FOLDER` renders the median run
-    write_html(vr, bounds, folder / "report.html")
+    write_outcome(vr, bounds, quick=quick)
     return vr
+
+
+def write_outcome(vr: ValidationResult, bounds: Bounds, *, quick: bool) -> None:
+    """``summary.json`` (verdict, bounds, every metric) and ``report.html`` in the result's folder."""
+    summary = {"scenario": vr.scenario, "profile": vr.profile, "routers": vr.routers, "prompts": vr.prompts,
+               "quick": quick, "bounds": asdict(bounds), "passed": vr.passed, "failures": vr.failures,
+               "metrics": vr.metrics}
+    (vr.folder / "summary.json").write_text(json.dumps(summary, indent=1, default=float), encoding="utf-8")
+    write_html(vr, bounds, vr.folder / "report.html")
 
 
 def serve_and_compare(loaded: Any, table: Any, profile_path: Path, folder: Path, *, scenario: str, seed: int,
@@ -547,11 +551,7 @@ def serve_and_compare(loaded: Any, table: Any, profile_path: Path, folder: Path,
                           folder=folder, comparison=merged, runtime_iterations=real_it,
                           sim_iterations=result.iterations, same_batch=same_batch, routers=runtime.model.router_source,
                           prompts=prompts)
-    summary = {"scenario": scenario, "profile": str(profile_path), "routers": vr.routers, "prompts": prompts,
-               "quick": quick, "bounds": asdict(bounds),
-               "passed": vr.passed, "failures": failures, "metrics": metrics}
-    (folder / "summary.json").write_text(json.dumps(summary, indent=1, default=float), encoding="utf-8")
-    write_html(vr, bounds, folder / "report.html")
+    write_outcome(vr, bounds, quick=quick)
     return vr
 
 
