@@ -14,8 +14,8 @@ Ops measured (``op`` column):
 - ``host_copy`` (CPU): ``dst.copy_(src)`` into a preallocated host buffer from a cold source: the memory copy
   the CPU runtime does to fill its expert cache. It is NOT a PCIe transfer. ``h2d_copy`` on CUDA, pinned
   and pageable; ``d2h_copy`` device -> host on CUDA. A ``streams`` column > 1 marks several copies at once (CUDA
-  streams; CPU copy threads), timed until all are done. Copies are sampled in rounds spread over the whole run
-  (``SpreadSampler``), not in one stretch.
+  streams; CPU copy threads), timed until all are done. Copies and ``mem_read`` are sampled in rounds spread over
+  the whole run (``SpreadSampler``), not in one stretch.
 - ``attention_decode``: ``scaled_dot_product_attention`` of one query token per sequence over ``context`` cached
   tokens, ``batch`` sequences in one call (GQA via ``enable_gqa``); on the CPU this is the CPU attention.
 - ``attention_prefill``: causal SDPA over a prompt of ``tokens`` tokens (one sequence).
@@ -315,15 +315,14 @@ def _make_call(task: Task, bufs: dict[str, Any], device: str) -> Callable[[int],
             return top / top.sum(dim=-1, keepdim=True), idx
         return call
     if task.op in ("host_copy", "h2d_copy", "d2h_copy") and p.get("streams", 1) > 1:
-        return _concurrent_copy_call(task)
+        return _concurrent_copy_call(task, bufs)
     if task.op in ("host_copy", "h2d_copy", "d2h_copy"):
         nbytes = p["nbytes"]
         numel = nbytes // 2
         if task.op == "host_copy":
             n = _num_copies(nbytes)
             # Source and destination both rotate: an expert cache copies a cold expert into a cold slot.
-            src = [torch.empty(numel, dtype=torch.bfloat16).fill_(j) for j in range(n)]
-            dst = [torch.zeros(numel, dtype=torch.bfloat16) for _ in range(n)]
+            src, dst = _host_copy_buffers(bufs, n, numel)
             return lambda i: dst[(i + 1) % n].copy_(src[i % n])
         pinned = bool(p.get("pinned", 1))  # pragma: no cover - needs a GPU
         host = [torch.empty(numel, dtype=torch.bfloat16, pin_memory=pinned).fill_(j) for j in range(2)]
@@ -362,7 +361,24 @@ def _make_call(task: Task, bufs: dict[str, Any], device: str) -> Callable[[int],
     raise ValueError(f"unknown op {task.op!r}")
 
 
-def _concurrent_copy_call(task: Task) -> Callable[[int], object]:
+def _host_copy_buffers(bufs: dict[str, Any], count: int, numel: int) -> tuple[list[Any], list[Any]]:
+    """``count`` source and ``count`` destination host buffers of ``numel`` bf16 elements: views into two arenas
+    kept in ``bufs`` and grown only when a task needs more. The spread rounds (``SpreadSampler``) rebuild every
+    copy point's buffers each round; fresh multi-GiB allocations cost their page faults every time (a full
+    calibration spent minutes of system time on them), while reused arenas fault once."""
+    import torch
+
+    need = count * numel
+    if bufs.get("copy_src") is None or bufs["copy_src"].numel() < need:
+        bufs["copy_src"] = bufs["copy_dst"] = None  # free the smaller arenas first
+        bufs["copy_src"] = torch.ones(need, dtype=torch.bfloat16)
+        bufs["copy_dst"] = torch.zeros(need, dtype=torch.bfloat16)
+    src, dst = bufs["copy_src"], bufs["copy_dst"]
+    return ([src[j * numel : (j + 1) * numel] for j in range(count)],
+            [dst[j * numel : (j + 1) * numel] for j in range(count)])
+
+
+def _concurrent_copy_call(task: Task, bufs: dict[str, Any]) -> Callable[[int], object]:
     """``streams`` copies of ``nbytes`` at once, returning when all are done. CUDA: one host->device copy per
     stream from its own pinned buffer, then a device synchronize (timed on the wall clock). CPU: the host copy
     on ``streams`` threads (the calling one and a pool), each from its own cold source into its own slot."""
@@ -385,8 +401,9 @@ def _concurrent_copy_call(task: Task) -> Callable[[int], object]:
     from concurrent.futures import ThreadPoolExecutor
 
     n = _num_copies(p["nbytes"] * streams)
-    src = [[torch.empty(numel, dtype=torch.bfloat16).fill_(j) for j in range(n)] for _ in range(streams)]
-    dst = [[torch.zeros(numel, dtype=torch.bfloat16) for _ in range(n)] for _ in range(streams)]
+    flat_src, flat_dst = _host_copy_buffers(bufs, streams * n, numel)
+    src = [flat_src[k * n : (k + 1) * n] for k in range(streams)]
+    dst = [flat_dst[k * n : (k + 1) * n] for k in range(streams)]
     pool = ThreadPoolExecutor(max_workers=streams - 1, thread_name_prefix="calibrate-copy")
 
     def copy(a: Any, b: Any) -> None:
@@ -452,8 +469,9 @@ def _sample_round(tasks: Sequence[Task], calls: Sequence[Callable[[int], object]
 
 
 # Ops whose samples are spread over the whole calibration (``SpreadSampler``): pure memory / link bandwidth,
-# which on a shared machine drifts over seconds with the neighbours' traffic.
-SPREAD_OPS: frozenset[str] = frozenset({"host_copy", "h2d_copy", "d2h_copy"})
+# which on a shared machine drifts over seconds with the neighbours' traffic. ``mem_read`` is the profile's
+# memory-bandwidth peak: measured in one stretch it came out 23-24% apart in two back-to-back calibrations.
+SPREAD_OPS: frozenset[str] = frozenset({"host_copy", "h2d_copy", "d2h_copy", "mem_read"})
 
 
 class SpreadSampler:
@@ -471,6 +489,7 @@ class SpreadSampler:
         self.rounds = max(1, budget.spread_rounds)
         self.samples: list[list[list[float]]] = [[[] for _ in g] for g in self.groups]
         self.done_rounds = 0
+        self.arena: dict[str, Any] = {}  # host-copy buffers reused by every round (``_host_copy_buffers``)
 
     def run_round(self) -> None:
         """One round of every group (a no-op once every round has run)."""
@@ -481,7 +500,7 @@ class SpreadSampler:
         with torch.inference_mode():
             for group, samples in zip(self.groups, self.samples):
                 device = task_device(group[0], self.device)
-                calls = [_make_call(task, {}, device) for task in group]
+                calls = [_make_call(task, self.arena, device) for task in group]
                 _sample_round(group, calls, samples, device, self.budget, rounds=self.rounds,
                               round_index=self.done_rounds, warmup=1)
                 for call in calls:  # concurrent CPU copies: their worker threads end with the round
@@ -495,6 +514,7 @@ class SpreadSampler:
         """Run the rounds still due, then each task's summary over all its rounds."""
         while self.done_rounds < self.rounds:
             self.run_round()
+        self.arena.clear()
         return [(task, summarize(s)) for group, samples in zip(self.groups, self.samples)
                 for task, s in zip(group, samples)]
 
