@@ -93,6 +93,8 @@ def register_validate(sub: Any) -> None:
     v.add_argument("--quick", action="store_true", help="the CI check: short calibration, the first 16 requests, bounds 15%%/40%%/10%%")
     v.add_argument("--out", metavar="DIR", help="folder for the tables and report (default reports/validate-NAME)")
     v.add_argument("--max-requests", type=int, metavar="N", help="serve only the first N requests")
+    v.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where the runtime serves and the calibration measures (cuda needs a GPU; default cpu)")
     v.add_argument("--repeats", type=_positive_int, metavar="N",
                    help="serve the requests N times (one calibration) and judge the median run (default: 3, "
                         "--quick: 1)")

@@ -114,7 +114,8 @@ def _r(x: float) -> float:
 
 
 def measure_overheads(spec: Any, profile: Any, *, seed: int = 0, threads: int = 1, rounds: int = 5,
-                      log: Any = None, fit_kernel_scale: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+                      log: Any = None, fit_kernel_scale: bool = False, device: str = "cpu"
+                      ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run the runtime on the grid and fit the three overhead terms against ``profile``'s op lookups.
 
     ``fit_kernel_scale``: also fit the share of the ``expert_ffn`` table an expert call pays. Only for a
@@ -136,7 +137,7 @@ def measure_overheads(spec: Any, profile: Any, *, seed: int = 0, threads: int = 
     data["operations"].update({op: None for op in OVERHEADS})
     profile = HardwareProfile.model_validate(data)
     batches = overhead_batches(seed)
-    runtime = Runtime.for_measurement(spec, seed=seed, threads=threads)
+    runtime = Runtime.for_measurement(spec, seed=seed, threads=threads, device=device)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     samples: list[list[dict[str, Any]]] = [[] for _ in batches]
@@ -216,7 +217,7 @@ def measure_overheads(spec: Any, profile: Any, *, seed: int = 0, threads: int = 
                           "LM head + overhead vs the runtime's LM head + other time, per grid batch (in-sample)")
     operations = {"layer_overhead": layer, "expert_overhead": expert, "iteration_overhead": iteration}
     interference, interference_prov = measure_load_interference(
-        spec, profile, operations, seed=seed, threads=threads, rounds=rounds)
+        spec, profile, operations, seed=seed, threads=threads, rounds=rounds, device=device)
     operations["load_interference"] = interference
 
     # The whole iteration, predicted with the fitted terms, against the measured durations.
@@ -260,7 +261,8 @@ def measure_overheads(spec: Any, profile: Any, *, seed: int = 0, threads: int = 
 
 
 def measure_load_interference(spec: Any, profile: Any, operations: dict[str, Any], *, seed: int = 0,
-                              threads: int = 1, rounds: int = 5) -> tuple[dict[str, Any], dict[str, Any]]:
+                              threads: int = 1, rounds: int = 5, device: str = "cpu"
+                              ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit ``load_interference``: the compute time each expert load adds beside it, on the runtime.
 
     ``profile`` holds the kernels alone and ``operations`` the overhead terms fitted on the all-resident grid.
@@ -288,9 +290,9 @@ def measure_load_interference(spec: Any, profile: Any, operations: dict[str, Any
                           per_layer=False)
 
     batches = overhead_batches(seed)
-    runtime = Runtime.for_measurement(spec, seed=seed, threads=threads)
+    runtime = Runtime.for_measurement(spec, seed=seed, threads=threads, device=device)
     runtime.store.close()
-    runtime.store = ExpertStore(runtime.model.host_experts, lru(), num_experts=n_experts)
+    runtime.store = ExpertStore(runtime.model.host_experts, lru(), num_experts=n_experts, device=device)
     planner = IterationPlanner(model=spec, profile=fitted, cache=lru())
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -78,25 +78,26 @@ class ValidationResult:
 # ---------------------------------------------------------------- calibration for the runtime's shapes
 
 
-def calibration_tasks(spec: Any, *, threads: int = 1) -> list[Any]:
+def calibration_tasks(spec: Any, *, threads: int = 1, device: str = "cpu") -> list[Any]:
     """The quick plan for ``spec`` plus what the quick plan skips but the runtime runs: every attention
     projection shape, the LM head and a copy of exactly one expert."""
     from calibrate.measure import QUICK_GEMM_TOKENS, Task, _dedup, build_plan, is_concurrent
 
     # The runtime runs one expert per call at the calibration's thread count, and one copy at a time: no grouped,
     # other-thread or concurrent-copy points.
-    tasks = [t for t in build_plan([spec], quick=True, device="cpu", threads=threads, dtypes=["bf16"])
+    tasks = [t for t in build_plan([spec], quick=True, device=device, threads=threads, dtypes=["bf16"])
              if t.op != "grouped_expert_ffn" and t.threads == threads and not is_concurrent(t)]
     for g in (*spec.attention_projection_shapes, spec.lm_head_shape):
         for t in QUICK_GEMM_TOKENS:
             tasks.append(Task.of("dense_gemm", "bf16", threads, in_features=g.in_features,
                                  out_features=g.out_features, tokens=t))
-    tasks.append(Task.of("host_copy", "bf16", threads, nbytes=int(spec.expert_bytes)))
+    copy = {"op": "h2d_copy", "pinned": 1} if device == "cuda" else {"op": "host_copy"}
+    tasks.append(Task.of(copy.pop("op"), "bf16", threads, nbytes=int(spec.expert_bytes), **copy))
     return _dedup(tasks)
 
 
 def calibrate_for(spec: Any, out: Path, *, threads: int = 1, budget: Any = None, progress: bool = False,
-                  overheads: bool = True, overhead_rounds: int = 5) -> Path:
+                  overheads: bool = True, overhead_rounds: int = 5, device: str = "cpu") -> Path:
     """Measure ``spec``'s shapes on this CPU and write the profile ``out`` (points next to it).
 
     With ``overheads`` (default) the profile also gets ``layer_overhead``, ``expert_overhead``,
@@ -110,9 +111,10 @@ def calibrate_for(spec: Any, out: Path, *, threads: int = 1, budget: Any = None,
     from calibrate.timing import Budget
 
     torch.set_num_threads(threads)
-    env = json.loads(json.dumps(collect_environment("cpu", threads), default=str))  # plain types, as the CLI stores it
+    env = json.loads(json.dumps(collect_environment(device, threads), default=str))  # plain types, as the CLI stores it
     points_path = points_path_for(out)
-    run_tasks(calibration_tasks(spec, threads=threads), points_path, device="cpu", device_name=str(env["cpu_model"]),
+    device_name = str(env.get("gpu_name") if device == "cuda" else env["cpu_model"])
+    run_tasks(calibration_tasks(spec, threads=threads, device=device), points_path, device=device, device_name=device_name,
               budget=budget or Budget(max_repeats=15, time_s=0.3), progress=progress, fresh=True)
     env["load_average_at_end"] = list(load_average())
     note = {"note": f"moesim validate: shapes of {spec.name}"}
@@ -125,11 +127,12 @@ def calibrate_for(spec: Any, out: Path, *, threads: int = 1, budget: Any = None,
         from sim.profile import load_profile
 
         ops, prov = measure_overheads(spec, load_profile(out), threads=threads, rounds=overhead_rounds,
-                                      fit_kernel_scale=True)
+                                      fit_kernel_scale=True, device=device)
         env["load_average_at_end"] = list(load_average())
         write_profile(read_points(points_path), env, out=out, name=out.stem, threads=threads, points_path=points_path,
                       quiet=True, extra_provenance={**note, "overheads": prov}, extra_operations=ops)
-        set_copy_link_from_runtime(spec, out, threads=threads, rounds=max(1, overhead_rounds // 2))
+        if device == "cpu":  # on CUDA the calibrated h2d link is the copy stream's own (no copy thread to wake)
+            set_copy_link_from_runtime(spec, out, threads=threads, rounds=max(1, overhead_rounds // 2))
     return out
 
 
@@ -158,7 +161,7 @@ def set_copy_link_from_runtime(spec: Any, profile_path: Path, *, threads: int = 
 # ---------------------------------------------------------------- the machine's speed over the validation
 
 
-def speed_probe(spec: Any, *, threads: int = 1, time_s: float = 0.6) -> float:
+def speed_probe(spec: Any, *, threads: int = 1, time_s: float = 0.6, device: str = "cpu") -> float:
     """Median seconds of one fixed piece of the runtime's work: ``spec``'s expert FFN at 1, 4 and 16 tokens over
     cold rotating weights (memory-bound, as serving is), one call of each per sample.
 
@@ -173,13 +176,13 @@ def speed_probe(spec: Any, *, threads: int = 1, time_s: float = 0.6) -> float:
     shape = spec.expert_shape
     bufs: dict[str, Any] = {}
     calls = [_make_call(Task.of("expert_ffn", "bf16", threads, hidden=shape.hidden, ffn=shape.ffn,
-                                num_matrices=3, tokens=t), bufs, "cpu") for t in (1, 4, 16)]
+                                num_matrices=3, tokens=t), bufs, device) for t in (1, 4, 16)]
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with torch.inference_mode():
             samples = sample(lambda i: [call(i) for call in calls], warmup=2, min_repeats=5, max_repeats=200,
-                             time_s=time_s)
+                             time_s=time_s, cuda=device == "cuda")
     finally:
         torch.set_num_threads(previous)
     return float(np.median(samples))
@@ -226,7 +229,7 @@ def needs_oracle(loaded: Any) -> bool:
 
 
 def record_oracle_routing(loaded: Any, table: Any, folder: Path, *, seed: int, routers: str = "auto",
-                          prompts: str = "random") -> dict[int, np.ndarray]:
+                          prompts: str = "random", device: str = "cpu") -> dict[int, np.ndarray]:
     """The routing an oracle prefetcher knows in advance: a first, untimed pass over the same requests
     (every expert resident, no prefetch, all arriving at once), written as ``oracle-routing.parquet`` in the
     canonical format and read back by request id. The measured run's gates follow it (``Runtime``)."""
@@ -240,7 +243,7 @@ def record_oracle_routing(loaded: Any, table: Any, folder: Path, *, seed: int, r
     data["policies"]["prefetch"] = {"name": "none"}
     data["sweep"] = {"axes": {}}
     first = resolve(parse_scenario(data, loaded.source), loaded.source, loaded.base_dir)
-    runtime = Runtime(first, seed=seed, routers=routers, prompts=prompts)
+    runtime = Runtime(first, seed=seed, routers=routers, prompts=prompts, device=device)
     recorder = runtime.serve(table, time_scale=0.0)
     path = recorder.write_routing_trace(folder / "oracle-routing.parquet", loaded.model.name, loaded.model.num_experts)
     return {s.request_id: s.experts for s in read_routing_trace(path, gates=False).sequences}
@@ -397,7 +400,7 @@ def run_summary(metrics: dict[str, Any]) -> dict[str, Any]:
 def validate(scenario: str | Path, *, profile: str | Path | None = None, quick: bool = False,
              out: Path | None = None, calibration_budget: Any = None, max_requests: int | None = None,
              progress: bool = False, log: Any = None, routers: str = "auto", prompts: str = "random",
-             repeats: int = 1) -> ValidationResult:
+             repeats: int = 1, device: str = "cpu") -> ValidationResult:
     """Calibrate (unless ``profile``), run the runtime, simulate the replay, compare. See the module docstring.
 
     ``routers`` (``calibrate.runtime.routers``): "auto" (default) routes with the shipped trained routers when
@@ -405,12 +408,16 @@ def validate(scenario: str | Path, *, profile: str | Path | None = None, quick: 
     ``prompts``: "random" (default) token ids or "text" (held-out standard-library source bytes).
     ``repeats``: serve the same requests this many times (one calibration), compare the simulator with each run
     (``run-K/`` folders) and judge the bounds on the median over runs of each error; hit counts must agree
-    in every run. The result is the median run's (by median e2e error), with ``runs`` listing them all."""
+    in every run. The result is the median run's (by median e2e error), with every run in its metrics.
+    ``device``: "cpu", or "cuda" (calibration, runtime and probe on the GPU; needs one)."""
     from sim.engine.simulation import build_request_table
     from sim.scenario import load_scenario
 
+    from calibrate.runtime.server import check_device
+
     if repeats < 1:
         raise CalibrationError(f"repeats: expected at least 1, got {repeats}")
+    check_device(device)
     say = log or (lambda msg: print(msg, file=sys.stderr))
     loaded = load_scenario(scenario)
     name = loaded.scenario.name
@@ -422,7 +429,7 @@ def validate(scenario: str | Path, *, profile: str | Path | None = None, quick: 
     if profile is None:
         t = time.perf_counter()
         profile_path = calibrate_for(loaded.model, folder / "profile.yaml", budget=calibration_budget, progress=progress,
-                                     overhead_rounds=QUICK_OVERHEAD_ROUNDS if quick else 5)
+                                     overhead_rounds=QUICK_OVERHEAD_ROUNDS if quick else 5, device=device)
         say(f"calibrated {loaded.model.name}'s shapes in {time.perf_counter() - t:.0f} s -> {profile_path}")
     else:
         from sim.profile import load_profile
@@ -445,11 +452,11 @@ def validate(scenario: str | Path, *, profile: str | Path | None = None, quick: 
     oracle = None
     if needs_oracle(loaded):
         t = time.perf_counter()
-        oracle = record_oracle_routing(loaded, table, folder, seed=seed, routers=routers, prompts=prompts)
+        oracle = record_oracle_routing(loaded, table, folder, seed=seed, routers=routers, prompts=prompts, device=device)
         say(f"recorded the oracle prefetcher's routing in a first pass in {time.perf_counter() - t:.1f} s")
     bounds = QUICK_BOUNDS if quick else FULL_BOUNDS
     # The machine's speed as the calibration just saw it (a given profile was measured at another time: no probes).
-    calibration_probe_s = speed_probe(loaded.model) if profile is None else None
+    calibration_probe_s = speed_probe(loaded.model, device=device) if profile is None else None
     runs = []
     for k in range(repeats):
         run_folder = folder if repeats == 1 else folder / f"run-{k + 1}"
@@ -457,7 +464,7 @@ def validate(scenario: str | Path, *, profile: str | Path | None = None, quick: 
             say(f"run {k + 1} of {repeats}")
         runs.append(serve_and_compare(loaded, table, profile_path, run_folder, scenario=str(scenario), seed=seed,
                                       oracle=oracle, routers=routers, prompts=prompts, quick=quick, bounds=bounds,
-                                      say=say, calibration_probe_s=calibration_probe_s))
+                                      say=say, calibration_probe_s=calibration_probe_s, device=device))
     if repeats == 1:
         return runs[0]
     return median_run(runs, bounds, folder, quick=quick)
@@ -495,7 +502,7 @@ def write_outcome(vr: ValidationResult, bounds: Bounds, *, quick: bool) -> None:
 
 def serve_and_compare(loaded: Any, table: Any, profile_path: Path, folder: Path, *, scenario: str, seed: int,
                       oracle: dict[int, np.ndarray] | None, routers: str, prompts: str, quick: bool, bounds: Bounds,
-                      say: Any, calibration_probe_s: float | None = None) -> ValidationResult:
+                      say: Any, calibration_probe_s: float | None = None, device: str = "cpu") -> ValidationResult:
     """One run: serve ``table`` on the runtime, simulate its replay, compare; write the tables, ``summary.json``
     and ``report.html`` to ``folder``."""
     from calibrate.environment import load_average
@@ -504,16 +511,16 @@ def serve_and_compare(loaded: Any, table: Any, profile_path: Path, folder: Path,
 
     folder.mkdir(parents=True, exist_ok=True)
     probe_s = {"calibration": calibration_probe_s} if calibration_probe_s else {}
-    runtime = Runtime(loaded, seed=seed, oracle_routing=oracle, routers=routers, prompts=prompts)
+    runtime = Runtime(loaded, seed=seed, oracle_routing=oracle, routers=routers, prompts=prompts, device=device)
     say(f"routers: {runtime.model.router_source}; prompts: {prompts}")
     if probe_s:
-        probe_s["before_serving"] = speed_probe(loaded.model)
+        probe_s["before_serving"] = speed_probe(loaded.model, device=device)
     t = time.perf_counter()
     load_before = list(load_average())
     recorder = runtime.serve(table)
     load_after = list(load_average())
     if probe_s:
-        probe_s["after_serving"] = speed_probe(loaded.model)
+        probe_s["after_serving"] = speed_probe(loaded.model, device=device)
     say(f"runtime served {len(table)} requests in {time.perf_counter() - t:.1f} s "
         f"({len(recorder.iterations)} iterations)")
     recorder.write(folder)
@@ -637,7 +644,7 @@ def cmd_validate(args: Any) -> int:
     result = validate(args.scenario, profile=args.profile, quick=args.quick, repeats=repeats,
                       out=Path(args.out) if args.out else None, max_requests=args.max_requests,
                       progress=not args.no_progress, routers=getattr(args, "routers", "auto"),
-                      prompts=getattr(args, "prompts", "random"))
+                      prompts=getattr(args, "prompts", "random"), device=getattr(args, "device", "cpu"))
     print(format_table(result, QUICK_BOUNDS if args.quick else FULL_BOUNDS))
     print(f"wrote {result.folder}/report.html, summary.json and the runtime/simulator tables")
     if getattr(args, "report", None):

@@ -392,3 +392,20 @@ def test_repeats_must_be_positive(capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         sim.cli.main(["validate", "scenarios/validate-prefetch.yaml", "--repeats", "0"])
     assert exc.value.code == 2 and "at least 1" in capsys.readouterr().err
+
+
+def test_cuda_runtime_without_a_gpu_is_one_line_and_exit_2(capsys) -> None:
+    """``--device cuda`` (the runtime on a GPU: weights and expert slots on the device, copies on a copy stream
+    from pinned memory) where torch sees no GPU: one line, exit 2, nothing calibrated or served."""
+    import sim.cli
+
+    if torch.cuda.is_available():  # pragma: no cover - the GPU path itself runs there
+        pytest.skip("a GPU is present")
+    code = sim.cli.main(["validate", str(REPO / "scenarios" / "validate-prefetch.yaml"), "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip().count("\n") == 0 and "no CUDA GPU" in err
+    from calibrate.errors import CalibrationError
+    from calibrate.runtime.server import check_device
+
+    with pytest.raises(CalibrationError, match="expected cpu or cuda"):
+        check_device("tpu")

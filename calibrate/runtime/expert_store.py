@@ -16,6 +16,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +26,8 @@ from sim.policies.cache import ExpertCache
 
 @dataclass(slots=True)
 class CopyJob:
-    """One expert copy: issued by the compute thread, run in FIFO order by the copy thread."""
+    """One expert copy: issued by the compute thread, run in FIFO order by the copy thread (CPU) or on the
+    copy stream (CUDA, ``CudaCopyEngine``: ``end`` is its event; its times are known once it has finished)."""
 
     key: int
     dst: torch.Tensor
@@ -34,6 +36,21 @@ class CopyJob:
     queued_at_s: float = 0.0
     started_at_s: float = 0.0
     finished_at_s: float = 0.0
+    start: Any = None  # CUDA events around the copy on the copy stream
+    end: Any = None
+
+    def wait(self) -> None:
+        """Block the compute thread until the copy has finished."""
+        if self.end is None:
+            self.done.wait()
+            return
+        self.end.synchronize()  # pragma: no cover - needs a GPU
+        if not self.done.is_set():  # pragma: no cover
+            # The copy's own duration from its events; it started when queued (the GPU's copy engine has no
+            # thread to wake, so the runtime's dispatch time is 0 on CUDA).
+            self.started_at_s = self.queued_at_s
+            self.finished_at_s = self.queued_at_s + self.start.elapsed_time(self.end) * 1e-3
+            self.done.set()
 
 
 class CopyEngine:
@@ -67,6 +84,26 @@ class CopyEngine:
         self._thread.join()
 
 
+class CudaCopyEngine:  # pragma: no cover - needs a GPU
+    """The copy engine on CUDA: every copy is queued on one dedicated stream (FIFO, as the simulator's copy
+    engine) from pinned host memory, with an event the compute thread waits on (``CopyJob.wait``)."""
+
+    def __init__(self) -> None:
+        self.stream = torch.cuda.Stream()
+
+    def submit(self, job: CopyJob) -> CopyJob:
+        job.queued_at_s = time.perf_counter()
+        job.start, job.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(self.stream):
+            job.start.record(self.stream)
+            job.dst.copy_(job.src, non_blocking=True)
+            job.end.record(self.stream)
+        return job
+
+    def close(self) -> None:
+        self.stream.synchronize()
+
+
 @dataclass(slots=True)
 class LayerAccess:
     """What one MoE layer of one iteration found: experts ready now, prefetched experts (hits whose load
@@ -91,7 +128,8 @@ class ExpertStore:
     the copy thread, so the prefetch copies run while the layer's experts compute."""
 
     def __init__(self, host_experts: torch.Tensor, cache: ExpertCache, *, num_experts: int,
-                 prefetch: str = "none", prefetch_predictor: str = "oracle", prefetch_max_experts: int = 2) -> None:
+                 prefetch: str = "none", prefetch_predictor: str = "oracle", prefetch_max_experts: int = 2,
+                 device: str = "cpu") -> None:
         self.host = host_experts
         self.cache = cache
         self.num_experts = num_experts
@@ -108,9 +146,9 @@ class ExpertStore:
         self.prefetch_hits = 0
         numel = host_experts.shape[1]
         capacity = cache.capacity_experts
-        self.slots = torch.empty(capacity, numel, dtype=host_experts.dtype)
+        self.slots = torch.empty(capacity, numel, dtype=host_experts.dtype, device=device)
         # A miss with no evictable slot streams through a staging buffer (one per expert of a layer).
-        self.staging = torch.empty(num_experts, numel, dtype=host_experts.dtype)
+        self.staging = torch.empty(num_experts, numel, dtype=host_experts.dtype, device=device)
         self.slot_of = np.full(len(cache.resident), -1, dtype=np.int64)
         self._free: list[int] = list(range(capacity - 1, -1, -1))
         # Model loading fills the slots the cache starts with (not timed, as in the simulator).
@@ -121,7 +159,7 @@ class ExpertStore:
         self._pinned = np.zeros(len(cache.resident), dtype=bool)
         self._tick = 0
         self._counts: np.ndarray | None = None
-        self.copies = CopyEngine()
+        self.copies: Any = CudaCopyEngine() if device != "cpu" else CopyEngine()
         self.hits = 0
         self.misses = 0
         self.bypassed = 0
@@ -146,7 +184,7 @@ class ExpertStore:
         ``time_plan``), record ``used[layer, expert]`` for the 'frequency' predictor; return the seconds waited."""
         t0 = time.perf_counter()
         for job in self._jobs:
-            job.done.wait()
+            job.wait()
         waited = time.perf_counter() - t0
         self.use_counts += used
         return waited

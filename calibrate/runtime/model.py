@@ -68,9 +68,12 @@ def dims_of(spec: ModelSpec) -> Dims:
 class TinyMoE:
     """Weights of the model; the serving loop (``server``) calls its per-layer pieces."""
 
-    def __init__(self, spec: ModelSpec, seed: int, routers: str = "auto") -> None:
+    def __init__(self, spec: ModelSpec, seed: int, routers: str = "auto", device: str = "cpu") -> None:
         """``routers``: "seeded", "trained" (the shipped file for this model; an error if it does not match)
-        or "auto" (trained when a shipped file matches name, shapes and ``seed``; ``router_source`` says which)."""
+        or "auto" (trained when a shipped file matches name, shapes and ``seed``; ``router_source`` says which).
+        ``device``: where every weight but the routed experts lives ("cuda": the experts' host pool is pinned,
+        the slots they are copied into are on the GPU, ``expert_store``). Weights are drawn on the CPU, so a
+        seed gives the same model on either device."""
         from calibrate.runtime.routers import choose_routers
 
         d = self.dims = dims_of(spec)
@@ -109,6 +112,13 @@ class TinyMoE:
         if trained is not None:
             for weights, router in zip(self.layers, trained):
                 weights["router"] = router.contiguous()
+        self.device = device
+        if device != "cpu":  # pragma: no cover - needs a GPU
+            self.embed, self.final_norm, self.lm_head = (t.to(device) for t in (self.embed, self.final_norm, self.lm_head))
+            for weights in self.layers:
+                for k, v in weights.items():
+                    weights[k] = [tuple(m.to(device) for m in e) for e in v] if k == "shared" else v.to(device)
+            self.host_experts = self.host_experts.pin_memory()
 
     # ---------------------------------------------------------------- pieces of one layer
 

@@ -44,6 +44,17 @@ from sim.scenario import LoadedScenario
 from sim.workload.arrivals import RequestTable
 
 
+def check_device(device: str) -> str:
+    """``device`` if the runtime can run there: "cpu", or "cuda" on a machine with a CUDA GPU."""
+    if device == "cpu":
+        return device
+    if device != "cuda":
+        raise CalibrationError(f"device: expected cpu or cuda, got {device!r}")
+    if not torch.cuda.is_available():
+        raise CalibrationError("device: cuda was asked for, but torch sees no CUDA GPU here (use --device cpu)")
+    return device  # pragma: no cover - needs a GPU
+
+
 class WallClock:
     """Stands in for the SimPy environment inside ``Replica``: the batching code only reads ``now``."""
 
@@ -70,7 +81,7 @@ class Runtime:
 
     def __init__(self, loaded: LoadedScenario, *, seed: int = 0, threads: int = 1,
                  oracle_routing: dict[int, np.ndarray] | None = None, routers: str = "auto",
-                 prompts: str = "random") -> None:
+                 prompts: str = "random", device: str = "cpu") -> None:
         """``routers``: see ``TinyMoE``. ``prompts``: "random" (seeded token ids over the whole vocab) or "text"
         (seeded windows of held-out standard-library source bytes, ``train_routers.held_out_files``: text
         like the trained routers learned on, so their routing shows its structure)."""
@@ -100,7 +111,8 @@ class Runtime:
                                        f"model {loaded.model.name} has {loaded.model.vocab_size}")
         self.budget = plan_memory(loaded)
         spec = loaded.model
-        self.model = TinyMoE(spec, seed, routers)  # model.router_source: which routers route
+        self.device = check_device(device)
+        self.model = TinyMoE(spec, seed, routers, device=device)  # model.router_source: which routers route
         d = self.dims = self.model.dims
         cache_spec = policies.expert_cache
         cache = make_cache(
@@ -110,23 +122,26 @@ class Runtime:
         self.store = ExpertStore(
             self.model.host_experts, cache, num_experts=d.num_experts, prefetch=prefetch.name,
             prefetch_predictor=predictor, prefetch_max_experts=getattr(prefetch, "max_experts", None) or d.top_k,
+            device=device,
         )
         # request id -> experts [positions, layers, top_k] the gates follow (oracle prefetch only)
         self.oracle = oracle_routing if prefetch.name == "next_layer" and predictor == "oracle" else None
         self.expert_calls: list[tuple[int, float]] | None = None  # (tokens, seconds) per expert call, when set
 
     @classmethod
-    def for_measurement(cls, spec: Any, *, seed: int = 0, threads: int = 1, routers: str = "auto") -> "Runtime":
+    def for_measurement(cls, spec: Any, *, seed: int = 0, threads: int = 1, routers: str = "auto",
+                        device: str = "cpu") -> "Runtime":
         """A runtime of ``spec`` with every expert resident, for timing single iterations (``run_batch``)."""
         self = cls.__new__(cls)
         self.loaded = None
         self.seed, self.threads = seed, threads
-        self.model = TinyMoE(spec, seed, routers)
+        self.device = check_device(device)
+        self.model = TinyMoE(spec, seed, routers, device=device)
         self.prompt_text = None  # run_batch draws its own context tokens
         d = self.dims = self.model.dims
         cache = make_cache("all_resident", num_layers=d.num_layers, num_experts=d.num_experts,
                            capacity_experts=d.num_layers * d.num_experts, per_layer=False)
-        self.store = ExpertStore(self.model.host_experts, cache, num_experts=d.num_experts)
+        self.store = ExpertStore(self.model.host_experts, cache, num_experts=d.num_experts, device=device)
         self.oracle = None
         self.expert_calls = None
         self.tokens, self.kv, self.token_times = {}, {}, {}
@@ -148,13 +163,15 @@ class Runtime:
             # which would make the routing, and so the experts run, differ between repeats).
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
             self.kv[i] = torch.randn(d.num_layers, 2, d.num_kv_heads, self.max_len, d.head_dim,
-                                     generator=g).to(torch.bfloat16)
+                                     generator=g).to(torch.bfloat16).to(self.device)
             rng = np.random.default_rng([self.seed, i])
             self.tokens[i] = rng.integers(0, d.vocab, pos + n).tolist()
             batch.append((req, n))
         rec = RunRecorder(num_layers=d.num_layers, top_k=d.top_k)
+        self._sync()
         started = time.perf_counter()
         out = self._iteration(batch, rec, None)  # type: ignore[arg-type]
+        self._sync()
         out["duration_s"] = time.perf_counter() - started
         # Tokens per (layer, expert) of this iteration, as the simulator's routing counts give them.
         counts = np.zeros((d.num_layers, d.num_experts), dtype=np.int64)
@@ -266,12 +283,24 @@ class Runtime:
             # Zeroed, not empty: a decode batch reads past a shorter sequence's end (masked out), and
             # SDPA multiplies those values by a zero weight, so uninitialised NaNs would turn into NaN
             # hidden states and garbage routing.
-            kv = torch.zeros(d.num_layers, 2, d.num_kv_heads, self.max_len, d.head_dim, dtype=torch.bfloat16)
+            kv = torch.zeros(d.num_layers, 2, d.num_kv_heads, self.max_len, d.head_dim, dtype=torch.bfloat16,
+                             device=self.device)
             self.kv[req.request_id] = kv
         return kv
 
+    def _sync(self) -> None:
+        """On CUDA, wait for the GPU before reading the clock, so each phase's time is its own."""
+        if self.device != "cpu":  # pragma: no cover - needs a GPU
+            torch.cuda.synchronize()
+
     def _iteration(self, batch: list[tuple[RequestState, int]], rec: RunRecorder, clock: WallClock) -> dict[str, Any]:
-        perf = time.perf_counter
+        sync = self._sync
+
+        def perf() -> float:
+            sync()
+            return time.perf_counter()
+
+        dev = self.device
         t_start = perf()
         m, d, store = self.model, self.dims, self.store
         hq, hkv, hd = d.num_heads, d.num_kv_heads, d.head_dim
@@ -287,12 +316,13 @@ class Runtime:
         T = len(ids)
         decodes = [s for s in segs if not s[5]]
         prefills = [s for s in segs if s[5]]
-        dec_rows = torch.tensor([s[3] for s in decodes], dtype=torch.long)
+        dec_rows = torch.tensor([s[3] for s in decodes], dtype=torch.long, device=dev)
         dec_pos = [s[1] for s in decodes]
         dec_len = max(dec_pos) + 1 if decodes else 0
         dec_mask = None
         if decodes and min(dec_pos) != max(dec_pos):
-            dec_mask = (torch.arange(dec_len)[None, :] <= torch.tensor(dec_pos)[:, None]).view(len(decodes), 1, 1, dec_len)
+            dec_mask = (torch.arange(dec_len, device=dev)[None, :] <= torch.tensor(dec_pos, device=dev)[:, None]).view(
+                len(decodes), 1, 1, dec_len)
         routing = np.empty((T, d.num_layers, d.top_k), dtype=np.int16)
         gates = np.empty((T, d.num_layers, d.top_k), dtype=np.float32)
         forced = None
@@ -305,7 +335,7 @@ class Runtime:
             np.add.at(counts, (np.broadcast_to(np.arange(d.num_layers)[None, :, None], forced.shape), forced), 1)
         used = np.zeros((d.num_layers, d.num_experts), dtype=np.int64)
         store.begin_iteration(counts)
-        x = m.embed[torch.tensor(ids, dtype=torch.long)]
+        x = m.embed[torch.tensor(ids, dtype=torch.long, device=dev)]
         attention_s = gate_s = expert_s = wait_s = 0.0
         hits = misses = bypassed = prefetch_hits = 0
         for layer, w in enumerate(m.layers):
@@ -329,7 +359,7 @@ class Runtime:
                 if pos == 0:
                     o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=gqa)
                 else:
-                    mask = torch.arange(pos + n)[None, :] <= (pos + torch.arange(n))[:, None]
+                    mask = torch.arange(pos + n, device=dev)[None, :] <= (pos + torch.arange(n, device=dev))[:, None]
                     o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, enable_gqa=gqa)
                 outs.append(o.squeeze(0).transpose(0, 1).reshape(n, hq * hd))
             # Decodes come first in a batch (Replica.form_batch), so rows are already in token order.
@@ -339,13 +369,13 @@ class Runtime:
             h2 = m.rms_norm(x, w["norm2"])
             if forced is None:
                 idx, weights = m.route(layer, h2)
-                idx_np = idx.numpy()
+                idx_np = idx.cpu().numpy()
             else:
                 idx_np = forced[:, layer, :]
-                weights, own = m.route_forced(layer, h2, torch.from_numpy(idx_np))
+                weights, own = m.route_forced(layer, h2, torch.from_numpy(idx_np).to(dev))
                 rec.forced_positions += int(own)
             routing[:, layer, :] = idx_np
-            gates[:, layer, :] = weights.float().numpy()
+            gates[:, layer, :] = weights.float().cpu().numpy()
             experts = np.unique(idx_np).tolist()
             used[layer, experts] = 1
             access = store.access(layer, experts)
@@ -368,21 +398,21 @@ class Runtime:
             # Prefetched, then missed experts, each as its load (FIFO on the copy thread) finishes.
             for e, job in (*access.prefetched, *access.misses):
                 tw = perf()
-                job.done.wait()
+                job.wait()
                 wait_s += perf() - tw
                 expert_s += self._run_expert(h2, y, idx_np, weights, e, job.dst)
             x = x + y
         t_lm = perf()
         emit = [s for s in segs if s[4]]
         if emit:
-            rows = torch.tensor([s[3] + s[2] - 1 for s in emit], dtype=torch.long)
+            rows = torch.tensor([s[3] + s[2] - 1 for s in emit], dtype=torch.long, device=dev)
             logits = m.rms_norm(x[rows], m.final_norm) @ m.lm_head
             if self.prompt_text is not None:  # text prompts: generate within the byte tokens the routers know
                 logits = logits[:, :BYTE_TOKENS]
             next_ids = torch.argmax(logits, dim=-1).tolist()
             for s, tok in zip(emit, next_ids):
                 self.tokens[s[0].request_id].append(int(tok))
-        lm_head_s = time.perf_counter() - t_lm
+        lm_head_s = perf() - t_lm
         # Prefetches no layer waited for still hold the iteration open (the simulator's time_plan).
         wait_s += store.end_iteration(used)
         copy_s = store.copy_seconds()
@@ -390,7 +420,7 @@ class Runtime:
         for req, pos, n, row, _, _, _ in segs:
             rec.record_routing(req.request_id, pos, routing[row : row + n], gates[row : row + n])
         rec.batches.append(tuple((s[0].request_id, s[1], s[2], s[5], s[4]) for s in segs))
-        total = time.perf_counter() - t_start
+        total = perf() - t_start
         return dict(
             num_prefill_seqs=len(prefills), num_decode_seqs=len(decodes), num_tokens=T, expert_hits=hits,
             expert_misses=misses, bypassed=bypassed, prefetch_hits=prefetch_hits, attention_s=attention_s, gate_s=gate_s,
@@ -400,12 +430,14 @@ class Runtime:
 
     def _run_expert(self, h: torch.Tensor, y: torch.Tensor, idx_np: np.ndarray, weights: torch.Tensor, e: int,
                     flat: torch.Tensor) -> float:
+        self._sync()
         t0 = time.perf_counter()
         rows, slot = np.nonzero(idx_np == e)
-        rows_t = torch.from_numpy(rows)
+        rows_t = torch.from_numpy(rows).to(self.device)
         wg, wu, wd = self.model.expert_views(flat)
         out = self.model.expert_ffn(h[rows_t], wg, wu, wd)
-        y.index_add_(0, rows_t, out * weights[rows_t, torch.from_numpy(slot)].unsqueeze(1))
+        y.index_add_(0, rows_t, out * weights[rows_t, torch.from_numpy(slot).to(self.device)].unsqueeze(1))
+        self._sync()
         seconds = time.perf_counter() - t0
         if self.expert_calls is not None:
             self.expert_calls.append((len(rows), seconds))
@@ -415,11 +447,11 @@ class Runtime:
         """Run each kind of kernel once at a few sizes so first-call costs stay out of the run."""
         m, d = self.model, self.dims
         for t in (1, 4, 16, 64):
-            h = torch.randn(t, d.hidden).to(torch.bfloat16)
+            h = torch.randn(t, d.hidden).to(torch.bfloat16).to(self.device)
             w = m.layers[0]
             _ = h @ w["wq"], h @ w["wk"], m.route(0, h), m.rms_norm(h, w["norm1"]) @ m.lm_head
-            _ = m.expert_ffn(h, *m.expert_views(m.host_experts[0]))
+            _ = m.expert_ffn(h, *m.expert_views(m.host_experts[0].to(self.device)))
             _ = [m.expert_ffn(h, *shared) for shared in w["shared"]]
-            q = torch.randn(1, d.num_heads, t, d.head_dim).to(torch.bfloat16)
-            kv = torch.randn(1, d.num_kv_heads, t, d.head_dim).to(torch.bfloat16)
+            q = torch.randn(1, d.num_heads, t, d.head_dim).to(torch.bfloat16).to(self.device)
+            kv = torch.randn(1, d.num_kv_heads, t, d.head_dim).to(torch.bfloat16).to(self.device)
             F.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=d.num_heads != d.num_kv_heads)
