@@ -74,8 +74,11 @@ def register(sub: Any) -> None:
 
 
 def _positive_int(text: str) -> int:
-    """argparse type: an integer of at least 1 (argparse turns the ValueError into a one-line usage error)."""
-    value = int(text)
+    """argparse type: an integer of at least 1 (argparse turns the error into a one-line usage error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text}")
     return value

@@ -325,7 +325,7 @@ def build_profile(
         device_link.update(bandwidth_gbps=_round(d2h["bandwidth_gbps"]), latency_s=_round(d2h["latency_s"]))
         valid_range["d2h_copy"] = {"nbytes": [min(_num(r, "nbytes") for r in d2h_rows),
                                               max(_num(r, "nbytes") for r in d2h_rows)]}
-    concurrent = concurrent_copies([r for r in by_op[copy_op] if r not in single], host_link)
+    concurrent = concurrent_copies([r for r in by_op[copy_op] if r.get("streams", "") not in ("", "1")], host_link)
     cpu_name = environment.get("cpu_model", "unknown CPU")
     cores = int(environment.get("cpu_count") or 1)
     fp32 = peaks.get("fp32", peaks.get("bf16", 1e9))

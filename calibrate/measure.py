@@ -314,7 +314,7 @@ def _make_call(task: Task, bufs: dict[str, Any], device: str) -> Callable[[int],
             top, idx = torch.topk(probs, k, dim=-1)
             return top / top.sum(dim=-1, keepdim=True), idx
         return call
-    if task.op in ("host_copy", "h2d_copy", "d2h_copy") and p.get("streams", 1) > 1:
+    if task.op in ("host_copy", "h2d_copy", "d2h_copy") and is_concurrent(task):
         return _concurrent_copy_call(task, bufs)
     if task.op in ("host_copy", "h2d_copy", "d2h_copy"):
         nbytes = p["nbytes"]
@@ -478,9 +478,10 @@ class SpreadSampler:
     """Samples groups of ``SPREAD_OPS`` tasks in ``budget.spread_rounds`` rounds, one round at a time, so the
     caller can interleave the rounds with the other groups and a point's median covers the whole run.
 
-    Each round builds its buffers afresh and drops them after (the copy buffers are up to 4 GiB; keeping
-    them for the whole run would hold that memory throughout). Within a round the group's points are
-    interleaved as ``measure_group`` does."""
+    Each round builds its calls afresh. The host-copy buffers behind them are views into one pair of arenas
+    (``_host_copy_buffers``) kept for the whole run and freed by ``finish``; other buffers (``mem_read``'s,
+    CUDA's pinned ones) are dropped after each round. Within a round the group's points are interleaved as
+    ``measure_group`` does."""
 
     def __init__(self, groups: Sequence[Sequence[Task]], device: str, budget: Budget) -> None:
         self.groups = [list(g) for g in groups]
@@ -537,7 +538,9 @@ def read_points(path: Path) -> list[dict[str, str]]:
     with path.open(newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         header = list(reader.fieldnames or [])
-        if not header or header != [c for c in POINT_COLUMNS if c in header] or not set(POINT_COLUMNS) - set(header) <= set(LATER_COLUMNS):
+        # POINT_COLUMNS in order, of which only later columns (LATER_COLUMNS) may be missing.
+        in_order = header == [c for c in POINT_COLUMNS if c in header]
+        if not header or not in_order or not set(POINT_COLUMNS) - set(header) <= set(LATER_COLUMNS):
             raise CalibrationError(f"{path}: not a moesim points file (columns {reader.fieldnames}); "
                                    f"remove it, use --fresh, or choose another --out")
         return [{c: row.get(c) or "" for c in POINT_COLUMNS} for row in reader if row.get("median_s")]

@@ -79,14 +79,19 @@ def test_runtime_serves_every_request_with_every_token(tmp_path: Path) -> None:
 def test_runtime_cache_makes_the_simulators_decisions(tmp_path: Path) -> None:
     """8 slots for 16 experts (LRU): on the runtime's own batches, the simulator's planner finds the
     same hits and misses in every iteration."""
-    path = _write(tmp_path)
-    loaded, table, rec = _serve(path)
+    _replay_makes_the_same_decisions(*_serve(_write(tmp_path)), tmp_path)
+
+
+def _replay_makes_the_same_decisions(loaded, table, rec, tmp_path: Path):
+    """Check that the run had hits and misses and that the simulator's planner, fed the runtime's own batches,
+    makes the same hits and misses in every iteration; return the replayed scenario."""
     it = rec.iterations_frame()
     assert it["expert_misses"].sum() > 0 and it["expert_hits"].sum() > 0
     replay = replay_scenario(loaded, table, rec, _shipped_profile(), tmp_path / "replay")
     planned = replay_batches(replay, rec)
     np.testing.assert_array_equal(planned["hits"].to_numpy(), it["expert_hits"].to_numpy())
     np.testing.assert_array_equal(planned["misses"].to_numpy(), it["expert_misses"].to_numpy())
+    return replay
 
 
 def test_fine_grained_runtime_with_shared_experts_makes_the_simulators_decisions(tmp_path: Path) -> None:
@@ -101,12 +106,7 @@ def test_fine_grained_runtime_with_shared_experts_makes_the_simulators_decisions
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     loaded, table, rec = _serve(path)
     assert (rec.requests_frame()["status"] == "completed").all()
-    it = rec.iterations_frame()
-    assert it["expert_misses"].sum() > 0 and it["expert_hits"].sum() > 0
-    replay = replay_scenario(loaded, table, rec, _shipped_profile(), tmp_path / "replay")
-    planned = replay_batches(replay, rec)
-    np.testing.assert_array_equal(planned["hits"].to_numpy(), it["expert_hits"].to_numpy())
-    np.testing.assert_array_equal(planned["misses"].to_numpy(), it["expert_misses"].to_numpy())
+    replay = _replay_makes_the_same_decisions(loaded, table, rec, tmp_path)
     from sim.engine.iteration import IterationPlanner
     from sim.policies.cache import make_cache
 
@@ -389,9 +389,10 @@ def test_repeated_validation_judges_the_median_run(tmp_path: Path, monkeypatch) 
 def test_repeats_must_be_positive(capsys) -> None:
     import sim.cli
 
-    with pytest.raises(SystemExit) as exc:
-        sim.cli.main(["validate", "scenarios/validate-prefetch.yaml", "--repeats", "0"])
-    assert exc.value.code == 2 and "at least 1" in capsys.readouterr().err
+    for bad in ("0", "x"):
+        with pytest.raises(SystemExit) as exc:
+            sim.cli.main(["validate", "scenarios/validate-prefetch.yaml", "--repeats", bad])
+        assert exc.value.code == 2 and f"expected a whole number of at least 1, got {bad}" in capsys.readouterr().err
 
 
 def test_cuda_runtime_without_a_gpu_is_one_line_and_exit_2(capsys) -> None:

@@ -3,7 +3,8 @@
 An iteration's timeline is a small flow shop (DESIGN.md, "Speed"): the copy engine loads experts
 one at a time in FIFO order, the compute stream runs attention, gate, shared experts and routed experts in
 order, and an expert starts when both its load and the stream are done. A layer's loads are issued once its
-gate has run, so its shared experts (which need no routing and no load) compute while they are in flight. Planning and timing are split:
+gate has run, so its shared experts (which need no routing and no load) compute while they are in flight.
+Planning and timing are split:
 
 * ``IterationPlanner.plan`` makes every decision (cache hits, evictions, prefetches, expert order)
   and returns an ``IterationPlan`` of compute ops and loads with their dependencies. Decisions never
@@ -131,6 +132,21 @@ def time_plan(plan: IterationPlan) -> IterationTiming:
     copy_busy = float(sum(load_s))
     end = max(t, copy_free)  # a prefetch still in flight holds the iteration open
     return IterationTiming(end, float(sum(plan.op_s)), copy_busy, stall, n_loads)
+
+
+def add_moe_layer_head(plan: IterationPlan, attention_s: float, gate_s: float, shared_s: float) -> int:
+    """Append a MoE layer's attention and gate ops, then its shared experts if any; return the gate op's index,
+    after which the layer's loads are issued. Shared experts need no routing and no load, so they run while
+    those loads are in flight. (Both planners' layer loops call this.)"""
+    plan.op_s.extend((attention_s, gate_s))
+    plan.op_kind.extend(("attention", "gate"))
+    plan.op_load.extend((-1, -1))
+    gate_op = len(plan.op_s) - 1
+    if shared_s:
+        plan.op_s.append(shared_s)
+        plan.op_kind.append("shared")
+        plan.op_load.append(-1)
+    return gate_op
 
 
 class IterationPlanner:
@@ -349,16 +365,7 @@ class IterationPlanner:
             if prefetching and moe_layer == 0:
                 # The first MoE layer has no predecessor to hide its loads behind: start at once.
                 self._prefetch(plan, 0, counts, prefetched, len(op_s) - 1)
-            op_s.extend((attention_s, gate_s))
-            op_kind.extend(("attention", "gate"))
-            op_load.extend((-1, -1))
-            gate_op = len(op_s) - 1
-            if shared_s:
-                # Shared experts need no routing and no load: they run while the routed experts' loads
-                # (issued after the gate) are in flight.
-                op_s.append(shared_s)
-                op_kind.append("shared")
-                op_load.append(-1)
+            gate_op = add_moe_layer_head(plan, attention_s, gate_s, shared_s)
             lo, hi = bounds[moe_layer], bounds[moe_layer + 1]
             base = moe_layer * E
             keys = [base + e for e in needed_all[lo:hi]]

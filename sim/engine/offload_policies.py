@@ -28,7 +28,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from sim.engine.iteration import IterationPlan, IterationPlanner
+from sim.engine.iteration import IterationPlan, IterationPlanner, add_moe_layer_head
 from sim.errors import ScenarioError
 from sim.policies.cache import ExpertCache, LruPolicy
 from sim.policies.emoe import (
@@ -496,16 +496,7 @@ class OffloadPlanner(IterationPlanner):
                 continue
             if moe_layer == 0 and prefetch in ("next_layer", "all_next_layer"):
                 self._prefetch_keys(plan, self._next_keys(prefetch, 0, counts), inflight, len(op_s) - 1)
-            op_s.extend((attention_s, gate_s))
-            op_kind.extend(("attention", "gate"))
-            op_load.extend((-1, -1))
-            gate_op = len(op_s) - 1
-            if shared_s:
-                # Shared experts need no routing and no load: they run while the routed experts' loads
-                # (issued after the gate) are in flight.
-                op_s.append(shared_s)
-                op_kind.append("shared")
-                op_load.append(-1)
+            gate_op = add_moe_layer_head(plan, attention_s, gate_s, shared_s)
             base = moe_layer * E
             lo, hi = served_bounds[moe_layer], served_bounds[moe_layer + 1]
             keys = [base + e for e in served_all[lo:hi]]
