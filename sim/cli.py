@@ -147,6 +147,10 @@ def print_summary(summary: dict[str, Any], out: Any = None) -> None:
     p(f"requests     {r['arrived']:,} arrived, {r['completed']:,} completed, {r['rejected']:,} rejected, "
       f"{r['dropped']:,} dropped, " + (f"{r['failed']:,} failed, " if r.get("failed") else "")
       + f"{r['unfinished']:,} unfinished" + (f"  reasons: {r['reasons']}" if r["reasons"] else ""))
+    if r.get("closed_loop"):
+        loop = r["closed_loop"]
+        think = f"{loop['think_time']} think time {_fmt_s(loop['think_time_s'])}" if loop["think_time_s"] else "no think time"
+        p(f"closed loop  {loop['clients']:,} clients, each sending its next request when answered ({think})")
     p(f"throughput   {t['requests_per_s']:,.2f} req/s, {t['output_tokens_per_s']:,.0f} output tok/s, "
       f"{t['prompt_tokens_per_s']:,.0f} prompt tok/s over {t['span_s']:,.0f} s")
     for name, label in (("ttft", "TTFT"), ("tbt", "TBT"), ("tpot", "TPOT"), ("e2e", "end-to-end"), ("queue", "queueing")):

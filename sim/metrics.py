@@ -74,6 +74,14 @@ def slo_report(requests: pd.DataFrame, tbt_samples_s: np.ndarray | None, targets
     }
 
 
+def _closed_loop_fields(arrivals: Any) -> dict[str, Any]:
+    """How a closed-loop workload sent its requests (empty for open-loop arrivals)."""
+    if arrivals.kind != "closed_loop":
+        return {}
+    return {"closed_loop": {"clients": arrivals.clients, "think_time_s": arrivals.think_time_s,
+                            "think_time": arrivals.think_time}}
+
+
 def summarize(result: SimulationResult) -> dict[str, Any]:
     """The run's summary as plain JSON-ready values."""
     scenario = result.loaded.scenario
@@ -105,6 +113,7 @@ def summarize(result: SimulationResult) -> dict[str, Any]:
             "unfinished": int(sum(v for k, v in status_counts.items() if k.startswith("unfinished"))),
             "reasons": {str(k): int(v) for k, v in reasons.items()},
             "trace_rows_skipped": int(result.extra.get("table_skipped_rows", 0)),
+            **_closed_loop_fields(scenario.workload.arrivals),
         },
         "profile_outside_measured": {str(k): int(v) for k, v in result.extra.get("profile_outside_measured", {}).items()},
         "throughput": {

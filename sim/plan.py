@@ -453,6 +453,10 @@ def run_plan(
     from sim.executors import make_executor
 
     cands, base, base_dir = candidates(path, overrides)
+    if base.workload.arrivals.kind == "closed_loop":
+        raise ScenarioError(f"{path}: workload.arrivals: plan searches the highest arrival rate that meets the SLO, "
+                            f"and a closed loop (kind: closed_loop) has no arrival rate; sweep "
+                            f"workload.arrivals.clients with `moesim simulate` instead")
     prices = load_prices(base.plan.prices, base_dir)
     cap = base.plan.max_requests_per_probe
     rates: dict[str, tuple[float, float]] = {}

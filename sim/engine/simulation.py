@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import operator
 from array import array
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -27,6 +28,7 @@ from sim.policies.cache import make_cache
 from sim.policies.scheduler import make_scheduler
 from sim.scenario import LoadedScenario
 from sim.workload.arrivals import RequestTable, build_requests
+from sim.workload.closed_loop import ClosedLoopIssuer
 from sim.workload.routing import build_routing
 
 
@@ -111,7 +113,7 @@ def simulate(
         record_accesses = cache_spec.name != "all_resident"
 
     env = simpy.Environment()
-    finished: list[RequestState] = []
+    finished = _FinishedRequests()
     tbt_samples = array("d")
     replicas = []
     offload = uses_offload_planner(policies)
@@ -174,29 +176,61 @@ def simulate(
     injector = _start_faults(loaded, env, replicas, profile, budget, table, finished)
     dispatch = injector.dispatch if injector is not None else None
 
-    def arrivals():
+    def admit(i: int, at: float) -> None:
         tasks = table.task
+        req = RequestState(
+            i, at, int(table.prompt_tokens[i]), int(table.output_tokens[i]),
+            None if tasks is None else str(tasks[i]),
+        )
+        all_requests.append(req)
+        if req.prompt_tokens + req.output_tokens > kv_limit_tokens:
+            _reject(req, "exceeds_kv_capacity", env.now, finished)
+        elif not chunked and req.prompt_tokens > batch_limit:
+            _reject(req, "prompt_exceeds_batch_tokens", env.now, finished)
+        elif dispatch is not None:
+            dispatch(req)
+        else:
+            target = min(replicas, key=lambda r: (r.outstanding, r.index))
+            target.submit(req)
+
+    def send_at(i: int, at: float):
+        if at > env.now:
+            yield env.timeout(at - env.now)
+        admit(i, at)
+
+    def open_loop_arrivals():
         for i in range(len(table)):
             at = float(table.arrival_s[i])
             if at > env.now:
                 yield env.timeout(at - env.now)
-            req = RequestState(
-                i, at, int(table.prompt_tokens[i]), int(table.output_tokens[i]),
-                None if tasks is None else str(tasks[i]),
-            )
-            all_requests.append(req)
-            if req.prompt_tokens + req.output_tokens > kv_limit_tokens:
-                _reject(req, "exceeds_kv_capacity", env.now, finished)
-            elif not chunked and req.prompt_tokens > batch_limit:
-                _reject(req, "prompt_exceeds_batch_tokens", env.now, finished)
-            elif dispatch is not None:
-                dispatch(req)
-            else:
-                target = min(replicas, key=lambda r: (r.outstanding, r.index))
-                target.submit(req)
+            admit(i, at)
 
-    env.process(arrivals())
-    partial = _run(env, table, lambda: len(finished) >= len(table), progress=progress, stop_at_s=stop_at_s)
+    if table.closed_loop is None:
+        env.process(open_loop_arrivals())
+    else:  # each answer sends that client's next request (sim.workload.closed_loop)
+        issuer = ClosedLoopIssuer(table.closed_loop, len(table))
+        due_now: deque[int] = deque()
+
+        def next_request(_req: RequestState) -> None:
+            nxt = issuer.after_finish(env.now)
+            if nxt is None:
+                return
+            i, at = nxt
+            if at > env.now:
+                env.process(send_at(i, at))
+                return
+            # No think time: admitted before the finishing replica forms its next batch (as the runtime
+            # does), and through a worklist, since a rejection finishes at once and sends again.
+            due_now.append(i)
+            if len(due_now) == 1:
+                while due_now:
+                    admit(due_now[0], env.now)
+                    due_now.popleft()
+
+        finished.then = next_request
+        for i, at in issuer.initial():
+            env.process(send_at(i, at))
+    partial = _run(env, table, finished, progress=progress, stop_at_s=stop_at_s)
     requests = _requests_frame(all_requests)
     as_row = operator.attrgetter(*_ITERATION_COLUMNS)  # far faster than pandas' dataclass path
     iterations = pd.DataFrame(
@@ -230,6 +264,11 @@ def _start_faults(
     if not faults.active:
         return None
     hw = loaded.scenario.hardware
+    if table.closed_loop is not None:
+        for i, rnd in enumerate(faults.random):
+            if rnd.horizon_s is None:
+                raise ScenarioError(f"{loaded.source}: faults.random[{i}]: horizon_s is needed with a closed-loop "
+                                    f"workload, whose arrival times are not known in advance")
     horizon_s = float(table.arrival_s[-1]) if len(table) else 0.0
     schedule = expand_schedule(faults, hw.num_gpus, hw.num_nodes, horizon_s)
 
@@ -260,6 +299,20 @@ _ITERATION_COLUMNS = (
 )
 
 
+class _FinishedRequests(list):
+    """Every request that finished (completed, rejected, dropped, failed), in order; in a closed loop ``then``
+    runs on each, to send that client's next request. Replicas, rejections and faults all append here."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.then: Callable[[RequestState], None] | None = None
+
+    def append(self, req: RequestState) -> None:
+        super().append(req)
+        if self.then is not None:
+            self.then(req)
+
+
 def _reject(req: RequestState, reason: str, now: float, finished: list[RequestState]) -> None:
     req.status = "rejected"
     req.reason = reason
@@ -270,23 +323,26 @@ def _reject(req: RequestState, reason: str, now: float, finished: list[RequestSt
 def _run(
     env: simpy.Environment,
     table: RequestTable,
-    all_done: Callable[[], bool],
+    finished: list[RequestState],
     *,
     progress: bool,
     stop_at_s: float | None,
 ) -> bool:
-    """Advance the simulation in slices so a progress bar can follow and Ctrl-C stops cleanly.
+    """Advance the simulation in slices so a progress bar can follow and Ctrl-C stops cleanly. The bar counts
+    simulated seconds up to the last arrival, or, in a closed loop (arrivals unknown in advance), requests.
 
     Returns True when the run stopped before every request finished."""
+    closed = table.closed_loop is not None
     horizon = float(table.arrival_s[-1]) if len(table) else 0.0
     step = max(1.0, horizon / 200.0)
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=round(horizon), unit="sim-s", desc="simulating", leave=False, dynamic_ncols=True)
+        bar = (tqdm(total=len(table), unit="req", desc="simulating", leave=False, dynamic_ncols=True) if closed
+               else tqdm(total=round(horizon), unit="sim-s", desc="simulating", leave=False, dynamic_ncols=True))
     try:
-        while not all_done():
+        while len(finished) < len(table):
             if env.peek() == float("inf"):
                 raise RuntimeError("simulation ran out of events with requests unfinished")
             until = env.now + step
@@ -296,7 +352,10 @@ def _run(
                 until = min(until, stop_at_s)
             env.run(until=until)
             if bar is not None:
-                bar.n = min(round(env.now), bar.total) if env.now <= horizon else bar.total
+                if closed:
+                    bar.n = len(finished)
+                else:
+                    bar.n = min(round(env.now), bar.total) if env.now <= horizon else bar.total
                 bar.set_postfix_str(f"t={env.now:,.0f}s")
                 bar.refresh()
         return False

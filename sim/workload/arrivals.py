@@ -2,7 +2,9 @@
 
 A workload's requests come from a replayed trace (``kind: trace``) or a generator (``kind: poisson`` /
 ``gamma`` / ``mmpp`` / ``servegen`` / ``fitted``, the last written by ``moesim trace fit``); either way the engine
-receives one ``RequestTable``. Closed-loop clients live elsewhere.
+receives one ``RequestTable``. A closed loop (``kind: closed_loop``: N clients, each sending its next request when
+its previous one finished) also gives a table, of lengths with every arrival at 0, plus the ``ClosedLoop`` that
+decides the arrivals while serving (``sim.workload.closed_loop``).
 
     spec (pydantic, validated once)  --build_requests-->  RequestTable (frozen numpy columns)
 
@@ -24,6 +26,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sim.errors import TraceError
+from sim.workload.closed_loop import ClosedLoop, draw_think_times
 from sim.workload import arrival_generators as gen
 from sim.workload.arrival_loaders import (
     AZURE_2023,
@@ -52,6 +55,7 @@ __all__ = [
     "FittedArrivals",
     "MmppArrivals",
     "ServeGenArrivals",
+    "ClosedLoopArrivals",
     "build_requests",
     "load_trace",
     "shipped_traces",
@@ -76,7 +80,10 @@ class RequestTable:
 
     Prefix blocks (Mooncake ``hash_ids``: ids of the prompt's KV blocks, equal ids = a shared prefix) are ragged,
     so they are stored flat: request i's ids are ``prefix_blocks[prefix_offsets[i]:prefix_offsets[i + 1]]``
-    (``prefix_offsets`` has len + 1 entries, from 0). Both are None when the source has no prefix blocks."""
+    (``prefix_offsets`` has len + 1 entries, from 0). Both are None when the source has no prefix blocks.
+
+    ``closed_loop`` is set for a closed-loop workload: its arrival times are then all 0 (unknown in advance) and
+    are decided while serving by ``ClosedLoop`` (clients, think times)."""
 
     arrival_s: np.ndarray
     prompt_tokens: np.ndarray
@@ -86,6 +93,7 @@ class RequestTable:
     client: np.ndarray | None = None
     prefix_blocks: np.ndarray | None = None
     prefix_offsets: np.ndarray | None = None
+    closed_loop: ClosedLoop | None = None
 
     def __post_init__(self) -> None:
         arrival_s = _frozen(self.arrival_s, np.float64)
@@ -106,6 +114,8 @@ class RequestTable:
             raise ValueError("skipped_rows must be >= 0")
         if (self.prefix_blocks is None) != (self.prefix_offsets is None):
             raise ValueError("RequestTable needs both prefix_blocks and prefix_offsets, or neither")
+        if self.closed_loop is not None and len(self.closed_loop.think_s) != n:
+            raise ValueError("RequestTable.closed_loop needs one think time per request")
         if self.prefix_blocks is not None:
             blocks = _frozen(self.prefix_blocks, np.int64)
             offsets = _frozen(self.prefix_offsets, np.int64)
@@ -180,8 +190,14 @@ class RequestTable:
             and np.array_equal(self.prefix_blocks, other.prefix_blocks)
             and np.array_equal(self.prefix_offsets, other.prefix_offsets)  # type: ignore[arg-type]
         )
+        same_loop = (self.closed_loop is None and other.closed_loop is None) or (
+            self.closed_loop is not None and other.closed_loop is not None
+            and self.closed_loop.clients == other.closed_loop.clients
+            and np.array_equal(self.closed_loop.think_s, other.closed_loop.think_s)
+        )
         return (
             same_task
+            and same_loop
             and same_client
             and same_prefix
             and self.skipped_rows == other.skipped_rows
@@ -239,6 +255,7 @@ class RequestTable:
             None if self.client is None else self.client[rows],
             blocks,
             offsets,
+            None if self.closed_loop is None else ClosedLoop(self.closed_loop.clients, self.closed_loop.think_s[rows]),
         )
 
 
@@ -575,8 +592,37 @@ class ServeGenArrivals(_Spec):
         return self
 
 
+class ClosedLoopArrivals(_Spec):
+    """A closed loop: ``clients`` concurrent clients, each sending its next request when its previous one has
+    finished, after a think time. Serving benchmarks report TTFT and TPOT this way, at a concurrency; the load
+    follows the server's speed. Lengths are generated, or taken in order from a trace (its times ignored)."""
+
+    kind: Literal["closed_loop"] = Field(description="Clients that each wait for an answer before sending again.")
+    clients: int = Field(ge=1, description="How many requests are outstanding at once (the concurrency).")
+    think_time_s: float = Field(0.0, ge=0, description="Mean pause between a client's answer and its next request.")
+    think_time: Literal["fixed", "exponential"] = Field(
+        "fixed", description="fixed: every pause is think_time_s; exponential: pauses drawn with that mean."
+    )
+    prompt_tokens: LengthSpec | None = Field(None, description="Distribution of prompt (input) lengths.")
+    output_tokens: LengthSpec | None = Field(None, description="Distribution of output (generated) lengths.")
+    requests: TraceFile | None = Field(
+        None, description="Take the requests' lengths (and tasks) in order from this trace instead, ignoring its "
+        "arrival times: replays a recorded request mix at a concurrency."
+    )
+
+    @model_validator(mode="after")
+    def _check_lengths(self) -> ClosedLoopArrivals:
+        generated = self.prompt_tokens is not None or self.output_tokens is not None
+        if self.requests is not None and generated:
+            raise ValueError("give either requests (a trace) or prompt_tokens and output_tokens, not both")
+        if self.requests is None and (self.prompt_tokens is None or self.output_tokens is None):
+            raise ValueError("give prompt_tokens and output_tokens, or requests (a trace of lengths)")
+        return self
+
+
 ArrivalSpec = Annotated[
-    TraceArrivals | PoissonArrivals | GammaArrivals | FittedArrivals | MmppArrivals | ServeGenArrivals,
+    TraceArrivals | PoissonArrivals | GammaArrivals | FittedArrivals | MmppArrivals | ServeGenArrivals
+    | ClosedLoopArrivals,
     Field(discriminator="kind"),
 ]
 
@@ -637,8 +683,29 @@ def _servegen_table(spec: ServeGenArrivals, rng: np.random.Generator, base_dir: 
     return RequestTable(arrival_s, prompt, output, client=client)
 
 
+def _closed_loop_table(spec: ClosedLoopArrivals, rng: np.random.Generator, base_dir: Path,
+                       max_requests: int | None, max_duration_s: float | None) -> RequestTable:
+    """Lengths (generated, or in order from a trace) with every arrival at 0, plus the loop's think times.
+    A ValueError here is a scenario mistake (``build_request_table`` names the scenario)."""
+    if max_duration_s is not None:
+        raise ValueError("a closed loop (kind: closed_loop) sends requests as earlier ones finish, so its arrival "
+                         "times are not known in advance: limit it with max_requests, not max_duration_s")
+    if spec.requests is not None:
+        trace = load_trace(spec.requests, base_dir=base_dir).limit(max_requests=max_requests)
+        prompt, output, task = trace.prompt_tokens, trace.output_tokens, trace.task
+    else:
+        if max_requests is None:
+            raise ValueError("a generated closed loop (kind: closed_loop) needs a limit: set max_requests")
+        prompt, output = _draw_lengths(spec.prompt_tokens, spec.output_tokens, max_requests, rng, base_dir)
+        task = None
+    n = len(prompt)
+    loop = ClosedLoop(spec.clients, draw_think_times(spec.think_time_s, spec.think_time, n, rng))
+    return RequestTable(np.zeros(n), prompt, output, task, closed_loop=loop)
+
+
 def build_requests(
-    spec: TraceArrivals | PoissonArrivals | GammaArrivals | FittedArrivals | MmppArrivals | ServeGenArrivals,
+    spec: TraceArrivals | PoissonArrivals | GammaArrivals | FittedArrivals | MmppArrivals | ServeGenArrivals
+    | ClosedLoopArrivals,
     *,
     rng: np.random.Generator,
     base_dir: Path,
@@ -699,6 +766,8 @@ def build_requests(
             table = RequestTable(arrival_s, prompt, output)
         else:
             table = _servegen_table(spec, rng, base_dir, max_requests, max_duration_s)
+    elif isinstance(spec, ClosedLoopArrivals):
+        table = _closed_loop_table(spec, rng, base_dir, max_requests, max_duration_s)
     else:
         raise TypeError(f"not an arrival spec: {spec!r}")
 
