@@ -195,6 +195,8 @@ def test_simulate_prints_and_records_the_loop(tmp_path: Path, capsys):
     assert "closed loop  3 clients, each sending its next request when answered (fixed think time 500.0 ms)" in out
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["requests"]["closed_loop"]["clients"] == 3
+    assert main(["report", str(tmp_path / "o"), "--out", str(tmp_path / "r.html")]) == 0
+    assert "3 clients, each sending its next request when answered (fixed think time" in (tmp_path / "r.html").read_text()
 
 
 def test_a_sweep_over_clients_runs_each_concurrency(tmp_path: Path):
