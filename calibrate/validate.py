@@ -197,8 +197,19 @@ def probe_change(probe_s: dict[str, float]) -> dict[str, float]:
 # ---------------------------------------------------------------- the simulator's replay of a run
 
 
+def check_replayable(loaded: Any) -> None:
+    """Refuse, before calibrating, a workload whose requests the simulator could not be given exactly."""
+    arrivals = loaded.scenario.workload.arrivals
+    if arrivals.kind == "closed_loop" and arrivals.think_time != "fixed" and arrivals.think_time_s > 0:
+        raise CalibrationError(f"{loaded.source}: workload.arrivals.think_time: validate replays a closed loop "
+                               f"with a fixed think time; {arrivals.think_time} think times are not replayed")
+
+
 def replay_scenario(loaded: Any, table: Any, recorder: Any, profile_path: Path, folder: Path) -> Any:
-    """The scenario with the run's arrivals (CSV trace), the runtime's routing (Parquet) and ``profile_path``."""
+    """The scenario with the run's arrivals (CSV trace), the runtime's routing (Parquet) and ``profile_path``.
+
+    A closed loop stays a closed loop, with the same clients and think time, sending the CSV's requests in
+    order: the simulator decides its own arrival times from its own answers, as the runtime did."""
     from sim.scenario import parse_scenario, resolve
 
     model = loaded.model
@@ -211,10 +222,16 @@ def replay_scenario(loaded: Any, table: Any, recorder: Any, profile_path: Path, 
     recorder.write_routing_trace(folder / "routing.parquet", model.name, model.num_experts)
     data = loaded.scenario.model_dump(mode="json")
     data["hardware"]["profile"] = str(profile_path.resolve())
-    data["workload"]["arrivals"] = {
-        "kind": "trace", "path": "arrivals.csv", "format": "csv", "time_unit": "s", "time_origin": "trace",
+    trace = {
+        "path": "arrivals.csv", "format": "csv", "time_unit": "s", "time_origin": "trace",
         "columns": {"arrival": "arrival_s", "prompt_tokens": "prompt_tokens", "output_tokens": "output_tokens"},
     }
+    if table.closed_loop is None:
+        data["workload"]["arrivals"] = {"kind": "trace", **trace}
+    else:
+        loop = data["workload"]["arrivals"]
+        data["workload"]["arrivals"] = {"kind": "closed_loop", "clients": loop["clients"],
+                                        "think_time_s": loop["think_time_s"], "requests": trace}
     data["workload"]["routing"] = {"kind": "replay", "path": "routing.parquet"}
     data["workload"]["max_requests"] = None
     data["workload"]["max_duration_s"] = None
@@ -420,6 +437,7 @@ def validate(scenario: str | Path, *, profile: str | Path | None = None, quick: 
     check_device(device)
     say = log or (lambda msg: print(msg, file=sys.stderr))
     loaded = load_scenario(scenario)
+    check_replayable(loaded)
     name = loaded.scenario.name
     folder = Path(out) if out else Path("reports") / f"validate-{name}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -444,10 +462,7 @@ def validate(scenario: str | Path, *, profile: str | Path | None = None, quick: 
     seeds = np.random.SeedSequence(loaded.scenario.workload.seed).spawn(2)
     table = build_request_table(loaded, np.random.default_rng(seeds[0]))
     if max_requests is not None:
-        from sim.workload.arrivals import RequestTable
-
-        table = RequestTable(arrival_s=table.arrival_s[:max_requests], prompt_tokens=table.prompt_tokens[:max_requests],
-                             output_tokens=table.output_tokens[:max_requests])
+        table = table.limit(max_requests=max_requests)
     seed = loaded.scenario.workload.seed
     oracle = None
     if needs_oracle(loaded):

@@ -410,3 +410,51 @@ def test_cuda_runtime_without_a_gpu_is_one_line_and_exit_2(capsys) -> None:
 
     with pytest.raises(CalibrationError, match="expected cpu or cuda"):
         check_device("tpu")
+
+
+def _write_closed(tmp_path: Path, *, clients: int, think_time_s: float = 0.0, think_time: str = "fixed") -> Path:
+    data = copy.deepcopy(SCENARIO)
+    data["workload"]["arrivals"] = {"kind": "closed_loop", "clients": clients, "think_time_s": think_time_s,
+                                    "think_time": think_time, **{k: data["workload"]["arrivals"][k]
+                                                                 for k in ("prompt_tokens", "output_tokens")}}
+    path = tmp_path / "closed.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def test_runtime_closed_loop_follows_the_simulators_rule(tmp_path: Path) -> None:
+    """Two clients, think 20 ms: never more than two requests outstanding, the first two sent at 0, and
+    every later one sent exactly the think time after some answer, in id order."""
+    loaded, table, rec = _serve(_write_closed(tmp_path, clients=2, think_time_s=0.02))
+    req = rec.requests_frame().sort_values("request_id")
+    assert (req["status"] == "completed").all() and len(req) == 12
+    assert req["arrived_at_s"].iloc[:2].tolist() == [0.0, 0.0]
+    finishes = np.sort(req["finished_at_s"].to_numpy())
+    for k, at in enumerate(req["arrived_at_s"].to_numpy()[2:]):
+        assert at == pytest.approx(finishes[k] + 0.02, abs=1e-12)  # the k-th answer sends request k + 2
+    events = sorted([(t, 1) for t in req["arrived_at_s"]] + [(t, -1) for t in req["finished_at_s"]])
+    assert max(np.cumsum([step for _, step in events])) <= 2
+
+
+def test_closed_loop_replay_is_a_closed_loop_of_the_same_requests(tmp_path: Path) -> None:
+    """The simulator replays a closed loop as a closed loop of the runtime's requests, in order, with the same
+    clients and think time (it decides its own arrival times), and makes the same cache decisions."""
+    loaded, table, rec = _serve(_write_closed(tmp_path, clients=3, think_time_s=0.01))
+    replay = _replay_makes_the_same_decisions(loaded, table, rec, tmp_path)
+    arrivals = replay.scenario.workload.arrivals
+    assert (arrivals.kind, arrivals.clients, arrivals.think_time_s) == ("closed_loop", 3, 0.01)
+    result = simulate(replay)
+    sim_req = result.requests.sort_values("request_id")
+    assert sim_req["prompt_tokens"].tolist() == table.prompt_tokens.tolist()
+    assert sim_req["output_tokens"].tolist() == table.output_tokens.tolist()
+    assert (sim_req["arrived_at_s"].iloc[:3] == 0).all() and (sim_req["arrived_at_s"].iloc[3:] > 0).all()
+
+
+def test_validate_refuses_random_think_times_before_calibrating(tmp_path: Path, capsys) -> None:
+    from sim.cli import main
+
+    path = _write_closed(tmp_path, clients=2, think_time_s=0.1, think_time="exponential")
+    assert main(["validate", str(path), "--quick", "--out", str(tmp_path / "v")]) == 2
+    err = capsys.readouterr().err
+    assert "workload.arrivals.think_time: validate replays a closed loop with a fixed think time" in err
+    assert not (tmp_path / "v" / "profile.yaml").exists()

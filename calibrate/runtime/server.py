@@ -10,7 +10,8 @@ preemption. The serving loop:
     (per layer: attention -> gate -> cache decisions and loads -> experts; then the LM head)
     -> every sequence of the batch advances (tokens stamped with the wall clock)
 
-Requests arrive at their ``arrival_s`` (real time from the start of serving, ``time_scale`` x).
+Requests arrive at their ``arrival_s`` (real time from the start of serving, ``time_scale`` x), or, in a
+closed loop, as earlier requests are answered (``sim.workload.closed_loop``, the simulator's own rule).
 
 Next-layer prefetch (``policies.prefetch: {name: next_layer}``) makes the simulator's decisions
 (``ExpertStore``, ``sim.policies.next_layer``); its copies run on the copy thread while the compute
@@ -23,6 +24,7 @@ gate's probabilities for them), so the oracle is exact. Not supported: swap pree
 
 from __future__ import annotations
 
+import heapq
 import time
 from array import array
 from typing import Any
@@ -42,6 +44,7 @@ from sim.policies.cache import make_cache
 from sim.policies.scheduler import make_scheduler
 from sim.scenario import LoadedScenario
 from sim.workload.arrivals import RequestTable
+from sim.workload.closed_loop import ClosedLoopIssuer
 
 
 def check_device(device: str) -> str:
@@ -188,7 +191,8 @@ class Runtime:
     # ---------------------------------------------------------------- serving
 
     def serve(self, table: RequestTable, *, time_scale: float = 1.0) -> RunRecorder:
-        """Serve every request of ``table``; arrival i is submitted at ``table.arrival_s[i] * time_scale``."""
+        """Serve every request of ``table``; arrival i is submitted at ``table.arrival_s[i] * time_scale``, or in a
+        closed loop (``table.closed_loop``) when an earlier request is answered, think times ``time_scale`` x."""
         policies = self.loaded.scenario.policies
         d = self.dims
         rec = RunRecorder(num_layers=d.num_layers, top_k=d.top_k)
@@ -217,8 +221,20 @@ class Runtime:
         self.max_len = int((table.prompt_tokens + table.output_tokens).max()) if n_total else 1
         finished: list[RequestState] = []
 
+        # Requests waiting to be sent, as a heap of (send time, id): the whole table for arrivals known in
+        # advance; in a closed loop the first clients', then one more per answer (sim.workload.closed_loop).
+        issuer = None if table.closed_loop is None else ClosedLoopIssuer(table.closed_loop, n_total)
+        if issuer is None:
+            pending = [(float(at), i) for i, at in enumerate(table.arrival_s * time_scale)]  # sorted: a heap
+        else:
+            pending = [(at, i) for i, at in issuer.initial()]
+
         def on_finish(req: RequestState) -> None:
             finished.append(req)
+            if issuer is not None:
+                nxt = issuer.after_finish(req.finished_at_s, think_scale=time_scale)
+                if nxt is not None:
+                    heapq.heappush(pending, (nxt[1], nxt[0]))
             self.kv.pop(req.request_id, None)
             rec.requests.append(RequestRecord(
                 request_id=req.request_id, arrived_at_s=req.arrival_s, prompt_tokens=req.prompt_tokens,
@@ -235,20 +251,17 @@ class Runtime:
             chunked_prefill=policies.batching.chunked_prefill, preemption=policies.preemption.mode,
             queue_timeout_s=policies.batching.queue_timeout_s, on_finish=on_finish, tbt_samples=array("d"),
         )
-        arrivals = table.arrival_s * time_scale
-        nxt = 0
         while len(finished) < n_total:
             now = clock.now
-            while nxt < n_total and arrivals[nxt] <= now:
-                req = RequestState(nxt, float(arrivals[nxt]), int(table.prompt_tokens[nxt]),
-                                   int(table.output_tokens[nxt]), None)
-                self.tokens[nxt] = self._prompt(nxt, req.prompt_tokens)
-                self.token_times[nxt] = []
+            while pending and pending[0][0] <= now:
+                at, i = heapq.heappop(pending)
+                req = RequestState(i, at, int(table.prompt_tokens[i]), int(table.output_tokens[i]), None)
+                self.tokens[i] = self._prompt(i, req.prompt_tokens)
+                self.token_times[i] = []
                 replica.submit(req)
-                nxt += 1
             replica.drop_timed_out(now)
             if not replica.running and not replica.waiting:
-                clock.sleep_until(float(arrivals[nxt]))
+                clock.sleep_until(pending[0][0])
                 continue
             batch, swap_out, swap_in = replica.form_batch()
             assert not swap_out and not swap_in, "recompute preemption never swaps"

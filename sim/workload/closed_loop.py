@@ -51,13 +51,14 @@ class ClosedLoopIssuer:
         """(request id, send time) of the requests sent at the start."""
         return [(i, 0.0) for i in range(self.next_id)]
 
-    def after_finish(self, now_s: float) -> tuple[int, float] | None:
-        """A request finished at ``now_s``: (id, send time) of its client's next request, or None when all are sent."""
+    def after_finish(self, now_s: float, think_scale: float = 1.0) -> tuple[int, float] | None:
+        """A request finished at ``now_s``: (id, send time) of its client's next request, or None when all are
+        sent. ``think_scale`` scales the think time (the runtime's ``time_scale``; 0 sends at once)."""
         if self.next_id >= self.num_requests:
             return None
         i = self.next_id
         self.next_id += 1
-        return i, now_s + float(self.loop.think_s[i])
+        return i, now_s + float(self.loop.think_s[i]) * think_scale
 
 
 def draw_think_times(mean_s: float, distribution: str, n: int, rng: np.random.Generator) -> np.ndarray:
