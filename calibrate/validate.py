@@ -35,7 +35,8 @@ import pandas as pd
 
 from calibrate.errors import CalibrationError
 from calibrate.timing import Budget
-from calibrate.validate_report import BREAKDOWN, error_structure, figures, plan_breakdown, request_service
+from calibrate.validate_report import error_structure, plan_breakdown, request_service
+from sim.report.validation import BREAKDOWN
 
 
 @dataclass(frozen=True, slots=True)
@@ -512,7 +513,9 @@ def write_outcome(vr: ValidationResult, bounds: Bounds, *, quick: bool) -> None:
                "quick": quick, "bounds": asdict(bounds), "passed": vr.passed, "failures": vr.failures,
                "metrics": vr.metrics}
     (vr.folder / "summary.json").write_text(json.dumps(summary, indent=1, default=float), encoding="utf-8")
-    write_html(vr, bounds, vr.folder / "report.html")
+    from sim.report.render import render_validation_report
+
+    render_validation_report(vr.folder)  # report.html, from the files just written (as `moesim report` does)
 
 
 def serve_and_compare(loaded: Any, table: Any, profile_path: Path, folder: Path, *, scenario: str, seed: int,
@@ -577,90 +580,15 @@ def serve_and_compare(loaded: Any, table: Any, profile_path: Path, folder: Path,
     return vr
 
 
-def format_table(vr: ValidationResult, bounds: Bounds) -> str:
-    m = vr.metrics
-    lines = [f"validate {vr.scenario} (profile {vr.profile}): {m['num_requests']} requests, routers {vr.routers}, "
-             f"{vr.prompts} prompts",
-             f"{'metric':22s} {'median APE':>11s} {'P95 APE':>9s} {'median bias':>12s}"]
-    for k in ("e2e", "ttft", "tpot"):
-        lines.append(f"{k:22s} {m[k + '_ape_median']:11.1%} {m[k + '_ape_p95']:9.1%} {m[k + '_bias_median']:+12.1%}")
-    lines.append(f"{'throughput tok/s':22s} runtime {m['throughput_real_tok_s']:.1f}, simulator "
-                 f"{m['throughput_sim_tok_s']:.1f} (error {m['throughput_error']:.1%})")
-    lines.append(f"{'closed-loop hits/miss':22s} runtime {m['hits_real']} / {m['misses_real']}, simulator "
-                 f"{m['hits_sim']} / {m['misses_sim']}")
-    lines.append(f"{'same batches':22s} hits/misses runtime {m['same_batch_hits_real']} / {m['same_batch_misses_real']}, "
-                 f"simulator {m['same_batch_hits_sim']} / {m['same_batch_misses_sim']}; iteration time APE median "
-                 f"{m['same_batch_iteration_ape_median']:.1%}, P95 {m['same_batch_iteration_ape_p95']:.1%}, total "
-                 f"{m['same_batch_total_time_bias']:+.1%}")
-    if m.get("same_batch_bias_by_quarter"):
-        lines.append(f"{'same batches by time':22s} total error in each quarter of the run "
-                     + " ".join(f"{b:+.1%}" for b in m["same_batch_bias_by_quarter"])
-                     + " (a spread here is the machine's speed drifting during the run)")
-    change = m.get("speed_probe_change")
-    if change:
-        lines.append(f"{'machine speed probe':22s} expert FFN probe vs at calibration: {change['before_serving']:+.1%} "
-                     f"before serving, {change['after_serving']:+.1%} after (+ = the machine ran slower; the same-batch "
-                     f"error moves the other way when the machine drifted)")
-    if m.get("same_batch_prefetch_hits_real"):
-        lines.append(f"{'prefetch hits':22s} runtime {m['same_batch_prefetch_hits_real']}, simulator "
-                     f"{m['same_batch_prefetch_hits_sim']} (same batches)")
-    lines.append(f"{'iterations':22s} runtime {m['iterations_real']} (mean {m['mean_iteration_real_s'] * 1e3:.2f} ms), "
-                 f"simulator {m['iterations_sim']} (mean {m['mean_iteration_sim_s'] * 1e3:.2f} ms)")
-    b = m["breakdown_real_s"]
-    lines.append("runtime time split    " + ", ".join(f"{k.removesuffix('_s')} {v / b['duration_s']:.0%}"
-                                                       for k, v in b.items() if k not in ("duration_s", "copy_busy_s", "copy_dispatch_s")))
-    ce = m.get("same_batch_copy_engine_s")
-    if ce and ce["loads"]:
-        lines.append(f"{'copy engine':22s} {ce['loads']} loads; runtime copying {ce['runtime_copy_busy']:.2f} s, queued with "
-                     f"the copy thread free {ce['runtime_dispatch']:.2f} s, compute waiting {ce['runtime_load_wait']:.2f} s; "
-                     f"simulator copying {ce['simulator_copy_busy']:.2f} s, stalled {ce['simulator_stall']:.2f} s")
-    es = m.get("error_structure", {})
-    if "service_ape_median" in es:
-        lines.append(f"{'error structure':22s} service (its iterations, same batches) APE median {es['service_ape_median']:.1%}, "
-                     f"P95 {es['service_ape_p95']:.1%}; e2e APE short half {es['e2e_ape_median_short_half']:.1%}, long half "
-                     f"{es['e2e_ape_median_long_half']:.1%}; closed-loop excess P95 {es['closed_loop_excess_p95']:.1%}")
-    la = m.get("load_average_serving")
-    if la:
-        lines.append(f"{'load average':22s} {la['before'][0]:.2f} before serving, {la['after'][0]:.2f} after (1-minute)")
-    rep = m.get("repeats")
-    if rep:
-        lines.append(f"the figures above are run {rep['median_run']} of {len(rep['runs'])} (the median run); every run:")
-        for r in rep["runs"]:
-            lines.append(f"  run {r['run']}: e2e APE median {r['e2e_ape_median']:.1%}, P95 {r['e2e_ape_p95']:.1%} "
-                         f"(bias {r['e2e_bias_median']:+.1%}), throughput error {r['throughput_error']:.1%}, same batches "
-                         f"{r['same_batch_total_time_bias']:+.1%}, iterations {r['iterations_real']} / {r['iterations_sim']}"
-                         + (f", speed probe {r['speed_probe_change']['before_serving']:+.1%} / "
-                            f"{r['speed_probe_change']['after_serving']:+.1%}" if r.get("speed_probe_change") else ""))
-        med = rep["median_over_runs"]
-        lines.append(f"  median over runs (judged): e2e APE median {med['e2e_ape_median']:.1%}, P95 {med['e2e_ape_p95']:.1%}, "
-                     f"throughput error {med['throughput_error']:.1%}")
-    lines.append(f"bounds{' (quick)' if bounds is QUICK_BOUNDS else ''}: median e2e <= {bounds.median_e2e_ape:.0%}, "
-                 f"P95 <= {bounds.p95_e2e_ape:.0%}, throughput <= {bounds.throughput_error:.0%}, identical hits/misses")
-    lines.append("PASS" if vr.passed else "FAIL: " + "; ".join(vr.failures))
-    return "\n".join(lines)
-
-
-def write_html(vr: ValidationResult, bounds: Bounds, path: Path) -> None:
-    """A self-contained report: the summary, the same-batch breakdown table, predicted-vs-measured scatter
-    plots, timelines, the per-iteration breakdown side by side and the error structure (``validate_report``)."""
-    from calibrate.validate_report import write_html as write
-
-    sb = vr.same_batch
-    table = pd.DataFrame({"runtime": [float(sb[c].sum()) for c in BREAKDOWN],
-                          "simulator": [float(sb[f"sim_{c}"].sum()) for c in BREAKDOWN]},
-                         index=[c.removesuffix("_s") for c in BREAKDOWN])
-    table.loc["iteration total"] = [float(sb["duration_s"].sum()), float(sb["predicted_s"].sum())]
-    write(vr.scenario, format_table(vr, bounds), figures(vr.comparison, vr.runtime_iterations, vr.sim_iterations, sb),
-          table, path)
-
-
 def cmd_validate(args: Any) -> int:
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else FULL_REPEATS)
     result = validate(args.scenario, profile=args.profile, quick=args.quick, repeats=repeats,
                       out=Path(args.out) if args.out else None, max_requests=args.max_requests,
                       progress=not args.no_progress, routers=getattr(args, "routers", "auto"),
                       prompts=getattr(args, "prompts", "random"), device=getattr(args, "device", "cpu"))
-    print(format_table(result, QUICK_BOUNDS if args.quick else FULL_BOUNDS))
+    from sim.report.validation import validation_text
+
+    print(validation_text(json.loads((Path(result.folder) / "summary.json").read_text(encoding="utf-8"))))
     print(f"wrote {result.folder}/report.html, summary.json and the runtime/simulator tables")
     if getattr(args, "report", None):
         # --report [HTML]: the report also as a file of its own, like simulate/sweep/plan (default

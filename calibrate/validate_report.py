@@ -1,4 +1,5 @@
-"""What ``moesim validate`` adds to its comparison: where the error comes from, and the HTML report.
+"""What ``moesim validate`` adds to its comparison: where the error comes from (the report itself is rendered
+from the folder by ``sim.report.validation``).
 
 Per request, the *service error* is the simulator's predicted time of the runtime's own iterations that
 request was in (same batches, same routing) against their measured time. It is the cost model's error as
@@ -8,16 +9,14 @@ time -> other batches -> other waiting)."""
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-# Runtime columns of the per-iteration breakdown and the simulator's op kinds that correspond to them.
-BREAKDOWN = ("attention_s", "gate_s", "expert_compute_s", "load_wait_s", "lm_head_s", "other_s")
+from sim.report.validation import BREAKDOWN
+
+# The simulator's op kinds and the runtime's breakdown columns (``BREAKDOWN``) they correspond to.
 _KIND_TO_COLUMN = {"attention": "attention_s", "gate": "gate_s", "experts": "expert_compute_s",
                    "expert": "expert_compute_s", "lm_head": "lm_head_s", "iteration_overhead": "other_s",
                    "dense_ffn": "expert_compute_s", "shared": "expert_compute_s"}
@@ -93,96 +92,3 @@ def error_structure(merged: pd.DataFrame, real_req: pd.DataFrame) -> tuple[dict[
     out["worst_requests"] = [{k: (float(v) if isinstance(v, (float, np.floating)) else int(v)) for k, v in row.items()}
                              for row in worst[cols].to_dict("records")]
     return out, m
-
-
-# ---------------------------------------------------------------- HTML
-
-
-def _png(fig: Any) -> str:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=80)
-    plt.close(fig)
-    return f'<img alt="figure" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
-
-
-def figures(comparison: pd.DataFrame, real_it: pd.DataFrame, sim_it: pd.DataFrame, same_batch: pd.DataFrame
-            ) -> list[tuple[str, str]]:
-    """(title, <img>) pairs: scatter plots, timelines, the per-iteration breakdown side by side, the error structure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out = []
-    c = comparison
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
-    for ax, m in zip(axes, ("e2e", "ttft", "tpot")):
-        real, sim = c[f"{m}_s_real"], c[f"{m}_s_sim"]
-        ax.scatter(real, sim, s=12)
-        hi = float(np.nanmax([real.max(), sim.max()])) * 1.05
-        ax.plot([0, hi], [0, hi], "k--", lw=0.8)
-        ax.set_xlabel(f"measured {m} (s)")
-        ax.set_ylabel(f"predicted {m} (s)")
-    out.append(("Predicted vs measured, per request", _png(fig)))
-
-    fig, axes = plt.subplots(2, 1, figsize=(12, 6.5))
-    ax = axes[0]
-    ax.plot(real_it["started_at_s"], real_it["duration_s"] * 1e3, ".-", lw=0.6, ms=3, label="runtime")
-    ax.plot(sim_it["started_at_s"], sim_it["duration_s"] * 1e3, ".-", lw=0.6, ms=3, label="simulator")
-    ax.set_xlabel("time (s)")
-    ax.set_ylabel("iteration (ms)")
-    ax.legend(loc="upper right")
-    ax = axes[1]
-    for i, row in enumerate(c.itertuples()):
-        ax.plot([row.arrived_at_s, row.finished_at_s_real], [i - 0.15, i - 0.15], color="C0", lw=2)
-        ax.plot([row.arrived_at_s, row.finished_at_s_sim], [i + 0.15, i + 0.15], color="C1", lw=2)
-    ax.set_xlabel("time (s): arrival to last token (blue runtime, orange simulator)")
-    ax.set_ylabel("request")
-    out.append(("Timelines: iteration durations, and each request from arrival to finish", _png(fig)))
-
-    n = min(len(same_batch), 80)
-    fig, ax = plt.subplots(figsize=(12, 4))
-    x = np.arange(n)
-    bottom_r = np.zeros(n)
-    bottom_s = np.zeros(n)
-    for j, col in enumerate(BREAKDOWN):
-        r = same_batch[col].to_numpy()[:n] * 1e3
-        s = same_batch[f"sim_{col}"].to_numpy()[:n] * 1e3
-        ax.bar(x - 0.2, r, 0.4, bottom=bottom_r, color=f"C{j}", label=col.removesuffix("_s"))
-        ax.bar(x + 0.2, s, 0.4, bottom=bottom_s, color=f"C{j}", hatch="//", edgecolor="white", lw=0)
-        bottom_r += r
-        bottom_s += s
-    ax.set_xlabel(f"iteration (first {n}; left bar runtime, hatched right bar simulator on the same batch)")
-    ax.set_ylabel("ms")
-    ax.legend(ncol=6, fontsize=8, loc="upper right")
-    out.append(("Per-iteration time breakdown, side by side", _png(fig)))
-
-    if "service_error" in c:
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-        ax = axes[0]
-        sc = ax.scatter(c["e2e_s_real"], c["e2e_error"] * 100, c=c["misses_per_iteration"], s=14, cmap="viridis")
-        fig.colorbar(sc, ax=ax, label="misses per iteration it was in")
-        ax.axhline(0, color="k", lw=0.6)
-        ax.set_xlabel("measured e2e (s)")
-        ax.set_ylabel("e2e error (%)")
-        ax = axes[1]
-        ax.scatter(c["service_error"] * 100, c["e2e_error"] * 100, s=14)
-        lo = float(min(c["service_error"].min(), c["e2e_error"].min())) * 100
-        hi = float(max(c["service_error"].max(), c["e2e_error"].max())) * 100
-        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
-        ax.set_xlabel("service error: its iterations, same batches (%)")
-        ax.set_ylabel("e2e error, closed loop (%)")
-        out.append(("Error structure: which requests, and cost model vs closed loop", _png(fig)))
-    return out
-
-
-def write_html(title: str, table: str, figs: list[tuple[str, str]], breakdown: pd.DataFrame, path: Any) -> None:
-    parts = [f"<!doctype html><meta charset=utf-8><title>moesim validate</title><h1>moesim validate: {html.escape(title)}</h1>",
-             f"<pre>{html.escape(table)}</pre>", "<h2>Time breakdown on the runtime's batches (seconds, all iterations)</h2>",
-             breakdown.to_html(float_format=lambda v: f"{v:.3f}")]
-    for name, img in figs:
-        parts.append(f"<h2>{html.escape(name)}</h2>{img}")
-    path.write_text("\n".join(parts), encoding="utf-8")

@@ -259,7 +259,12 @@ def test_quick_validation_runs_and_reports(quick_validation) -> None:
     assert m["same_batch_prefetch_hits_real"] == m["same_batch_prefetch_hits_sim"] > 0
     assert m["same_batch_iterations_with_other_decisions"] == 0
     report = (out / "report.html").read_text()
-    assert report.startswith("<!doctype html>") and report.count("<img") == 4
+    assert report.lower().startswith("<!doctype html>") and report.count("<img") == 4
+    # One renderer: `moesim report FOLDER` renders exactly the report `validate` wrote, from the folder's files.
+    import sim.cli
+
+    assert sim.cli.main(["report", str(out), "-o", str(out.parent / "again.html")]) == 0
+    assert (out.parent / "again.html").read_text() == report
     # --report also writes one self-contained file through `moesim report`'s renderer.
     single = (out.parent / "validate.html").read_text()
     assert "<img" in single and "Predicted vs measured" in single
@@ -378,6 +383,8 @@ def test_repeated_validation_judges_the_median_run(tmp_path: Path, monkeypatch) 
     assert sim.cli.main(["report", str(out), "-o", str(tmp_path / "v.html")]) == 0
     page = (tmp_path / "v.html").read_text()
     assert "bounds judged on the median over runs" in page and "3 (median run, shown below)" in page
+    # ... with the median run's own iteration tables (run-3/): timelines and the same-batch breakdown.
+    assert "Timelines" in page and "Per-iteration time breakdown, side by side" in page
 
     errors = iter([(0.30, 0.50, 0.01), (0.06, 0.10, 0.20), (0.04, 0.12, 0.03)])  # median e2e 0.06 > 5%
     code = sim.cli.main(["validate", str(path), "--profile", str(_shipped_profile()), "--out", str(out),

@@ -441,19 +441,3 @@ def expert_load_heatmap(load: pd.DataFrame) -> str:
     ax.set_xlabel("expert")
     ax.set_ylabel("MoE layer")
     return _png(fig)
-
-
-def validation_scatter(comparison: pd.DataFrame) -> str:
-    """Simulated against measured latency per request, e2e and TTFT, with the diagonal."""
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4))
-    for ax, metric in zip(axes, ("e2e", "ttft")):
-        real, sim_ = comparison.get(f"{metric}_s_real"), comparison.get(f"{metric}_s_sim")
-        if real is not None and sim_ is not None and len(real):
-            ax.scatter(real, sim_, s=10, alpha=0.6)
-            hi = float(np.nanmax([real.max(), sim_.max()])) * 1.05
-            ax.plot([0, hi], [0, hi], "k--", linewidth=0.8, label="simulated = measured")
-            ax.legend(fontsize=8)
-        ax.set_xlabel(f"measured {metric} (s)")
-        ax.set_ylabel(f"simulated {metric} (s)")
-        ax.grid(alpha=0.3)
-    return _png(fig)

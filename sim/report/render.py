@@ -109,20 +109,16 @@ def render_report(folder: Path, out: Path | None = None) -> Path:
 
 
 def render_validation_report(folder: Path, out: Path | None = None) -> Path:
-    """Write ``out`` (default: FOLDER/validation.html; ``moesim validate`` writes its own report.html there)
-    from a folder written by ``moesim validate``: every metric against its bound, and simulated against
-    measured latency per request."""
+    """Write ``out`` (default: FOLDER/report.html, the report ``moesim validate`` itself writes) from a folder
+    written by ``moesim validate``: the verdict, every run, the summary it printed, the same-batch time
+    breakdown and the figures (``sim.report.validation``)."""
+    from sim.report.validation import validation_context
+
     folder = Path(folder)
     summary = _read_json(folder, "summary.json", "a validation folder", "moesim validate SCENARIO")
-    comparison = pd.read_csv(folder / "comparison.csv")
-    metrics = summary.get("metrics", {})
-    shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     html = _environment().get_template("validation.html.j2").render(
-        summary=summary, metrics=shown, bounds=summary.get("bounds", {}), failures=summary.get("failures", []),
-        figure=plots.validation_scatter(comparison), version=__version__, folder=str(folder),
-        fmt=lambda v: f"{v:.4g}" if isinstance(v, float) else str(v),
-    )
-    return _write(html, Path(out) if out else folder / "validation.html")
+        summary=summary, version=__version__, folder=str(folder), **validation_context(folder, summary))
+    return _write(html, Path(out) if out else folder / "report.html")
 
 
 def render_plan_report(plan_dir: Path, out: Path | None = None) -> Path:
