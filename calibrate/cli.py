@@ -84,6 +84,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    """argparse type: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text}")
+    return value
+
+
 def register_validate(sub: Any) -> None:
     """``moesim validate``: the real CPU runtime against the simulator (calibrate.validate)."""
     v = sub.add_parser("validate", help="run a scenario on the real CPU runtime and compare the simulator with it",
@@ -101,6 +112,9 @@ def register_validate(sub: Any) -> None:
     v.add_argument("--repeats", type=_positive_int, metavar="N",
                    help="serve the requests N times (one calibration) and judge the median run (default: 3, "
                         "--quick: 1)")
+    v.add_argument("--time-scale", type=_positive_float, default=1.0, metavar="X",
+                   help="stretch the arrival times (and a closed loop's think times) by X for the runtime and the "
+                        "simulator alike: 2 halves the load, 0.5 doubles it (default 1)")
     v.add_argument("--no-progress", action="store_true", help="no calibration progress bar")
     v.add_argument("--routers", choices=("auto", "trained", "seeded"), default="auto",
                    help="the runtime's routers: trained (shipped, learned on text), seeded (random), or auto "

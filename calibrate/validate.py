@@ -70,6 +70,7 @@ class ValidationResult:
     same_batch: pd.DataFrame  # runtime iterations with the planner's prediction of each (``replay_batches``)
     routers: str = "seeded"  # which routers the runtime's gates used (``TinyMoE.router_source``)
     prompts: str = "random"  # the runtime's prompt tokens (``Runtime``)
+    time_scale: float = 1.0  # arrival (and think) times stretched by this for both sides (``--time-scale``)
 
     @property
     def passed(self) -> bool:
@@ -229,10 +230,11 @@ def replay_scenario(loaded: Any, table: Any, recorder: Any, profile_path: Path, 
     }
     if table.closed_loop is None:
         data["workload"]["arrivals"] = {"kind": "trace", **trace}
-    else:
-        loop = data["workload"]["arrivals"]
-        data["workload"]["arrivals"] = {"kind": "closed_loop", "clients": loop["clients"],
-                                        "think_time_s": loop["think_time_s"], "requests": trace}
+    else:  # a fixed think time (check_replayable), as the table has it (--time-scale stretches it)
+        loop = table.closed_loop
+        data["workload"]["arrivals"] = {"kind": "closed_loop", "clients": loop.clients,
+                                        "think_time_s": float(loop.think_s[0]) if len(loop.think_s) else 0.0,
+                                        "requests": trace}
     data["workload"]["routing"] = {"kind": "replay", "path": "routing.parquet"}
     data["workload"]["max_requests"] = None
     data["workload"]["max_duration_s"] = None
@@ -418,7 +420,7 @@ def run_summary(metrics: dict[str, Any]) -> dict[str, Any]:
 def validate(scenario: str | Path, *, profile: str | Path | None = None, quick: bool = False,
              out: Path | None = None, calibration_budget: Any = None, max_requests: int | None = None,
              progress: bool = False, log: Any = None, routers: str = "auto", prompts: str = "random",
-             repeats: int = 1, device: str = "cpu") -> ValidationResult:
+             repeats: int = 1, device: str = "cpu", time_scale: float = 1.0) -> ValidationResult:
     """Calibrate (unless ``profile``), run the runtime, simulate the replay, compare. See the module docstring.
 
     ``routers`` (``calibrate.runtime.routers``): "auto" (default) routes with the shipped trained routers when
@@ -427,7 +429,9 @@ def validate(scenario: str | Path, *, profile: str | Path | None = None, quick: 
     ``repeats``: serve the same requests this many times (one calibration), compare the simulator with each run
     (``run-K/`` folders) and judge the bounds on the median over runs of each error; hit counts must agree
     in every run. The result is the median run's (by median e2e error), with every run in its metrics.
-    ``device``: "cpu", or "cuda" (calibration, runtime and probe on the GPU; needs one)."""
+    ``device``: "cpu", or "cuda" (calibration, runtime and probe on the GPU; needs one).
+    ``time_scale``: stretch the arrival times (and a closed loop's think times) by this, for the runtime and the
+    simulator alike (2 halves the load)."""
     from sim.engine.simulation import build_request_table
     from sim.scenario import load_scenario
 
@@ -435,6 +439,8 @@ def validate(scenario: str | Path, *, profile: str | Path | None = None, quick: 
 
     if repeats < 1:
         raise CalibrationError(f"repeats: expected at least 1, got {repeats}")
+    if not 0 < time_scale < float("inf"):
+        raise CalibrationError(f"time_scale: expected a number above 0, got {time_scale}")
     check_device(device)
     say = log or (lambda msg: print(msg, file=sys.stderr))
     loaded = load_scenario(scenario)
@@ -464,6 +470,8 @@ def validate(scenario: str | Path, *, profile: str | Path | None = None, quick: 
     table = build_request_table(loaded, np.random.default_rng(seeds[0]))
     if max_requests is not None:
         table = table.limit(max_requests=max_requests)
+    if time_scale != 1.0:
+        table = table.scale_rate(1.0 / time_scale)
     seed = loaded.scenario.workload.seed
     oracle = None
     if needs_oracle(loaded):
@@ -480,7 +488,8 @@ def validate(scenario: str | Path, *, profile: str | Path | None = None, quick: 
             say(f"run {k + 1} of {repeats}")
         runs.append(serve_and_compare(loaded, table, profile_path, run_folder, scenario=str(scenario), seed=seed,
                                       oracle=oracle, routers=routers, prompts=prompts, quick=quick, bounds=bounds,
-                                      say=say, calibration_probe_s=calibration_probe_s, device=device))
+                                      say=say, calibration_probe_s=calibration_probe_s, device=device,
+                                      time_scale=time_scale))
     if repeats == 1:
         return runs[0]
     return median_run(runs, bounds, folder, quick=quick)
@@ -501,7 +510,7 @@ def median_run(runs: list[ValidationResult], bounds: Bounds, folder: Path, *, qu
     vr = ValidationResult(scenario=chosen.scenario, profile=chosen.profile, metrics=metrics, failures=failures,
                           folder=folder, comparison=chosen.comparison, runtime_iterations=chosen.runtime_iterations,
                           sim_iterations=chosen.sim_iterations, same_batch=chosen.same_batch, routers=chosen.routers,
-                          prompts=chosen.prompts)
+                          prompts=chosen.prompts, time_scale=chosen.time_scale)
     chosen.comparison.to_csv(folder / "comparison.csv", index=False)  # `moesim report FOLDER` renders the median run
     write_outcome(vr, bounds, quick=quick)
     return vr
@@ -510,8 +519,8 @@ def median_run(runs: list[ValidationResult], bounds: Bounds, folder: Path, *, qu
 def write_outcome(vr: ValidationResult, bounds: Bounds, *, quick: bool) -> None:
     """``summary.json`` (verdict, bounds, every metric) and ``report.html`` in the result's folder."""
     summary = {"scenario": vr.scenario, "profile": vr.profile, "routers": vr.routers, "prompts": vr.prompts,
-               "quick": quick, "bounds": asdict(bounds), "passed": vr.passed, "failures": vr.failures,
-               "metrics": vr.metrics}
+               "time_scale": vr.time_scale, "quick": quick, "bounds": asdict(bounds), "passed": vr.passed,
+               "failures": vr.failures, "metrics": vr.metrics}
     (vr.folder / "summary.json").write_text(json.dumps(summary, indent=1, default=float), encoding="utf-8")
     from sim.report.render import render_validation_report
 
@@ -520,7 +529,8 @@ def write_outcome(vr: ValidationResult, bounds: Bounds, *, quick: bool) -> None:
 
 def serve_and_compare(loaded: Any, table: Any, profile_path: Path, folder: Path, *, scenario: str, seed: int,
                       oracle: dict[int, np.ndarray] | None, routers: str, prompts: str, quick: bool, bounds: Bounds,
-                      say: Any, calibration_probe_s: float | None = None, device: str = "cpu") -> ValidationResult:
+                      say: Any, calibration_probe_s: float | None = None, device: str = "cpu",
+                      time_scale: float = 1.0) -> ValidationResult:
     """One run: serve ``table`` on the runtime, simulate its replay, compare; write the tables, ``summary.json``
     and ``report.html`` to ``folder``."""
     from calibrate.environment import load_average
@@ -575,7 +585,7 @@ def serve_and_compare(loaded: Any, table: Any, profile_path: Path, folder: Path,
     vr = ValidationResult(scenario=scenario, profile=str(profile_path), metrics=metrics, failures=failures,
                           folder=folder, comparison=merged, runtime_iterations=real_it,
                           sim_iterations=result.iterations, same_batch=same_batch, routers=runtime.model.router_source,
-                          prompts=prompts)
+                          prompts=prompts, time_scale=time_scale)
     write_outcome(vr, bounds, quick=quick)
     return vr
 
@@ -585,7 +595,8 @@ def cmd_validate(args: Any) -> int:
     result = validate(args.scenario, profile=args.profile, quick=args.quick, repeats=repeats,
                       out=Path(args.out) if args.out else None, max_requests=args.max_requests,
                       progress=not args.no_progress, routers=getattr(args, "routers", "auto"),
-                      prompts=getattr(args, "prompts", "random"), device=getattr(args, "device", "cpu"))
+                      prompts=getattr(args, "prompts", "random"), device=getattr(args, "device", "cpu"),
+                      time_scale=getattr(args, "time_scale", 1.0))
     from sim.report.validation import validation_text
 
     print(validation_text(json.loads((Path(result.folder) / "summary.json").read_text(encoding="utf-8"))))

@@ -236,3 +236,12 @@ def test_requests_rejected_one_after_another_do_not_recurse(tmp_path: Path):
     data["workload"]["max_requests"] = None
     req = simulate(load(data, tmp_path)).requests
     assert (req["status"] == "rejected").sum() == n // 2 and (req["status"] == "completed").sum() == n // 2
+
+
+def test_scaling_the_rate_of_a_closed_loop_scales_its_think_times(tmp_path: Path):
+    data = closed_data(write_toy_profile(tmp_path), clients=2, think_time_s=0.6)
+    table = build_request_table(load(data, tmp_path), np.random.default_rng(0))
+    faster = table.scale_rate(3.0)
+    assert faster.closed_loop.clients == 2
+    np.testing.assert_allclose(faster.closed_loop.think_s, 0.2)
+    assert faster.limit(max_requests=5).closed_loop.think_s.shape == (5,)

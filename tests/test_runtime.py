@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -465,3 +466,34 @@ def test_validate_refuses_random_think_times_before_calibrating(tmp_path: Path, 
     err = capsys.readouterr().err
     assert "workload.arrivals.think_time: validate replays a closed loop with a fixed think time" in err
     assert not (tmp_path / "v" / "profile.yaml").exists()
+
+
+def test_time_scale_stretches_the_arrivals_for_runtime_and_simulator(tmp_path: Path) -> None:
+    """``--time-scale 3``: the runtime receives each request at 3x its scenario arrival time, the simulator's
+    replay gets the same stretched times, and the summary and printed text say so."""
+    import json
+
+    import sim.cli
+
+    path = _write(tmp_path, name="all_resident")
+    loaded = load_scenario(path)
+    table = build_request_table(loaded, np.random.default_rng(np.random.SeedSequence(3).spawn(2)[0]))
+    out = tmp_path / "out"
+    sim.cli.main(["validate", str(path), "--profile", str(_shipped_profile()), "--out", str(out), "--repeats", "1",
+                  "--time-scale", "3", "--no-progress"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["time_scale"] == 3.0
+    real = pd.read_csv(out / "runtime_requests.csv").sort_values("request_id")
+    np.testing.assert_allclose(real["arrived_at_s"], 3 * table.arrival_s, rtol=1e-9)
+    replayed = pd.read_csv(out / "sim_requests.csv").sort_values("request_id")
+    np.testing.assert_allclose(replayed["arrived_at_s"], 3 * table.arrival_s, rtol=1e-9)
+    assert "arrival times x3" in (out / "report.html").read_text()
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "x", "inf"])
+def test_time_scale_must_be_a_positive_number(capsys, bad: str) -> None:
+    import sim.cli
+
+    with pytest.raises(SystemExit) as exc:
+        sim.cli.main(["validate", "scenarios/validate-prefetch.yaml", "--time-scale", bad])
+    assert exc.value.code == 2 and f"expected a number above 0, got {bad}" in capsys.readouterr().err

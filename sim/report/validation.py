@@ -28,8 +28,10 @@ def validation_text(summary: dict[str, Any]) -> str:
     """The plain-text summary ``moesim validate`` prints and the report shows: errors, decisions, diagnostics,
     every run of a repeated validation, the bounds and the verdict."""
     m = summary.get("metrics", {})
+    scale = summary.get("time_scale", 1.0)
     lines = [f"validate {summary.get('scenario')} (profile {summary.get('profile')}): {m.get('num_requests', '?')} "
-             f"requests, routers {summary.get('routers', '?')}, {summary.get('prompts', '?')} prompts"]
+             f"requests, routers {summary.get('routers', '?')}, {summary.get('prompts', '?')} prompts"
+             + (f", arrival times x{scale:g}" if scale != 1.0 else "")]
     lines.append(f"{'metric':22s} {'median APE':>11s} {'P95 APE':>9s} {'median bias':>12s}")
     for k in ("e2e", "ttft", "tpot"):
         if _has(m, f"{k}_ape_median", f"{k}_ape_p95", f"{k}_bias_median"):

@@ -217,10 +217,12 @@ class RequestTable:
         return self._take(keep, shift_s=start)
 
     def scale_rate(self, factor: float) -> RequestTable:
-        """Replay ``factor`` times as fast: every arrival time is divided by ``factor``."""
+        """Replay ``factor`` times as fast: every arrival time (and a closed loop's think time) is divided by
+        ``factor``."""
         if not factor > 0:
             raise ValueError(f"rate scale must be > 0, got {factor}")
-        return replace(self, arrival_s=self.arrival_s / factor)
+        loop = None if self.closed_loop is None else ClosedLoop(self.closed_loop.clients, self.closed_loop.think_s / factor)
+        return replace(self, arrival_s=self.arrival_s / factor, closed_loop=loop)
 
     def sample(self, fraction: float, rng: np.random.Generator) -> RequestTable:
         """A random round(fraction * len) of the requests, drawn without replacement, in time order."""
