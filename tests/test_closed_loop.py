@@ -37,6 +37,18 @@ def closed_data(profile: Path, *, clients: int, think_time_s: float = 0.0, think
     return data
 
 
+def one_client_from_requests_csv(profile: Path) -> dict:
+    """One client sending the requests of ``reqs.csv`` (beside the profile: columns t, p, o) in order."""
+    data = closed_data(profile, clients=1)
+    data["workload"]["arrivals"] = {
+        "kind": "closed_loop", "clients": 1,
+        "requests": {"path": "reqs.csv", "format": "csv", "time_unit": "s",
+                     "columns": {"arrival": "t", "prompt_tokens": "p", "output_tokens": "o"}},
+    }
+    data["workload"]["max_requests"] = None
+    return data
+
+
 def outstanding_peak(req: pd.DataFrame) -> int:
     """Most requests sent and not yet answered at any instant (an answer at t frees its client before a send at t)."""
     events = sorted([(t, 1) for t in req["arrived_at_s"]] + [(t, -1) for t in req["finished_at_s"]])
@@ -124,13 +136,7 @@ def test_a_closed_loop_run_is_deterministic(tmp_path: Path):
 def test_requests_from_a_trace_keep_their_order_and_lengths_and_ignore_its_times(tmp_path: Path):
     prof = write_toy_profile(tmp_path)
     pd.DataFrame({"t": [5.0, 6.0, 100.0], "p": [4, 16, 8], "o": [2, 5, 3]}).to_csv(tmp_path / "reqs.csv", index=False)
-    data = closed_data(prof, clients=1)
-    data["workload"]["arrivals"] = {
-        "kind": "closed_loop", "clients": 1,
-        "requests": {"path": "reqs.csv", "format": "csv", "time_unit": "s",
-                     "columns": {"arrival": "t", "prompt_tokens": "p", "output_tokens": "o"}},
-    }
-    data["workload"]["max_requests"] = None
+    data = one_client_from_requests_csv(prof)
     req = simulate(load(data, tmp_path)).requests.sort_values("request_id")
     assert req["prompt_tokens"].tolist() == [4, 16, 8] and req["output_tokens"].tolist() == [2, 5, 3]
     assert req["arrived_at_s"].iloc[0] == 0.0 and req["arrived_at_s"].iloc[2] < 100.0
@@ -227,13 +233,7 @@ def test_requests_rejected_one_after_another_do_not_recurse(tmp_path: Path):
     n = 3000
     lengths = [8 if i % 2 == 0 else 10**8 for i in range(n)]
     pd.DataFrame({"t": np.zeros(n), "p": lengths, "o": 2}).to_csv(tmp_path / "reqs.csv", index=False)
-    data = closed_data(prof, clients=1)
-    data["workload"]["arrivals"] = {
-        "kind": "closed_loop", "clients": 1,
-        "requests": {"path": "reqs.csv", "format": "csv", "time_unit": "s",
-                     "columns": {"arrival": "t", "prompt_tokens": "p", "output_tokens": "o"}},
-    }
-    data["workload"]["max_requests"] = None
+    data = one_client_from_requests_csv(prof)
     req = simulate(load(data, tmp_path)).requests
     assert (req["status"] == "rejected").sum() == n // 2 and (req["status"] == "completed").sum() == n // 2
 
