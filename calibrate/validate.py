@@ -278,9 +278,13 @@ def _ape(sim: pd.Series, real: pd.Series) -> pd.Series:
 
 def compare(real_req: pd.DataFrame, sim_req: pd.DataFrame, real_it: pd.DataFrame, sim_it: pd.DataFrame
             ) -> tuple[dict[str, Any], pd.DataFrame]:
-    """Per-request errors and run-level agreement; the merged per-request table."""
+    """Per-request errors and run-level agreement; the merged per-request table.
+
+    ``arrived_at_s`` is the runtime's arrival, ``arrived_at_s_sim`` the simulator's: the same in an open loop, each
+    side's own in a closed loop (a request is sent when an earlier one is answered there)."""
     cols = ["request_id", "arrived_at_s", "prompt_tokens", "output_tokens", "ttft_s", "e2e_s", "tpot_s", "finished_at_s"]
-    merged = real_req[cols].merge(sim_req[cols[:1] + cols[4:]], on="request_id", suffixes=("_real", "_sim"))
+    sim_side = sim_req[["request_id", "arrived_at_s", *cols[4:]]].rename(columns={"arrived_at_s": "arrived_at_s_sim"})
+    merged = real_req[cols].merge(sim_side, on="request_id", suffixes=("_real", "_sim"))
     metrics: dict[str, Any] = {"num_requests": int(len(merged))}
     for m in ("e2e", "ttft", "tpot"):
         ape = _ape(merged[f"{m}_s_sim"], merged[f"{m}_s_real"]).dropna()
@@ -289,12 +293,12 @@ def compare(real_req: pd.DataFrame, sim_req: pd.DataFrame, real_it: pd.DataFrame
         metrics[f"{m}_ape_p95"] = float(ape.quantile(0.95)) if len(ape) else float("nan")
         metrics[f"{m}_bias_median"] = float(((merged[f"{m}_s_sim"] - merged[f"{m}_s_real"]) / merged[f"{m}_s_real"]).median())
 
-    def throughput(frame: pd.DataFrame, finished: str) -> float:
-        span = float(frame[finished].max() - frame["arrived_at_s"].min())
+    def throughput(frame: pd.DataFrame, arrived: str, finished: str) -> float:
+        span = float(frame[finished].max() - frame[arrived].min())
         return float(frame["output_tokens"].sum()) / span
 
-    real_tp = throughput(merged, "finished_at_s_real")
-    sim_tp = throughput(merged, "finished_at_s_sim")
+    real_tp = throughput(merged, "arrived_at_s", "finished_at_s_real")
+    sim_tp = throughput(merged, "arrived_at_s_sim", "finished_at_s_sim")
     metrics.update(throughput_real_tok_s=real_tp, throughput_sim_tok_s=sim_tp,
                    throughput_error=abs(sim_tp - real_tp) / real_tp)
     metrics.update(
@@ -316,7 +320,7 @@ def replay_batches(replay: Any, recorder: Any) -> pd.DataFrame:
     """The simulator's planner fed exactly the runtime's batches and routing, iteration by iteration:
     its cache decisions (hits, misses) and its predicted duration of each real iteration.
 
-    This separates the cost model from queueing feedback: in the closed loop a different iteration time
+    This separates the cost model from queueing feedback: in the free-running replay a different iteration time
     changes how requests are batched, and so the routing each iteration sees and the hit counts."""
     from sim.engine.iteration import BatchShape, IterationPlanner, time_plan
     from sim.policies.cache import make_cache
@@ -334,7 +338,7 @@ def replay_batches(replay: Any, recorder: Any) -> pd.DataFrame:
     planner = IterationPlanner(model=model, profile=replay.profile, cache=cache, prefetch=policies.prefetch.name,
                                prefetch_predictor=getattr(policies.prefetch, "predictor", "oracle"),
                                prefetch_max_experts=getattr(policies.prefetch, "max_experts", None))
-    # The routing trace file the runtime wrote (what the closed-loop replay reads too), by request id.
+    # The routing trace file the runtime wrote (what the free-running replay reads too), by request id.
     trace = {s.request_id: s.experts for s in read_routing_trace(replay.base_dir / "routing.parquet", gates=False).sequences}
     sequences = [RecordedSequence(str(i), trace[i]) for i in range(max(trace) + 1)]
     routing = ReplayedRouting(sequences, model.num_experts)
@@ -398,7 +402,7 @@ def error_failures(values: dict[str, float], bounds: Bounds) -> list[str]:
 
 
 def count_failures(metrics: dict[str, Any]) -> list[str]:
-    """Hit, miss and prefetch-hit counts that differ on the runtime's own batches: in the closed loop they agree
+    """Hit, miss and prefetch-hit counts that differ on the runtime's own batches: in the free-running replay they agree
     only when the timing does (other iteration times -> other batches -> other routing per iteration)."""
     failures = []
     for kind in ("hits", "misses", "prefetch_hits"):

@@ -4,7 +4,7 @@ from the folder by ``sim.report.validation``).
 Per request, the *service error* is the simulator's predicted time of the runtime's own iterations that
 request was in (same batches, same routing) against their measured time. It is the cost model's error as
 that request saw it, free of queueing feedback. Where the per-request end-to-end error follows the service
-error, the cost model explains it; where it is larger, the closed loop amplified it (another iteration
+error, the cost model explains it; where it is larger, queueing feedback amplified it (another iteration
 time -> other batches -> other waiting)."""
 
 from __future__ import annotations
@@ -66,7 +66,9 @@ def request_service(recorder: Any, real_it: pd.DataFrame, planned: pd.DataFrame)
 
 
 def error_structure(merged: pd.DataFrame, real_req: pd.DataFrame) -> tuple[dict[str, Any], pd.DataFrame]:
-    """Which requests carry the error: short vs long, queued vs not, and service (cost model) vs closed loop."""
+    """Which requests carry the error: short vs long, queued vs not, and service (cost model) vs queueing feedback.
+
+    (``closed_loop_excess_p95`` keeps its older name: the free-running replay, not a closed-loop workload.)"""
     m = merged.copy()
     m["queue_real_s"] = (real_req.set_index("request_id")["admitted_at_s"]
                          - real_req.set_index("request_id")["arrived_at_s"]).reindex(m["request_id"]).to_numpy()
@@ -82,7 +84,7 @@ def error_structure(merged: pd.DataFrame, real_req: pd.DataFrame) -> tuple[dict[
         out["service_ape_median"] = float(service_ape.median())
         out["service_ape_p95"] = float(service_ape.quantile(0.95))
         out["service_bias_median"] = float(m["service_error"].median())
-        # The closed loop's part: how far each request's e2e error is from its service error.
+        # Queueing feedback's part: how far each request's e2e error is from its service error.
         out["closed_loop_excess_p95"] = float((m["e2e_error"] - m["service_error"]).abs().quantile(0.95))
         if len(m) > 2 and m["e2e_error"].std() > 0 and m["service_error"].std() > 0:
             out["e2e_vs_service_error_correlation"] = float(np.corrcoef(m["e2e_error"], m["service_error"])[0, 1])

@@ -209,6 +209,7 @@ def test_simulator_replays_the_recorded_arrivals_and_routing(tmp_path: Path) -> 
     np.testing.assert_allclose(result.requests["arrived_at_s"], table.arrival_s)
     metrics, merged = compare(rec.requests_frame(), result.requests, rec.iterations_frame(), result.iterations)
     assert metrics["num_requests"] == 12 and merged["e2e_s_sim"].notna().all()
+    np.testing.assert_allclose(merged["arrived_at_s_sim"], merged["arrived_at_s"])  # open loop: the same times
     assert metrics["misses_real"] == metrics["misses_sim"] == 0
 
 
@@ -456,6 +457,12 @@ def test_closed_loop_replay_is_a_closed_loop_of_the_same_requests(tmp_path: Path
     assert sim_req["prompt_tokens"].tolist() == table.prompt_tokens.tolist()
     assert sim_req["output_tokens"].tolist() == table.output_tokens.tolist()
     assert (sim_req["arrived_at_s"].iloc[:3] == 0).all() and (sim_req["arrived_at_s"].iloc[3:] > 0).all()
+    # The comparison keeps each side's own arrival times (the report's timelines draw each from its own).
+    _, merged = compare(rec.requests_frame(), result.requests, rec.iterations_frame(), result.iterations)
+    merged = merged.sort_values("request_id")
+    np.testing.assert_array_equal(merged["arrived_at_s_sim"].to_numpy(), sim_req["arrived_at_s"].to_numpy())
+    real_arrived = rec.requests_frame().sort_values("request_id")["arrived_at_s"].to_numpy()
+    np.testing.assert_array_equal(merged["arrived_at_s"].to_numpy(), real_arrived)
 
 
 def test_validate_refuses_random_think_times_before_calibrating(tmp_path: Path, capsys) -> None:

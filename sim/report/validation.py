@@ -40,7 +40,7 @@ def validation_text(summary: dict[str, Any]) -> str:
         lines.append(f"{'throughput tok/s':22s} runtime {m['throughput_real_tok_s']:.1f}, simulator "
                      f"{m['throughput_sim_tok_s']:.1f} (error {m['throughput_error']:.1%})")
     if _has(m, "hits_real", "misses_real", "hits_sim", "misses_sim"):
-        lines.append(f"{'closed-loop hits/miss':22s} runtime {m['hits_real']} / {m['misses_real']}, simulator "
+        lines.append(f"{'free-running hits/miss':22s} runtime {m['hits_real']} / {m['misses_real']}, simulator "
                      f"{m['hits_sim']} / {m['misses_sim']}")
     if _has(m, "same_batch_hits_real", "same_batch_iteration_ape_median", "same_batch_total_time_bias"):
         lines.append(f"{'same batches':22s} hits/misses runtime {m['same_batch_hits_real']} / "
@@ -76,7 +76,7 @@ def validation_text(summary: dict[str, Any]) -> str:
     if "service_ape_median" in es:
         lines.append(f"{'error structure':22s} service (its iterations, same batches) APE median {es['service_ape_median']:.1%}, "
                      f"P95 {es['service_ape_p95']:.1%}; e2e APE short half {es['e2e_ape_median_short_half']:.1%}, long half "
-                     f"{es['e2e_ape_median_long_half']:.1%}; closed-loop excess P95 {es['closed_loop_excess_p95']:.1%}")
+                     f"{es['e2e_ape_median_long_half']:.1%}; queueing excess P95 {es['closed_loop_excess_p95']:.1%}")
     la = m.get("load_average_serving")
     if la:
         lines.append(f"{'load average':22s} {la['before'][0]:.2f} before serving, {la['after'][0]:.2f} after (1-minute)")
@@ -128,9 +128,13 @@ def validation_figures(comparison: pd.DataFrame, real_it: pd.DataFrame | None, s
         ax.set_ylabel("iteration (ms)")
         ax.legend(loc="upper right")
         ax = axes[1]
-        for i, row in enumerate(c.itertuples()):
-            ax.plot([row.arrived_at_s, row.finished_at_s_real], [i - 0.15, i - 0.15], color="C0", lw=2)
-            ax.plot([row.arrived_at_s, row.finished_at_s_sim], [i + 0.15, i + 0.15], color="C1", lw=2)
+        # Each side from its own arrival: in a closed loop the simulator sends a request when its own earlier
+        # answer comes (``arrived_at_s_sim``; older folders have only the runtime's).
+        sim_arrived = c["arrived_at_s_sim"] if "arrived_at_s_sim" in c else c["arrived_at_s"]
+        for i, (arrived, sim_at, real_end, sim_end) in enumerate(zip(c["arrived_at_s"], sim_arrived,
+                                                                     c["finished_at_s_real"], c["finished_at_s_sim"])):
+            ax.plot([arrived, real_end], [i - 0.15, i - 0.15], color="C0", lw=2)
+            ax.plot([sim_at, sim_end], [i + 0.15, i + 0.15], color="C1", lw=2)
         ax.set_xlabel("time (s): arrival to last token (blue runtime, orange simulator)")
         ax.set_ylabel("request")
         out.append(("Timelines: iteration durations, and each request from arrival to finish", _png(fig)))
@@ -167,8 +171,8 @@ def validation_figures(comparison: pd.DataFrame, real_it: pd.DataFrame | None, s
         hi = float(max(c["service_error"].max(), c["e2e_error"].max())) * 100
         ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
         ax.set_xlabel("service error: its iterations, same batches (%)")
-        ax.set_ylabel("e2e error, closed loop (%)")
-        out.append(("Error structure: which requests, and cost model vs closed loop", _png(fig)))
+        ax.set_ylabel("e2e error, free-running replay (%)")
+        out.append(("Error structure: which requests, and cost model vs queueing feedback", _png(fig)))
     return out
 
 
