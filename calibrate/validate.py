@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from calibrate.errors import CalibrationError
 from calibrate.timing import Budget
@@ -141,8 +142,6 @@ def calibrate_for(spec: Any, out: Path, *, threads: int = 1, budget: Any = None,
 def set_copy_link_from_runtime(spec: Any, profile_path: Path, *, threads: int = 1, rounds: int = 2) -> dict[str, Any]:
     """Replace the profile's ``links.host_to_device`` (a copy timed alone) by the link measured on the runtime's
     copy thread beside compute (``calibrate.runtime.copy_link``); the isolated figures stay in the provenance."""
-    import yaml
-
     from calibrate.runtime.copy_link import measure_copy_link
     from sim.profile import parse_profile
 
@@ -199,19 +198,12 @@ def probe_change(probe_s: dict[str, float]) -> dict[str, float]:
 # ---------------------------------------------------------------- the simulator's replay of a run
 
 
-def check_replayable(loaded: Any) -> None:
-    """Refuse, before calibrating, a workload whose requests the simulator could not be given exactly."""
-    arrivals = loaded.scenario.workload.arrivals
-    if arrivals.kind == "closed_loop" and arrivals.think_time != "fixed" and arrivals.think_time_s > 0:
-        raise CalibrationError(f"{loaded.source}: workload.arrivals.think_time: validate replays a closed loop "
-                               f"with a fixed think time; {arrivals.think_time} think times are not replayed")
-
-
 def replay_scenario(loaded: Any, table: Any, recorder: Any, profile_path: Path, folder: Path) -> Any:
     """The scenario with the run's arrivals (CSV trace), the runtime's routing (Parquet) and ``profile_path``.
 
-    A closed loop stays a closed loop, with the same clients and think time, sending the CSV's requests in
-    order: the simulator decides its own arrival times from its own answers, as the runtime did."""
+    A closed loop stays a closed loop, with the same clients and the same think times (drawn ones too), sending
+    the CSV's requests in order: the simulator decides its own arrival times from its own answers, as the
+    runtime did."""
     from sim.scenario import parse_scenario, resolve
 
     model = loaded.model
@@ -230,17 +222,19 @@ def replay_scenario(loaded: Any, table: Any, recorder: Any, profile_path: Path, 
     }
     if table.closed_loop is None:
         data["workload"]["arrivals"] = {"kind": "trace", **trace}
-    else:  # a fixed think time (check_replayable), as the table has it (--time-scale stretches it)
+    else:  # the runtime's own think times, as the table has them (drawn, and stretched by --time-scale)
         loop = table.closed_loop
         data["workload"]["arrivals"] = {"kind": "closed_loop", "clients": loop.clients,
-                                        "think_time_s": float(loop.think_s[0]) if len(loop.think_s) else 0.0,
-                                        "requests": trace}
+                                        "think_times_s": [float(t) for t in loop.think_s], "requests": trace}
     data["workload"]["routing"] = {"kind": "replay", "path": "routing.parquet"}
     data["workload"]["max_requests"] = None
     data["workload"]["max_duration_s"] = None
     data["sweep"] = {"axes": {}}
-    source = str(folder / "replay-scenario.yaml")
-    return resolve(parse_scenario(data, source), source, folder)
+    # Written beside arrivals.csv and routing.parquet: `moesim simulate FOLDER/replay-scenario.yaml` reruns the
+    # simulator's side of the comparison.
+    source = folder / "replay-scenario.yaml"
+    source.write_text(yaml.safe_dump(data, sort_keys=False, width=120), encoding="utf-8")
+    return resolve(parse_scenario(data, str(source)), str(source), folder)
 
 
 def needs_oracle(loaded: Any) -> bool:
@@ -448,7 +442,6 @@ def validate(scenario: str | Path, *, profile: str | Path | None = None, quick: 
     check_device(device)
     say = log or (lambda msg: print(msg, file=sys.stderr))
     loaded = load_scenario(scenario)
-    check_replayable(loaded)
     name = loaded.scenario.name
     folder = Path(out) if out else Path("reports") / f"validate-{name}"
     folder.mkdir(parents=True, exist_ok=True)

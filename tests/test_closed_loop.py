@@ -245,3 +245,16 @@ def test_scaling_the_rate_of_a_closed_loop_scales_its_think_times(tmp_path: Path
     assert faster.closed_loop.clients == 2
     np.testing.assert_allclose(faster.closed_loop.think_s, 0.2)
     assert faster.limit(max_requests=5).closed_loop.think_s.shape == (5,)
+
+
+def test_recorded_think_times_are_used_in_order_and_must_match_the_requests(tmp_path: Path, capsys):
+    prof = write_toy_profile(tmp_path)
+    data = closed_data(prof, clients=1, max_requests=4)
+    data["workload"]["arrivals"]["think_times_s"] = [9.0, 0.5, 0.25, 1.0]
+    req = simulate(load(data, tmp_path)).requests.sort_values("request_id")
+    gaps = req["arrived_at_s"].to_numpy()[1:] - req["finished_at_s"].to_numpy()[:-1]
+    np.testing.assert_allclose(gaps, [0.5, 0.25, 1.0], rtol=1e-9)
+    data["workload"]["arrivals"]["think_times_s"] = [0.5, 0.5]
+    path = _write(tmp_path, data)
+    assert main(["simulate", str(path), "--out", str(tmp_path / "o")]) == 2
+    assert "think_times_s has 2 pauses for 4 requests; expected one per request" in capsys.readouterr().err

@@ -451,7 +451,8 @@ def test_closed_loop_replay_is_a_closed_loop_of_the_same_requests(tmp_path: Path
     loaded, table, rec = _serve(_write_closed(tmp_path, clients=3, think_time_s=0.01))
     replay = _replay_makes_the_same_decisions(loaded, table, rec, tmp_path)
     arrivals = replay.scenario.workload.arrivals
-    assert (arrivals.kind, arrivals.clients, arrivals.think_time_s) == ("closed_loop", 3, 0.01)
+    assert (arrivals.kind, arrivals.clients) == ("closed_loop", 3)
+    assert arrivals.think_times_s == pytest.approx(table.closed_loop.think_s.tolist())
     result = simulate(replay)
     sim_req = result.requests.sort_values("request_id")
     assert sim_req["prompt_tokens"].tolist() == table.prompt_tokens.tolist()
@@ -465,15 +466,32 @@ def test_closed_loop_replay_is_a_closed_loop_of_the_same_requests(tmp_path: Path
     np.testing.assert_array_equal(merged["arrived_at_s"].to_numpy(), real_arrived)
 
 
-def test_validate_refuses_random_think_times_before_calibrating(tmp_path: Path, capsys) -> None:
-    from sim.cli import main
+def test_validate_replays_a_closed_loops_drawn_think_times(tmp_path: Path) -> None:
+    """Exponential think times: the simulator's replay sends each request the very pause the runtime drew
+    after one of its own answers (the replay scenario carries them as think_times_s)."""
+    import sim.cli
 
-    path = _write_closed(tmp_path, clients=2, think_time_s=0.1, think_time="exponential")
-    assert main(["validate", str(path), "--quick", "--out", str(tmp_path / "v")]) == 2
-    err = capsys.readouterr().err
-    assert "workload.arrivals.think_time: validate replays a closed loop with a fixed think time" in err
-    assert not (tmp_path / "v" / "profile.yaml").exists()
-
+    path = _write_closed(tmp_path, clients=2, think_time_s=0.05, think_time="exponential")
+    loaded = load_scenario(path)
+    table = build_request_table(loaded, np.random.default_rng(np.random.SeedSequence(3).spawn(2)[0]))
+    think = table.closed_loop.think_s
+    assert len(set(think.round(9))) == len(think)  # drawn, all different
+    out = tmp_path / "out"
+    sim.cli.main(["validate", str(path), "--profile", str(_shipped_profile()), "--out", str(out), "--repeats", "1",
+                  "--no-progress"])
+    replay = yaml.safe_load((out / "replay-scenario.yaml").read_text())
+    assert replay["workload"]["arrivals"]["think_times_s"] == pytest.approx(think.tolist())
+    for name in ("runtime_requests.csv", "sim_requests.csv"):
+        req = pd.read_csv(out / name).sort_values("request_id")
+        finishes = req["finished_at_s"].to_numpy()
+        sent = req["arrived_at_s"].to_numpy()
+        for i in range(2, len(req)):  # each later request: some answer's time plus its own pause
+            assert np.min(np.abs(finishes + think[i] - sent[i])) < 1e-9
+    # The replay scenario is written to the folder: `moesim simulate` on it reruns the simulator's side exactly.
+    assert sim.cli.main(["simulate", str(out / "replay-scenario.yaml"), "--out", str(tmp_path / "again")]) == 0
+    again = pd.read_csv(tmp_path / "again" / "requests.csv").sort_values("request_id")
+    replayed = pd.read_csv(out / "sim_requests.csv").sort_values("request_id")
+    np.testing.assert_array_equal(again["finished_at_s"].to_numpy(), replayed["finished_at_s"].to_numpy())
 
 def test_time_scale_stretches_the_arrivals_for_runtime_and_simulator(tmp_path: Path) -> None:
     """``--time-scale 3``: the runtime receives each request at 3x its scenario arrival time, the simulator's

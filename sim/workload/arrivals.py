@@ -605,6 +605,10 @@ class ClosedLoopArrivals(_Spec):
     think_time: Literal["fixed", "exponential"] = Field(
         "fixed", description="fixed: every pause is think_time_s; exponential: pauses drawn with that mean."
     )
+    think_times_s: list[Annotated[float, Field(ge=0)]] | None = Field(
+        None, description="The pause before each request, in request order (one per request; the first `clients` "
+        "are ignored), instead of think_time_s / think_time: replays recorded pauses (moesim validate does)."
+    )
     prompt_tokens: LengthSpec | None = Field(None, description="Distribution of prompt (input) lengths.")
     output_tokens: LengthSpec | None = Field(None, description="Distribution of output (generated) lengths.")
     requests: TraceFile | None = Field(
@@ -701,7 +705,14 @@ def _closed_loop_table(spec: ClosedLoopArrivals, rng: np.random.Generator, base_
         prompt, output = _draw_lengths(spec.prompt_tokens, spec.output_tokens, max_requests, rng, base_dir)
         task = None
     n = len(prompt)
-    loop = ClosedLoop(spec.clients, draw_think_times(spec.think_time_s, spec.think_time, n, rng))
+    if spec.think_times_s is not None:
+        if len(spec.think_times_s) != n:
+            raise ValueError(f"arrivals.think_times_s has {len(spec.think_times_s)} pauses for {n} requests; "
+                             f"expected one per request")
+        think = np.asarray(spec.think_times_s, dtype=np.float64)
+    else:
+        think = draw_think_times(spec.think_time_s, spec.think_time, n, rng)
+    loop = ClosedLoop(spec.clients, think)
     return RequestTable(np.zeros(n), prompt, output, task, closed_loop=loop)
 
 
