@@ -20,6 +20,11 @@ from sim.report.plots import _png, plt  # plots sets the Agg backend before pypl
 BREAKDOWN = ("attention_s", "gate_s", "expert_compute_s", "load_wait_s", "lm_head_s", "other_s")
 
 
+def _has_breakdown(same_batch: pd.DataFrame | None) -> bool:
+    """Whether a same-batch table has every category on both sides (older folders may lack some)."""
+    return same_batch is not None and all(c in same_batch and f"sim_{c}" in same_batch for c in BREAKDOWN)
+
+
 def _has(m: dict[str, Any], *keys: str) -> bool:
     return all(m.get(k) is not None for k in keys)
 
@@ -139,7 +144,7 @@ def validation_figures(comparison: pd.DataFrame, real_it: pd.DataFrame | None, s
         ax.set_ylabel("request")
         out.append(("Timelines: iteration durations, and each request from arrival to finish", _png(fig)))
 
-    if same_batch is not None and all(col in same_batch and f"sim_{col}" in same_batch for col in BREAKDOWN):
+    if _has_breakdown(same_batch):
         n = min(len(same_batch), 80)
         fig, ax = plt.subplots(figsize=(12, 4))
         x = np.arange(n)
@@ -204,8 +209,7 @@ def validation_context(folder: Path, summary: dict[str, Any]) -> dict[str, Any]:
     tables = run_tables_folder(folder, summary)
     same_batch = _optional_csv(tables / "same_batch_iterations.csv")
     breakdown = None
-    if same_batch is not None and {"duration_s", "predicted_s"} <= set(same_batch) and all(
-            c in same_batch and f"sim_{c}" in same_batch for c in BREAKDOWN):
+    if _has_breakdown(same_batch) and {"duration_s", "predicted_s"} <= set(same_batch):
         breakdown = breakdown_table(same_batch)
     figures = validation_figures(comparison, _optional_csv(tables / "runtime_iterations.csv"),
                                  _optional_csv(tables / "sim_iterations.csv"), same_batch)
