@@ -78,6 +78,10 @@ def _closed_loop_fields(arrivals: Any) -> dict[str, Any]:
     """How a closed-loop workload sent its requests (empty for open-loop arrivals)."""
     if arrivals.kind != "closed_loop":
         return {}
+    if arrivals.think_times_s is not None:  # recorded pauses (a validation replay): their mean
+        pauses = arrivals.think_times_s[arrivals.clients:]
+        mean_s = sum(pauses) / len(pauses) if pauses else 0.0
+        return {"closed_loop": {"clients": arrivals.clients, "think_time_s": mean_s, "think_time": "recorded"}}
     return {"closed_loop": {"clients": arrivals.clients, "think_time_s": arrivals.think_time_s,
                             "think_time": arrivals.think_time}}
 

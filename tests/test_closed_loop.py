@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from sim.cli import main
 from sim.engine.simulation import build_request_table, simulate
+from sim.metrics import summarize
 from sim.workload.closed_loop import ClosedLoop, ClosedLoopIssuer
 
 from engine_fixtures import load, scenario_data, write_toy_profile
@@ -254,6 +255,9 @@ def test_recorded_think_times_are_used_in_order_and_must_match_the_requests(tmp_
     req = simulate(load(data, tmp_path)).requests.sort_values("request_id")
     gaps = req["arrived_at_s"].to_numpy()[1:] - req["finished_at_s"].to_numpy()[:-1]
     np.testing.assert_allclose(gaps, [0.5, 0.25, 1.0], rtol=1e-9)
+    # The summary says the pauses were recorded, with their mean (the first client's own pause is never used).
+    loop = summarize(simulate(load(data, tmp_path)))["requests"]["closed_loop"]
+    assert loop["think_time"] == "recorded" and loop["think_time_s"] == pytest.approx(1.75 / 3)
     data["workload"]["arrivals"]["think_times_s"] = [0.5, 0.5]
     path = _write(tmp_path, data)
     assert main(["simulate", str(path), "--out", str(tmp_path / "o")]) == 2
